@@ -1,0 +1,84 @@
+"""Time as a parameter: the real clock, and a virtual clock that tests advance by hand.
+
+Owns `now`/`wall`/`sleep`; it does not own deadlines or timers built on top of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic seconds, for intervals and deadlines."""
+
+    def wall(self) -> float:
+        """Unix seconds, for anything a platform stamps or compares (token expiry, signatures)."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this clock's time."""
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class VirtualClock:
+    """A clock whose time moves only when a test calls `advance`.
+
+    Sleepers wake in deadline order, each seeing `now()` equal to its own deadline, so code
+    that sleeps in a loop behaves as it would in real time, only without the waiting.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._now = 0.0
+        self._epoch = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._epoch + self._now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        await future
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, waking every sleeper whose deadline falls inside the step."""
+        target = self._now + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, future = heapq.heappop(self._sleepers)
+            self._now = max(self._now, deadline)
+            if not future.done():
+                future.set_result(None)
+            await settle()
+        self._now = target
+        await settle()
+
+    @property
+    def sleepers(self) -> int:
+        return sum(1 for _, _, f in self._sleepers if not f.done())
+
+
+async def settle(rounds: int = 20) -> None:
+    """Let every ready task run until it blocks again (on I/O or a sleep)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
