@@ -59,7 +59,7 @@ class Sidecar:
         for tokens in self.tokens.values():
             asyncio.create_task(self._warm(tokens))
         for address in self.config.listeners():
-            await self._serve(web.Server(self._handler(address)), address)
+            await self._serve(web.Server(self._handler(address), access_log=None), address)
         await self._serve(admin_app(self.metrics.registry, self.readiness), self.config.admin_listen)
         log.info("imsidecar listening on %s; admin on %s",
                  ", ".join(map(str, self.config.listeners())), self.config.admin_listen)

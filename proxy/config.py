@@ -153,7 +153,9 @@ def loads(text: str, env: Mapping[str, str] | None = None) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"<yaml>: {str(exc).splitlines()[0]}"]) from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"
+        raise ConfigError([f"{where}: {getattr(exc, 'problem', None) or exc}"]) from exc
     return parse(raw if raw is not None else {}, os.environ if env is None else env)
 
 
@@ -244,10 +246,12 @@ class Node:
         return value
 
     def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
+        """One of `options`; a wrong or missing value is reported and comes back as "" (nothing valid)."""
         value = self.text(key, default, required=default is None)
         if value is not None and value not in options:
             self.problem(f"{value!r} is not one of {', '.join(options)}", key)
-        return value or (default or options[0])
+            return ""
+        return value or ""
 
     def seconds(self, key: str, default: float) -> float:
         return self._unit(key, default, parse_seconds)
@@ -347,6 +351,8 @@ def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings)
     if name and not NAME_PATTERN.fullmatch(name):
         node.problem(f"{name!r} must match [a-z0-9-]+", "name")
     platform = node.choice("platform", tuple(PLATFORM_UPSTREAMS))
+    if platform not in PLATFORM_UPSTREAMS:
+        return None
     id_key = CREDENTIAL_ID_KEY[platform]
     client_id = node.text(id_key, required=True)
     secret = node.secret("app_secret")

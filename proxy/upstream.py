@@ -13,6 +13,7 @@ from typing import AsyncIterable
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy.errors import NETWORK_ERRORS, AttemptFailed, translate
 
@@ -79,7 +80,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeout):
                 response = await self.session.request(
-                    method, self.base_url + path_qs, headers=headers, data=body, allow_redirects=False,
+                    method, URL(self.base_url + path_qs, encoded=True), headers=headers, data=body, allow_redirects=False,
                 )
                 if not _should_read(response):
                     return Answer(response.status, response.headers, None, response)

@@ -5,6 +5,7 @@ Owns DingTalk's observable behaviour for tests and the demo. Serve `oapi_app()` 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.clock import Clock, SystemClock
-from proxy.fakes.faults import AFTER, Faults, drop_connection, hang
+from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang, recorder
 
 TOKEN_LIFETIME = 7200
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
@@ -29,9 +30,11 @@ class FakeDingTalk:
     tokens: dict[str, tuple[str, float]] = field(default_factory=dict)   # token → (app key, expires at)
     current: dict[str, str] = field(default_factory=dict)
     token_calls: int = 0
+    token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
     calls: list[tuple[str, bool]] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
     throttled: int = 0
+    requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     _windows: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
@@ -61,7 +64,7 @@ class FakeDingTalk:
     # oapi.dingtalk.com -----------------------------------------------------------------------------------------
 
     def oapi_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[recorder(self.requests)])
         app.router.add_get("/gettoken", self.oapi_gettoken)
         app.router.add_post("/topapi/v2/user/get", self.oapi_guarded(self.user_get))
         app.router.add_post("/topapi/message/corpconversation/asyncsend_v2", self.oapi_guarded(self.async_send))
@@ -69,6 +72,7 @@ class FakeDingTalk:
 
     async def oapi_gettoken(self, request: web.Request) -> web.Response:
         self.token_calls += 1
+        await asyncio.sleep(self.token_delay)
         key, secret = request.query.get("appkey"), request.query.get("appsecret")
         if self.apps.get(key or "") != secret:
             return errcode(40089, "不合法的corpid或corpsecret")
@@ -116,7 +120,7 @@ class FakeDingTalk:
     # api.dingtalk.com ------------------------------------------------------------------------------------------
 
     def api_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[recorder(self.requests)])
         app.router.add_post("/v1.0/oauth2/accessToken", self.api_access_token)
         app.router.add_get("/v1.0/contact/users/{union_id}", self.api_guarded(self.contact_user))
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self.api_guarded(self.batch_send))
@@ -124,6 +128,7 @@ class FakeDingTalk:
 
     async def api_access_token(self, request: web.Request) -> web.Response:
         self.token_calls += 1
+        await asyncio.sleep(self.token_delay)
         try:
             body = await request.json()
         except ValueError:

@@ -50,3 +50,19 @@ def drop_connection(request: web.Request) -> web.Response:
 
 async def hang(faults: Faults) -> None:
     await asyncio.sleep(faults.hang_seconds)
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+
+
+def recorder(into: list[SeenRequest]):  # type: ignore[no-untyped-def]
+    """Middleware that notes every request as it arrived, so tests can see what the sidecar sent."""
+    @web.middleware
+    async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        into.append(SeenRequest(request.method, request.raw_path, dict(request.headers)))
+        return await handler(request)
+    return record

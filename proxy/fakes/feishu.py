@@ -5,6 +5,7 @@ Owns Feishu's observable behaviour for tests and the demo; it checks every token
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.clock import Clock, SystemClock
-from proxy.fakes.faults import AFTER, Faults, drop_connection, hang
+from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang, recorder
 
 TOKEN_LIFETIME = 7200
 NEW_TOKEN_BELOW = 1800   # Feishu hands out a new token only when the current one has < 30 min left
@@ -35,12 +36,14 @@ class FakeFeishu:
     tokens: dict[str, IssuedToken] = field(default_factory=dict)
     current: dict[tuple[str, str], str] = field(default_factory=dict)
     token_calls: int = 0
+    token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
     calls: list[tuple[str, str, bool]] = field(default_factory=list)   # (path, token kind seen, token valid)
     messages: list[dict[str, Any]] = field(default_factory=list)
     message_uuids: dict[str, str] = field(default_factory=dict)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     client_tokens: dict[str, Any] = field(default_factory=dict)
     throttled: int = 0
+    requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     _windows: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
@@ -73,7 +76,7 @@ class FakeFeishu:
     # App -------------------------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
+        app = web.Application(client_max_size=64 * 1024**2, middlewares=[recorder(self.requests)])
         r = app.router
         r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self.token_endpoint("tenant"))
         r.add_post("/open-apis/auth/v3/app_access_token/internal", self.token_endpoint("app"))
@@ -90,6 +93,7 @@ class FakeFeishu:
     def token_endpoint(self, kind: str):  # type: ignore[no-untyped-def]
         async def handler(request: web.Request) -> web.Response:
             self.token_calls += 1
+            await asyncio.sleep(self.token_delay)
             body = await request.json()
             app_id, secret = body.get("app_id"), body.get("app_secret")
             if app_id not in self.apps:
