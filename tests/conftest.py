@@ -29,6 +29,9 @@ apps:
     app_id: cli_test
     app_secret: ${{FEISHU_SECRET}}
     upstreams: {{open: {{base_url: "{feishu}"}}}}
+    expose:
+      - {{upstream: open, prefix: /sales-bot}}
+      - {{upstream: open, listen: "127.0.0.1:{feishu_port}"}}   # lark-oapi takes an origin only, no path
     retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 300ms}}
   - name: ops-ding
     platform: dingtalk
@@ -59,6 +62,7 @@ class Running:
     sidecar: Sidecar
     base: str          # main listener
     api_base: str      # the DingTalk api port of its own
+    feishu_base: str   # the Feishu port of its own
     admin: str
     registry: CollectorRegistry
 
@@ -84,7 +88,7 @@ async def platforms(aiohttp_server: Callable[..., Awaitable[TestServer]], clock:
 
 def make_config(platforms: Platforms, extra: str = "", limits: str = "{deadline: 5s}",
                 **env: str) -> tuple[config.Config, dict[str, int]]:
-    ports = {"listen": unused_port(), "admin": unused_port(), "api_port": unused_port()}
+    ports = {"listen": unused_port(), "admin": unused_port(), "api_port": unused_port(), "feishu_port": unused_port()}
     text = BASE_CONFIG.format(feishu=platforms.feishu_url, oapi=platforms.oapi_url, api=platforms.api_url,
                               limits=limits, **ports) + extra
     environment = {"FEISHU_SECRET": FEISHU_SECRET, "DING_SECRET": DING_SECRET, **env}
@@ -105,6 +109,7 @@ async def start_sidecar(platforms: Platforms, clock: Clock) -> AsyncIterator[Sid
         await sidecar.start()
         started.append(sidecar)
         return Running(sidecar, f"http://127.0.0.1:{ports['listen']}", f"http://127.0.0.1:{ports['api_port']}",
+                       f"http://127.0.0.1:{ports['feishu_port']}",
                        f"http://127.0.0.1:{ports['admin']}", registry)
 
     yield start

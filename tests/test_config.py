@@ -137,3 +137,13 @@ def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path:
 def test_secret_repr_is_masked() -> None:
     c = config.loads("apps: [{name: a, platform: feishu, app_id: i, app_secret: very-secret-value-1}]", env={})
     assert "very-secret-value-1" not in repr(c)
+
+
+def test_shipped_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).parent.parent / "config"
+    secret = tmp_path / "app_secret"
+    secret.write_text("s3cret-from-a-mounted-file")
+    env = {"FEISHU_APP_ID": "cli_x", "FEISHU_APP_SECRET": "x" * 16, "DINGTALK_APP_KEY": "k", "DINGTALK_APP_SECRET": "y" * 16}
+    for path in sorted(root.glob("*.yaml")):
+        text = path.read_text().replace("/var/run/secrets/feishu/app_secret", str(secret))
+        assert config.loads(text, env=env).apps, path.name
