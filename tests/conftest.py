@@ -32,7 +32,7 @@ apps:
     expose:
       - {{upstream: open, prefix: /sales-bot}}
       - {{upstream: open, listen: "127.0.0.1:{feishu_port}"}}   # lark-oapi takes an origin only, no path
-    retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 300ms}}
+    retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}}
   - name: ops-ding
     platform: dingtalk
     app_key: ding_test
@@ -44,7 +44,7 @@ apps:
       - {{upstream: oapi, prefix: /dingtalk}}
       - {{upstream: api, prefix: /dingtalk-api}}
       - {{upstream: api, listen: "127.0.0.1:{api_port}"}}
-    retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 300ms}}
+    retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}}
 """
 
 
