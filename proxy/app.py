@@ -19,7 +19,7 @@ from proxy.config import Address, Config
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
-from proxy.retry import RetryEngine
+from proxy.retry import RetryEngine, RetryPolicy
 from proxy.routing import RouteLabels, Router
 from proxy.upstream import UpstreamClient
 
@@ -49,8 +49,10 @@ class Sidecar:
         tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens, self.metrics)
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
+        policies = {name: RetryPolicy(app_config.retry, self.clock) for name in clients}
         for exposure in app_config.expose:
-            binding = Binding(app_config, platform, exposure.upstream, clients[exposure.upstream], tokens, routes)
+            up = exposure.upstream
+            binding = Binding(app_config, platform, up, clients[up], tokens, routes, policies[up])
             self.router.add(exposure.listen, exposure.prefix, binding)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------

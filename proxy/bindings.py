@@ -14,6 +14,8 @@ from proxy.config import AppConfig, TokenSettings
 from proxy.errors import NETWORK_ERRORS
 from proxy.metrics import Metrics
 from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
+from proxy.outcome import Verdict
+from proxy.retry import RetryPolicy
 from proxy.routing import RouteLabels
 from proxy.tokens import TokenSource
 from proxy.upstream import UpstreamClient
@@ -68,6 +70,10 @@ class Binding:
     client: UpstreamClient
     tokens: AppTokens
     routes: RouteLabels
+    policy: RetryPolicy
+
+    def observe(self, verdict: Verdict, latency: float) -> None:
+        """Every attempt's result, for the stages that learn from the network (monitor, breaker, limiter)."""
 
 
 __all__ = ["AppTokens", "Binding"]

@@ -78,6 +78,30 @@ class VirtualClock:
         return sum(1 for _, _, f in self._sleepers if not f.done())
 
 
+class AutoClock(VirtualClock):
+    """Virtual time that jumps to the next sleeper's deadline whenever real work has had a moment to run.
+
+    For integration tests and benchmarks that mix real loopback I/O with long waits (back-off, Retry-After):
+    waits cost no real time, while requests in flight still run for real.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0, step: float = 0.0005) -> None:
+        super().__init__(start)
+        self._step = step
+        self._driver: asyncio.Task[None] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        await super().sleep(seconds)
+
+    async def _drive(self) -> None:
+        while self.sleepers:
+            await asyncio.sleep(self._step)
+            if self._sleepers:
+                await self.advance(max(0.0, self._sleepers[0][0] - self._now))
+
+
 async def settle(rounds: int = 20) -> None:
     """Let every ready task run until it blocks again (on I/O or a sleep)."""
     for _ in range(rounds):

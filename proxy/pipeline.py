@@ -19,7 +19,7 @@ from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailabl
 from proxy.metrics import Metrics
 from proxy.platforms.base import dump
 from proxy.retry import Attempt, RetryEngine
-from proxy.routing import Router
+from proxy.routing import Router, route_template
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
@@ -39,11 +39,13 @@ class Exchange:
     path: str          # after the prefix, as the client encoded it
     query: str
     headers: CIMultiDict[str]
-    route: str         # bounded template, for labels and logs
+    template: str      # the route with its IDs replaced: what rules (idempotency, idempotent routes) match on
+    route: str         # the template, or "other" past the per-app cap: for labels and logs
     started: float
     deadline: float
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
+    has_idempotency_key: bool = False
 
 
 @dataclass(slots=True)
@@ -53,10 +55,10 @@ class RequestBody:
     data: bytes | None
     stream: AsyncIterator[bytes] | None = None
     length: int | None = None
+    replayable: bool = True
 
-    @property
-    def replayable(self) -> bool:
-        return self.stream is None
+    def __post_init__(self) -> None:
+        self.replayable = self.stream is None
 
     def take(self) -> bytes | AsyncIterator[bytes] | None:
         if self.stream is None:
@@ -106,8 +108,9 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        route = binding.routes.label(path)
-        return Exchange(binding, request.method, path, query, headers, route, now, now + budget)
+        template = route_template(path)
+        route = binding.routes.label(template)
+        return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget)
 
     async def answer_token_endpoint(self, exchange: Exchange) -> web.Response | None:
         """Official SDKs fetch tokens themselves: answer from the sidecar's cache, with a placeholder token."""

@@ -13,8 +13,11 @@ from proxy.config import Address
 
 T = TypeVar("T")
 
-# A path segment is an ID when it carries a digit and is long, or has characters words do not (tokens, UUIDs).
-_ID_SEGMENT = re.compile(r"^(?=.*\d)[\w.-]{6,}$|^[\w-]*[^\w/-][\w.-]*$|^\d+$")
+# A path segment is an ID when it is long and carries several digits (not `asyncsend_v2`, `oauth2`), or has
+# characters words do not (tokens, UUIDs).
+_ID_SEGMENT = re.compile(r"^(?=(?:\D*\d){3})[\w.-]{6,}$|^[\w-]*[^\w/-][\w.-]*$|^\d+$")
+# After a collection name, anything but a lower-case verb (`batch_create`, `search`) is an ID (`bascnAbCdEf`).
+_VERB = re.compile(r"^[a-z_]+$")
 _VERSION = re.compile(r"^v\d+(\.\d+)?$")
 # The name an ID gets after the collection it belongs to (Feishu and DingTalk REST paths).
 _ID_NAMES = {
@@ -59,7 +62,10 @@ def route_template(path: str) -> str:
     `/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_create`."""
     segments = path.split("/")
     for i, segment in enumerate(segments):
-        if segment and not _VERSION.match(segment) and _ID_SEGMENT.match(segment):
+        if not segment or _VERSION.match(segment):
+            continue
+        after_collection = i > 0 and segments[i - 1] in _ID_NAMES
+        if _ID_SEGMENT.match(segment) or (after_collection and not _VERB.match(segment)):
             segments[i] = _ID_NAMES.get(segments[i - 1], ":id") if i else ":id"
     return "/".join(segments)
 
@@ -71,8 +77,7 @@ class RouteLabels:
         self._limit = limit
         self._seen: dict[str, str] = {t: t for t in known}
 
-    def label(self, path: str) -> str:
-        template = route_template(path)
+    def label(self, template: str) -> str:
         if template in self._seen:
             return template
         if len(self._seen) >= self._limit:

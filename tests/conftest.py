@@ -32,7 +32,7 @@ apps:
     expose:
       - {{upstream: open, prefix: /sales-bot}}
       - {{upstream: open, listen: "127.0.0.1:{feishu_port}"}}   # lark-oapi takes an origin only, no path
-    retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}}
+    retry: {retry}
   - name: ops-ding
     platform: dingtalk
     app_key: ding_test
@@ -44,7 +44,7 @@ apps:
       - {{upstream: oapi, prefix: /dingtalk}}
       - {{upstream: api, prefix: /dingtalk-api}}
       - {{upstream: api, listen: "127.0.0.1:{api_port}"}}
-    retry: {{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}}
+    retry: {retry}
 """
 
 
@@ -86,11 +86,14 @@ async def platforms(aiohttp_server: Callable[..., Awaitable[TestServer]], clock:
                      str(a.make_url("")).rstrip("/"))
 
 
-def make_config(platforms: Platforms, extra: str = "", limits: str = "{deadline: 5s}",
+DEFAULT_RETRY = "{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}"
+
+
+def make_config(platforms: Platforms, extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
                 **env: str) -> tuple[config.Config, dict[str, int]]:
     ports = {"listen": unused_port(), "admin": unused_port(), "api_port": unused_port(), "feishu_port": unused_port()}
     text = BASE_CONFIG.format(feishu=platforms.feishu_url, oapi=platforms.oapi_url, api=platforms.api_url,
-                              limits=limits, **ports) + extra
+                              limits=limits, retry=retry, **ports) + extra
     environment = {"FEISHU_SECRET": FEISHU_SECRET, "DING_SECRET": DING_SECRET, **env}
     return config.loads(text, env=environment), ports
 
@@ -102,8 +105,9 @@ SidecarFactory = Callable[..., Awaitable[Running]]
 async def start_sidecar(platforms: Platforms, clock: Clock) -> AsyncIterator[SidecarFactory]:
     started: list[Sidecar] = []
 
-    async def start(extra: str = "", limits: str = "{deadline: 5s}", **kwargs: Any) -> Running:
-        cfg, ports = make_config(platforms, extra, limits)
+    async def start(extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
+                    **kwargs: Any) -> Running:
+        cfg, ports = make_config(platforms, extra, limits, retry)
         registry = CollectorRegistry()
         sidecar = Sidecar(cfg, clock=kwargs.get("clock", clock), registry=registry)
         await sidecar.start()

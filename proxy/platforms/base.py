@@ -15,6 +15,7 @@ from urllib.parse import quote
 from multidict import CIMultiDict
 
 from proxy.config import AppConfig, CodeOverrides
+from proxy.idempotency import KeySpot
 from proxy.outcome import Outcome, Signal, Verdict
 
 # Sidecar error codes, in every platform's error shape. Chosen far from both platforms' ranges.
@@ -105,6 +106,10 @@ class Platform(ABC):
     @abstractmethod
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         """A sidecar error in this platform's own shape."""
+
+    def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
+        """Where this route takes an idempotency key, if it takes one."""
+        return None
 
     # Shared helpers ------------------------------------------------------------------------------------------
 

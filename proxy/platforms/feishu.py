@@ -9,6 +9,7 @@ from typing import Mapping
 
 from multidict import CIMultiDict
 
+from proxy.idempotency import KeySpot
 from proxy.outcome import Outcome, Verdict
 from proxy.platforms.base import (
     PLACEHOLDER, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
@@ -33,6 +34,18 @@ BUSY_MAYBE_PROCESSED = frozenset({"1500", "1663", "1668", "10101", "40006", "220
 # 10014 app secret invalid, 10015 app disabled / wrong secret, 10003 app_id invalid: no retry will fix them.
 BAD_CREDENTIALS = frozenset({"10003", "10014", "10015"})
 SUCCESS_PREFIX = b'{"code":0,'
+# Routes that take an idempotency key, by route template (open.feishu.cn API reference, per route).
+IDEMPOTENCY = {
+    "/open-apis/im/v1/messages": KeySpot("body", "uuid"),                           # 1 h dedupe, ≤ 50 chars
+    "/open-apis/im/v1/messages/:message_id/reply": KeySpot("body", "uuid"),
+    "/open-apis/im/v1/messages/:message_id/forward": KeySpot("query", "uuid"),
+    "/open-apis/im/v1/chats": KeySpot("query", "uuid"),                             # 10 h dedupe
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records": KeySpot("query", "client_token"),
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_create": KeySpot("query", "client_token"),
+    "/open-apis/calendar/v4/calendars/:calendar_id/events": KeySpot("query", "idempotency_key"),
+    "/open-apis/contact/v3/users": KeySpot("query", "client_token"),
+    "/open-apis/docx/v1/documents/:document_id/blocks/:block_id/children": KeySpot("query", "client_token"),
+}
 
 
 class Feishu(Platform):
@@ -114,6 +127,9 @@ class Feishu(Platform):
 
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         return dump({"code": code, "msg": message})
+
+    def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
+        return IDEMPOTENCY.get(route)
 
 
 def _reset_after(headers: Mapping[str, str]) -> float | None:
