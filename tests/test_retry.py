@@ -199,3 +199,15 @@ class TestInVirtualTime:
         platforms.feishu.faults.script.append("throttle")
         status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
         assert status == 429 and headers["X-Imsidecar-Attempts"] == "1"
+
+    async def test_the_deadline_bounds_attempts_and_waits_together(self, start_sidecar: SidecarFactory,
+                                                                   platforms: Platforms, clock: AutoClock,
+                                                                   http: aiohttp.ClientSession) -> None:
+        running = await start_sidecar(retry="{max_attempts: 10}")
+        platforms.feishu.faults.script.extend(["throttle"] * 10)   # each asks for a one-second wait
+        started = clock.now()
+        status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE,
+                                           headers={"X-Imsidecar-Timeout": "3s"})
+        assert status == 429 and body["code"] == 99991400   # the platform's last real answer
+        assert headers["X-Imsidecar-Attempts"] == "3"        # t≈0, ≈1.1, ≈2.2: a fourth would start past 3 s
+        assert clock.now() - started <= 3.0
