@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from proxy.clock import Clock
 from proxy.robots.errors import RateLimited
