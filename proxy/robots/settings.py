@@ -34,7 +34,7 @@ TITLE_FIELDS = frozenset({
 })
 ALERT_FIELDS = frozenset({
     "status", "STATUS", "alertname", "severity", "summary", "description", "labels", "starts_at", "ends_at",
-    "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string", "fingerprint",
+    "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string", "fingerprint", "links",
 })
 DEFAULT_DEADLINE = 30.0
 
