@@ -106,11 +106,14 @@ async def test_an_oversized_message_is_refused_before_using_a_send_slot(delivery
     assert dingtalk.log.refused == [] and dingtalk.log.accepted == []
 
 
-async def test_the_limiter_keeps_dingtalk_from_ever_throttling_the_robot(delivery, dingtalk, clock):
+async def test_the_limiter_keeps_dingtalk_from_ever_throttling_the_robot(delivery, dingtalk, clock, registry):
     for i in range(25):
         await drive(clock, delivery.send(dingtalk.target, markdown(f"alert {i}"), deadline=clock.now() + 120))
     assert len(dingtalk.log.accepted) == 25 and dingtalk.log.refused == []
     assert dingtalk.log.accepted[20].at >= 61.0
+    waits = {"target": "ops", "outcome": "waited"}
+    assert registry.get_sample_value("imsidecar_robot_ratelimit_waits_total", waits) == 1
+    assert registry.get_sample_value("imsidecar_robot_ratelimit_wait_seconds_sum", {"target": "ops"}) >= 60.0
 
 
 async def test_a_full_minute_fails_fast_with_the_time_to_wait(delivery, dingtalk, clock, registry):
@@ -122,6 +125,8 @@ async def test_a_full_minute_fails_fast_with_the_time_to_wait(delivery, dingtalk
     assert len(dingtalk.log.accepted) == 20 and dingtalk.log.refused == []
     assert registry.get_sample_value("imsidecar_robot_messages_total",
                                      {"target": "ops", "result": "rate_limited"}) == 1
+    assert registry.get_sample_value("imsidecar_robot_ratelimit_waits_total",
+                                     {"target": "ops", "outcome": "rejected"}) == 1
 
 
 async def test_a_robot_throttled_by_someone_else_is_held_for_the_penalty(delivery, dingtalk, clock):

@@ -25,13 +25,13 @@ def registry():
 @pytest.fixture
 async def fakes(aiohttp_server, clock):
     dingtalk = FakeDingTalkRobot(clock, token="tok", secret="SECdt", keyword="alert")
-    feishu = FakeFeishuRobot(clock, token="hook", secret="fs")
+    feishu = FakeFeishuRobot(clock, token="hook", secret="fs", keyword="oncall")
     dt_server, fs_server = await aiohttp_server(dingtalk.app()), await aiohttp_server(feishu.app())
     targets = {
         "ops": RobotTarget("ops", "dingtalk", Secret(str(dt_server.make_url("/robot/send?access_token=tok"))),
                            Secret("SECdt"), keyword="alert"),
         "dev": RobotTarget("dev", "feishu", Secret(str(fs_server.make_url("/open-apis/bot/v2/hook/hook"))),
-                           Secret("fs")),
+                           Secret("fs"), keyword="oncall"),
     }
     return dingtalk, feishu, targets
 
@@ -114,3 +114,11 @@ async def test_rate_limited_is_429_for_applications_and_503_for_alertmanager(cli
 async def test_an_oversized_native_message_is_413(client, fakes, clock):
     status, body, _ = await post(clock, client, "/robots/ops", json=markdown("alert " + "x" * 21000))
     assert status == 413 and body["errcode"] == 990413
+
+
+@pytest.mark.parametrize("message", [{"msg_type": "text", "content": {"text": "deploy done"}},
+                                     {"msg_type": "interactive", "card": {"elements": []}}])
+async def test_the_feishu_keyword_is_added_where_the_message_lacks_it(client, fakes, clock, message):
+    status, _, _ = await post(clock, client, "/robots/dev", json=message)
+    assert status == 200 and fakes[1].log.refused == []
+    assert "oncall" in str(fakes[1].log.accepted[0].body)
