@@ -8,7 +8,8 @@ from proxy.robots.delivery import Delivery
 from proxy.robots.errors import RateLimited, Refused, TooLarge, Unavailable
 from proxy.robots.limiter import Limiters
 from proxy.robots.metrics import RobotMetrics
-from proxy.robots.settings import RobotTarget, Secret
+from proxy.robots.settings import RobotTarget
+from proxy.secret import Secret
 from tests.robots_support import card, drive, markdown
 
 DT_SECRET = "SECdingtalk-secret"

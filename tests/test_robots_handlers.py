@@ -5,9 +5,10 @@ from prometheus_client import CollectorRegistry
 
 from proxy.clock import VirtualClock
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
-from proxy.robots.handlers import RobotService, add_robot_routes
+from proxy.robots.handlers import RobotService, add_robot_routes, dispatch
 from proxy.robots.limiter import DINGTALK
-from proxy.robots.settings import RobotsSettings, RobotTarget, Secret
+from proxy.robots.settings import RobotsSettings, RobotTarget
+from proxy.secret import Secret
 from tests.robots_support import drive, markdown
 from tests.test_robots_render import alert, payload
 
@@ -37,14 +38,16 @@ async def fakes(aiohttp_server, clock):
 
 
 @pytest.fixture
-async def client(aiohttp_client, fakes, clock, registry):
-    session = aiohttp.ClientSession()
-    service = RobotService.create(RobotsSettings(fakes[2], deadline=10.0), session, clock, registry,
-                                  rand=lambda: 0.5)
+async def service(fakes, clock, registry):
+    async with aiohttp.ClientSession() as session:
+        yield RobotService.create(RobotsSettings(fakes[2], deadline=10.0), session, clock, registry, rand=lambda: 0.5)
+
+
+@pytest.fixture
+async def client(aiohttp_client, service):
     app = web.Application()
     add_robot_routes(app, service)
-    yield await aiohttp_client(app)
-    await session.close()
+    return await aiohttp_client(app)
 
 
 async def post(clock, client, path, **kw):
@@ -122,3 +125,15 @@ async def test_the_feishu_keyword_is_added_where_the_message_lacks_it(client, fa
     status, _, _ = await post(clock, client, "/robots/dev", json=message)
     assert status == 200 and fakes[1].log.refused == []
     assert "oncall" in str(fakes[1].log.accepted[0].body)
+
+
+async def test_dispatch_serves_our_paths_on_a_low_level_server_and_passes_the_rest_on(
+        aiohttp_raw_server, aiohttp_client, service, fakes, clock):
+    async def sidecar(request):
+        return await dispatch(service, request) or web.Response(status=299, text="pipeline")
+
+    client = await aiohttp_client(await aiohttp_raw_server(sidecar))
+    assert (await post(clock, client, "/alerts/dev", json=payload(alert())))[0] == 200
+    assert (await drive(clock, client.get("/alerts/dev"))).status == 405
+    assert (await drive(clock, client.post("/open-apis/im/v1/messages", json={}))).status == 299
+    assert len(fakes[1].log.accepted) == 1

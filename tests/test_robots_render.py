@@ -5,7 +5,8 @@ import pytest
 from proxy.robots.errors import BadMessage
 from proxy.robots.platforms import PLATFORMS, encode
 from proxy.robots.render import parse_notification, render
-from proxy.robots.settings import Mentions, RobotTarget, Secret, Templates
+from proxy.robots.settings import Mentions, RobotTarget, Templates
+from proxy.secret import Secret
 
 
 def alert(name="HighErrorRate", status="firing", **extra):

@@ -1,6 +1,7 @@
 import pytest
 
-from proxy.robots.settings import Mentions, RobotConfigError, Secret, parse_robots
+from proxy.robots.settings import Mentions, RobotConfigError, parse_robots
+from proxy.secret import Secret
 
 
 def test_token_and_base_url_build_the_webhook_and_secrets_stay_masked(tmp_path):
@@ -11,7 +12,7 @@ def test_token_and_base_url_build_the_webhook_and_secrets_stay_masked(tmp_path):
         "targets": [
             {"name": "ops", "platform": "dingtalk", "token": "tok123", "secret_file": str(secret_file),
              "keyword": "alert", "mention": {"mobiles": ["13800000000"], "all": False}},
-            {"name": "dev", "platform": "feishu", "webhook": "https://open.larksuite.com/open-apis/bot/v2/hook/x1",
+            {"name": "dev", "platform": "feishu", "webhook": "https://open.larksuite.com/open-apis/bot/v2/hook/hook-token-xyz",
              "mention": {"user_ids": ["ou_1"]}},
         ],
     })
@@ -20,9 +21,9 @@ def test_token_and_base_url_build_the_webhook_and_secrets_stay_masked(tmp_path):
     assert ops.webhook.reveal() == "https://oapi.dingtalk.com/robot/send?access_token=tok123"
     assert ops.secret == Secret("SECabc")
     assert ops.mentions == Mentions(mobiles=("13800000000",))
-    assert dev.webhook.reveal().endswith("/hook/x1") and dev.secret is None
+    assert dev.webhook.reveal().endswith("/hook/hook-token-xyz") and dev.secret is None
     shown = repr(settings)
-    assert "tok123" not in shown and "SECabc" not in shown and "x1" not in shown
+    assert "tok123" not in shown and "SECabc" not in shown and "hook-token-xyz" not in shown
 
 
 def test_every_problem_is_named_by_its_path():

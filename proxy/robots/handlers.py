@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -71,29 +72,41 @@ class RobotService:
 
 
 def add_robot_routes(app: web.Application, service: RobotService) -> None:
-    """Mount the robot and alert-bridge endpoints on an application (the sidecar's main listener)."""
-    app.router.add_post(ROBOT_ROUTE, _handler(service, service.post_message, rate_limited_status=429))
-    # Alertmanager retries 5xx but gives up on any 4xx, 429 included (alertmanager#2457, PR #2145).
-    app.router.add_post(ALERT_ROUTE, _handler(service, service.post_alerts, rate_limited_status=503))
-
-
-Post = Callable[[RobotTarget, Any], Awaitable[Receipt]]
-
-
-def _handler(service: RobotService, post: Post, rate_limited_status: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Mount the robot and alert-bridge endpoints on an aiohttp Application."""
     async def handle(request: web.Request) -> web.Response:
-        target: RobotTarget | None = None
-        try:
-            target = service.target(request.match_info["name"])
-            await post(target, await _json(request))
-        except RobotError as exc:
-            return _error(exc, target, rate_limited_status)
-        return web.json_response(PLATFORMS[target.platform].ok_body())
+        return await answer(service, request, request.match_info["name"])
 
-    return handle
+    app.router.add_post(ROBOT_ROUTE, handle)
+    app.router.add_post(ALERT_ROUTE, handle)
 
 
-async def _json(request: web.Request) -> Any:
+PATH = re.compile(r"/(robots|alerts)/([^/]+)")
+
+
+async def dispatch(service: RobotService, request: web.BaseRequest) -> web.Response | None:
+    """For a low-level `web.Server` handler: the answer if the path is ours, else None (the request goes on)."""
+    if PATH.fullmatch(request.path) is None:
+        return None
+    if request.method != "POST":
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+    return await answer(service, request, request.path.rsplit("/", 1)[1])
+
+
+async def answer(service: RobotService, request: web.BaseRequest, name: str) -> web.Response:
+    alerts = request.path.startswith("/alerts/")
+    target: RobotTarget | None = None
+    try:
+        target = service.target(name)
+        body = await _json(request)
+        await (service.post_alerts if alerts else service.post_message)(target, body)
+    except RobotError as exc:
+        # Alertmanager retries 5xx but gives up on any 4xx, 429 included (alertmanager#2457, PR #2145);
+        # an application posting a message is better told 429.
+        return _error(exc, target, rate_limited_status=503 if alerts else 429)
+    return web.json_response(PLATFORMS[target.platform].ok_body())
+
+
+async def _json(request: web.BaseRequest) -> Any:
     try:
         return await request.json()
     except ValueError as exc:  # json.JSONDecodeError, or undecodable bytes

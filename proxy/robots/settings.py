@@ -1,7 +1,7 @@
 """The `robots:` config section: named DingTalk and Feishu group-robot targets, as frozen dataclasses.
 
-Owns parsing and validating that section (already `${VAR}`-expanded by the core loader) and the masked `Secret`;
-it does not read the YAML file, sign, send or render.
+Owns parsing and validating that section (already `${VAR}`-expanded by the core loader); it does not read the
+YAML file, sign, send or render. Secrets are the core's masked `proxy.secret.Secret`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from proxy.secret import Secret
+from proxy.units import UnitError, parse_seconds
 
 Platform = Literal["dingtalk", "feishu"]
 PLATFORMS: tuple[Platform, ...] = ("dingtalk", "feishu")
@@ -37,29 +40,6 @@ ALERT_FIELDS = frozenset({
     "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string", "fingerprint", "links",
 })
 DEFAULT_DEADLINE = 30.0
-
-
-class Secret:
-    """A string that never shows itself in a repr, str, log line or error; `reveal()` where it must be used."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,16 +263,13 @@ def _strings(node: Mapping[str, Any], key: str, path: str, problems: list[str]) 
     return tuple(str(v) for v in value)
 
 
-SECONDS_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)?")
-
-
 def _seconds(value: Any, path: str, problems: list[str]) -> float:
-    """Loose durations, `30`, `"30s"`, `"500ms"`, `"2m"`; the core's units parser can replace this when merged."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    match = SECONDS_PATTERN.fullmatch(str(value).strip())
-    if match is None or float(match.group(1)) <= 0:
-        problems.append(f"{path}: {value!r} is not a positive duration like 30s, 500ms or 2m")
+    try:
+        seconds = parse_seconds(value)
+    except UnitError as exc:
+        problems.append(f"{path}: {exc}")
         return DEFAULT_DEADLINE
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
-    return float(match.group(1)) * scale
+    if seconds <= 0:
+        problems.append(f"{path}: must be more than zero")
+        return DEFAULT_DEADLINE
+    return seconds
