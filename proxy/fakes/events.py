@@ -45,7 +45,7 @@ async def wait_for(condition: Callable[[], bool], rounds: int = 500) -> None:
         if condition():
             return
         await asyncio.sleep(0.001)
-    raise AssertionError("condition not reached")
+    raise AssertionError(f"condition not reached: {condition.__code__.co_firstlineno}")
 
 
 def event_json(**fields: object) -> bytes:
