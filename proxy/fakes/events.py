@@ -117,3 +117,93 @@ class DingTalkPusher:
         message, owner = DingTalkCipher(self.aes_key).decrypt(reply["encrypt"])
         assert owner == self.owner
         return message.decode()
+
+
+# ---- DingTalk Stream gateway --------------------------------------------------------------------------------
+
+
+class FakeDingTalkGateway:
+    """connections/open plus the websocket gateway. Keeps every pushed message until it is ACKed with success,
+    redelivers the unacked ones on each new connection, pings, sends SYSTEM disconnect, and can drop connections."""
+
+    def __init__(self, client_id: str, client_secret: str) -> None:
+        self.client_id, self.client_secret = client_id, client_secret
+        self.unacked: dict[str, dict] = {}          # messageId → frame, in push order
+        self.acks: list[dict] = []
+        self.opened = 0
+        self.connections: list[web.WebSocketResponse] = []
+        self._tickets: set[str] = set()
+        self._counter = 0
+
+    def app(self) -> web.Application:
+        application = web.Application()
+        application.router.add_post("/v1.0/gateway/connections/open", self._open)
+        application.router.add_get("/connect", self._connect)
+        return application
+
+    @property
+    def live(self) -> web.WebSocketResponse | None:
+        open_ones = [ws for ws in self.connections if not ws.closed]
+        return open_ones[-1] if open_ones else None
+
+    async def _open(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if (body.get("clientId"), body.get("clientSecret")) != (self.client_id, self.client_secret):
+            return web.json_response({"code": "invalidClientIdOrSecret", "message": "bad credentials"}, status=400)
+        self._counter += 1
+        ticket = f"ticket/{self._counter}+x"          # characters that need quoting, like real tickets may
+        self._tickets.add(ticket)
+        self.opened += 1
+        return web.json_response({"endpoint": str(request.url.with_path("/connect").with_query(None))
+                                  .replace("http", "ws", 1), "ticket": ticket})
+
+    async def _connect(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            return web.json_response({"code": "invalidTicket"}, status=401)
+        self._tickets.discard(ticket)                 # one use only
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.connections.append(ws)
+        for frame in list(self.unacked.values()):     # redeliver what the last connection left unacked
+            await ws.send_str(json.dumps(frame))
+        async for message in ws:
+            self._on_ack(json.loads(message.data))
+        return ws
+
+    def _on_ack(self, ack: dict) -> None:
+        self.acks.append(ack)
+        message_id = ack.get("headers", {}).get("messageId")
+        if ack.get("code") == 200 and json.loads(ack.get("data") or "{}").get("status") != "LATER":
+            self.unacked.pop(message_id, None)
+
+    async def push(self, data: dict, *, kind: str = "EVENT", topic: str = "*", event_id: str | None = None) -> str:
+        self._counter += 1
+        message_id = f"msg-{self._counter}"
+        headers = {"messageId": message_id, "topic": topic, "contentType": "application/json",
+                   "time": "1700000000000"}
+        if kind == "EVENT":
+            headers.update(eventId=event_id or f"evt-{self._counter}", eventType="chat_update_title")
+        frame = {"specVersion": "1.0", "type": kind, "headers": headers, "data": json.dumps(data)}
+        if kind != "SYSTEM":
+            self.unacked[message_id] = frame
+        if self.live is not None:
+            await self.live.send_str(json.dumps(frame))
+        return message_id
+
+    async def ping(self, opaque: str = '{"opaque":"p1"}') -> None:
+        frame = {"specVersion": "1.0", "type": "SYSTEM", "data": opaque,
+                 "headers": {"messageId": "ping-1", "topic": "ping", "contentType": "application/json"}}
+        assert self.live is not None
+        await self.live.send_str(json.dumps(frame))
+
+    async def disconnect(self) -> None:
+        frame = {"specVersion": "1.0", "type": "SYSTEM", "data": "",
+                 "headers": {"messageId": "bye", "topic": "disconnect", "contentType": "application/json"}}
+        assert self.live is not None
+        await self.live.send_str(json.dumps(frame))
+
+    async def drop(self) -> None:
+        """Cut the connection without a goodbye, as a network failure would."""
+        if self.live is not None:
+            await self.live.close(code=1006)
