@@ -207,3 +207,101 @@ class FakeDingTalkGateway:
         """Cut the connection without a goodbye, as a network failure would."""
         if self.live is not None:
             await self.live.close(code=1006)
+
+
+# ---- Feishu long-connection gateway -------------------------------------------------------------------------
+
+
+class FakeFeishuGateway:
+    """/callback/ws/endpoint plus the pbbp2 websocket, encoded with lark-oapi's own generated classes so our codec
+    is checked against an independent one. Answers pings with pongs carrying ClientConfig, splits big events,
+    re-pushes events not answered with code 200 on the next connection, and can drop the connection."""
+
+    def __init__(self, app_id: str, app_secret: str, client_config: dict | None = None) -> None:
+        self.app_id, self.app_secret = app_id, app_secret
+        self.client_config = client_config or {"ReconnectCount": -1, "ReconnectInterval": 5,
+                                               "ReconnectNonce": 1, "PingInterval": 10}
+        self.pong_config: dict | None = None
+        self.unanswered: dict[str, list[bytes]] = {}   # message_id → encoded frames, in push order
+        self.responses: list[tuple[str, dict, dict[str, str]]] = []
+        self.pings = 0
+        self.endpoint_calls = 0
+        self.connections: list[web.WebSocketResponse] = []
+        self._counter = 0
+
+    def app(self) -> web.Application:
+        application = web.Application()
+        application.router.add_post("/callback/ws/endpoint", self._endpoint)
+        application.router.add_get("/ws", self._connect)
+        return application
+
+    @property
+    def live(self) -> web.WebSocketResponse | None:
+        open_ones = [ws for ws in self.connections if not ws.closed]
+        return open_ones[-1] if open_ones else None
+
+    async def _endpoint(self, request: web.Request) -> web.Response:
+        self.endpoint_calls += 1
+        body = await request.json()
+        if (body.get("AppID"), body.get("AppSecret")) != (self.app_id, self.app_secret):
+            return web.json_response({"code": 403, "msg": "forbidden"})
+        url = request.url.with_path("/ws").with_query({"device_id": "d1", "service_id": "33"})
+        return web.json_response({"code": 0, "msg": "ok", "data": {
+            "URL": str(url).replace("http", "ws", 1), "ClientConfig": self.client_config}})
+
+    async def _connect(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.connections.append(ws)
+        for frames in list(self.unanswered.values()):
+            for data in frames:
+                await ws.send_bytes(data)
+        async for message in ws:
+            await self._on_frame(ws, message.data)
+        return ws
+
+    async def _on_frame(self, ws: web.WebSocketResponse, data: bytes) -> None:
+        from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+
+        frame = Frame()
+        frame.ParseFromString(data)
+        headers = {h.key: h.value for h in frame.headers}
+        if frame.method == 0 and headers.get("type") == "ping":
+            self.pings += 1
+            pong = Frame(SeqID=0, LogID=0, service=frame.service, method=0)
+            header = pong.headers.add()
+            header.key, header.value = "type", "pong"
+            if self.pong_config:
+                pong.payload = json.dumps(self.pong_config).encode()
+            await ws.send_bytes(pong.SerializeToString())
+        elif frame.method == 1:
+            answer = json.loads(frame.payload)
+            self.responses.append((headers["message_id"], answer, headers))
+            if answer.get("code") == 200:
+                self.unanswered.pop(headers["message_id"], None)
+
+    async def push(self, event: dict, *, parts: int = 1, event_type: str = "event") -> str:
+        from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+
+        self._counter += 1
+        message_id = f"fm-{self._counter}"
+        payload = json.dumps(event).encode()
+        size = -(-len(payload) // parts)
+        frames = []
+        for seq in range(parts):
+            frame = Frame(SeqID=self._counter, LogID=1, service=33, method=1,
+                          payload=payload[seq * size:(seq + 1) * size])
+            for key, value in (("type", event_type), ("message_id", message_id), ("sum", str(parts)),
+                               ("seq", str(seq)), ("trace_id", "tr")):
+                header = frame.headers.add()
+                header.key, header.value = key, value
+            frames.append(frame.SerializeToString())
+        self.unanswered[message_id] = frames
+        if self.live is not None:
+            for data in frames:
+                await self.live.send_bytes(data)
+        return message_id
+
+    async def drop(self) -> None:
+        if self.live is not None:
+            await self.live.close()
