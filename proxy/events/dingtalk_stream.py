@@ -72,8 +72,12 @@ class DingTalkStream:
         while True:
             try:
                 served = await self._connect_and_serve()
-            except (StreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            except StreamError as exc:
                 log.warning("events: dingtalk stream %s failed: %s", self.name, exc)
+                served = False
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                # The type only: aiohttp's messages carry the URL, and the URL carries the one-time ticket.
+                log.warning("events: dingtalk stream %s failed: %s", self.name, type(exc).__name__)
                 served = False
             self._metrics.connected.labels(self.name).set(0)
             self._metrics.reconnects.labels(self.name).inc()
