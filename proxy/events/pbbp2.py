@@ -11,7 +11,9 @@ protobuf library and does not know what frames mean.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -102,13 +104,14 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes):
+def _fields(data: bytes) -> Iterator[tuple[int, int, Any, bytes]]:
     """Yield (number, wire type, value, raw bytes of the field) for each field in `data`."""
     pos = 0
     while pos < len(data):
         start = pos
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
+        value: Any
         if wire == _VARINT:
             value, pos = _read_varint(data, pos)
         elif wire == _LEN:

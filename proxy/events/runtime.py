@@ -10,7 +10,7 @@ Owns construction, route mounting and start/stop order; it does not parse config
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -24,6 +24,9 @@ from proxy.events.dingtalk_stream import DingTalkStream
 from proxy.events.feishu_ws import FeishuLongConnection
 from proxy.events.metrics import EventMetrics
 from proxy.events.settings import EventApp, Mode, Platform
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Runnable(Protocol):
@@ -42,7 +45,7 @@ class EventsRuntime:
         self._rng = rng or random.Random()
         self.lanes = {app.name: Delivery(app.name, app.delivery, session, self._metrics, clock, self._rng)
                       for app in apps}
-        self._routes: list[tuple[str, web.RequestHandler]] = []   # type: ignore[type-arg]
+        self._routes: list[tuple[str, Handler]] = []
         self._streams: list[_Runnable] = []
         for app in apps:
             self._build(app, session, clock)
