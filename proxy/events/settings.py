@@ -1,6 +1,6 @@
 """What the events subsystem needs to know, as frozen dataclasses the config loader fills in once at start-up.
 
-Owns the shape and defaults of event settings and the masked `Secret`; it does not parse YAML.
+Owns the shape and defaults of event settings; it does not parse YAML (config does) nor define `Secret`.
 """
 
 from __future__ import annotations
@@ -8,31 +8,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from proxy.secret import Secret
 
-class Secret:
-    """A string that never prints itself: `repr`/`str` are masked, `reveal()` is the only way in."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
+__all__ = ["DeliverySettings", "DingTalkEvents", "EventApp", "FeishuEvents", "Mode", "Platform", "Secret",
+           "StreamSettings"]
 
 
 class Platform(enum.Enum):

@@ -1,4 +1,5 @@
-"""In-process fakes of the platforms and of applications, for tests: they behave like the real thing, in memory.
+"""Simulated Feishu and DingTalk platforms, for the tests and for `imsidecar demo`.
 
-Owns nothing production code imports; it does not mock our own modules.
+They follow the real platforms' rules (token expiry, errors inside HTTP 200 bodies, rate-limit headers, dropped
+connections); they are not part of the forwarding path.
 """

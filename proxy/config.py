@@ -1,0 +1,514 @@
+"""The YAML config, parsed once at start-up into frozen dataclasses, with every problem named by its path.
+
+Owns loading, `${VAR}` expansion, `*_file` secrets, loose units and validation; runtime code never sees a raw dict.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy.secret import Secret
+from proxy.units import UnitError, parse_bytes, parse_seconds
+
+PLATFORM_UPSTREAMS: dict[str, dict[str, str]] = {
+    "feishu": {"open": "https://open.feishu.cn"},
+    "lark": {"open": "https://open.larksuite.com"},
+    "dingtalk": {"oapi": "https://oapi.dingtalk.com", "api": "https://api.dingtalk.com"},
+}
+CREDENTIAL_ID_KEY = {"feishu": "app_id", "lark": "app_id", "dingtalk": "app_key"}
+TOKEN_KINDS = {"feishu": ("tenant", "app"), "lark": ("tenant", "app"), "dingtalk": ("app",)}
+NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, one `path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    base_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """Where applications reach one upstream of one app: a path prefix on a listener."""
+
+    upstream: str
+    prefix: str        # "" when the upstream has a port of its own
+    listen: Address
+
+
+@dataclass(frozen=True, slots=True)
+class CodeOverrides:
+    """Platform error codes an operator adds to the built-in tables (strings, as they appear in bodies)."""
+
+    retryable: frozenset[str] = frozenset()
+    throttled: frozenset[str] = frozenset()
+    token_invalid: frozenset[str] = frozenset()
+    permanent: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    max_attempts: int = 3
+    backoff_base: float = 0.1
+    backoff_cap: float = 2.0
+    per_try_timeout: float = 10.0
+    max_retry_after: float = 30.0          # longest platform-requested wait we honour
+    budget_ratio: float = 0.2              # retries ≤ this share of requests over the window
+    budget_min_per_second: float = 3.0     # ...plus this floor, so a quiet upstream can still retry
+    budget_window: float = 10.0
+    idempotent_routes: tuple[str, ...] = ()
+    idempotency_keys: bool = True          # add the platform's idempotency key to POSTs that accept one
+    adaptive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str
+    platform: str
+    client_id: str
+    client_secret: Secret
+    token_kind: str
+    upstreams: Mapping[str, Upstream]
+    expose: tuple[Exposure, ...]
+    retry: RetrySettings = RetrySettings()
+    codes: CodeOverrides = CodeOverrides()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    refresh_margin: float = 600.0   # refresh this long before expiry (the platforms' own guides say 10 min)
+    refresh_jitter: float = 60.0    # spread replicas' refreshes apart
+    fetch_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_bytes: int = 100 * 1024 * 1024
+    replay_buffer_bytes: int = 4 * 1024 * 1024   # bitable batches of 1,000 records reach hundreds of KB
+    deadline: float = 30.0
+    connect_timeout: float = 3.0
+    drain_timeout: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: str = "text"   # text | json
+    access_log: bool = True
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Address
+    admin_listen: Address
+    apps: tuple[AppConfig, ...]
+    tokens: TokenSettings = TokenSettings()
+    limits: Limits = Limits()
+    logging: LogSettings = LogSettings()
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (robots, events)
+
+    def listeners(self) -> list[Address]:
+        seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
+        return list(seen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    return loads(text, env)
+
+
+def loads(text: str, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"
+        raise ConfigError([f"{where}: {getattr(exc, 'problem', None) or exc}"]) from exc
+    return parse(raw if raw is not None else {}, os.environ if env is None else env)
+
+
+def parse(raw: Any, env: Mapping[str, str]) -> Config:
+    problems: list[str] = []
+    node = Node(expand(raw, env, "", problems), "", problems)
+    config = _parse_config(node)
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    return config
+
+
+def expand(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of the tree."""
+    if isinstance(value, dict):
+        return {k: expand(v, env, join(path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: {match.group(0)} is not set")
+        return ""
+
+    return ENV_PATTERN.sub(substitute, value)
+
+
+def join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class Node:
+    """A mapping being read, that remembers its path and reports unknown keys."""
+
+    def __init__(self, value: Any, path: str, problems: list[str]) -> None:
+        self.path, self.problems = path, problems
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.problem(f"expected a mapping, got {type(value).__name__}")
+            value = {}
+        self.value: dict[str, Any] = value
+        self.read: set[str] = set()
+
+    def problem(self, message: str, key: str | None = None) -> None:
+        self.problems.append(f"{join(self.path, key) if key else self.path or '<root>'}: {message}")
+
+    def reported(self, key: str) -> bool:
+        """True when expansion already named this key (an unset `${VAR}`), so it is not reported twice."""
+        return any(p.startswith(f"{join(self.path, key)}:") for p in self.problems)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return self.value.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.value
+
+    def child(self, key: str) -> Node:
+        return Node(self.get(key), join(self.path, key), self.problems)
+
+    def children(self, key: str) -> Iterator[Node]:
+        items = self.get(key) or []
+        if not isinstance(items, list):
+            self.problem("expected a list", key)
+            return
+        for i, item in enumerate(items):
+            yield Node(item, f"{join(self.path, key)}[{i}]", self.problems)
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.get(key, default)
+        if value is None or value == "":
+            if required and not self.reported(key):
+                self.problem("is required" if not self.has(key) else "is empty", key)
+            return default
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            self.problem(f"expected a string, got {type(value).__name__}", key)
+            return default
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
+        """One of `options`; a wrong or missing value is reported and comes back as "" (nothing valid)."""
+        value = self.text(key, default, required=default is None)
+        if value is not None and value not in options:
+            self.problem(f"{value!r} is not one of {', '.join(options)}", key)
+            return ""
+        return value or ""
+
+    def seconds(self, key: str, default: float) -> float:
+        return self._unit(key, default, parse_seconds)
+
+    def bytes(self, key: str, default: int) -> int:
+        return int(self._unit(key, default, parse_bytes))
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            self.problem(f"expected a number ≥ {minimum:g}, got {value!r}", key)
+            return default
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(f"expected true or false, got {value!r}", key)
+            return default
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            self.problem("expected a list of strings", key)
+            return ()
+        return tuple(str(v) for v in value)
+
+    def secret(self, key: str) -> Secret | None:
+        """`key` inline (usually `${VAR}`) or `key_file`, a mounted Kubernetes Secret; exactly one."""
+        file_key = f"{key}_file"
+        if self.has(key) and self.has(file_key):
+            self.problem(f"give {key} or {file_key}, not both")
+            return None
+        if self.has(file_key):
+            return self._secret_file(file_key)
+        value = self.text(key, required=True)
+        return Secret(value) if value else None
+
+    def _secret_file(self, key: str) -> Secret | None:
+        location = self.text(key, required=True)
+        if not location:
+            return None
+        try:
+            value = Path(location).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.problem(f"cannot read {location}: {exc.strerror}", key)
+            return None
+        if not value:
+            self.problem(f"{location} is empty", key)
+            return None
+        return Secret(value)
+
+    def _unit(self, key: str, default: float, convert: Any) -> float:
+        value = self.get(key)
+        if value is None:
+            return default
+        try:
+            return float(convert(value))
+        except UnitError as exc:
+            self.problem(str(exc), key)
+            return default
+
+    def finish(self) -> None:
+        for key in self.value:
+            if key not in self.read:
+                self.problem("unknown key", str(key))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+# Sections parsed by the modules that own them; kept raw here and validated there.
+EXTRA_SECTIONS = ("robots", "events", "store")
+
+
+def _parse_config(root: Node) -> Config | None:
+    listen = _address(root, "listen", "127.0.0.1:8080")
+    admin = _address(root, "admin_listen", "0.0.0.0:9464")
+    tokens = _parse_tokens(root.child("tokens"))
+    limits = _parse_limits(root.child("limits"))
+    logging_ = _parse_logging(root.child("logging"))
+    default_retry = _parse_retry(root.child("retry"), RetrySettings())
+    apps = tuple(_parse_app(n, listen, default_retry) for n in root.children("apps"))
+    extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
+    root.finish()
+    if not apps and not extra:
+        root.problem("at least one app is required", "apps")
+    _check_unique(root, apps, listen, admin)
+    if listen is None or admin is None or any(a is None for a in apps):
+        return None
+    return Config(listen, admin, apps, tokens, limits, logging_, extra)  # type: ignore[arg-type]
+
+
+def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:
+    name = node.text("name", required=True) or ""
+    if name and not NAME_PATTERN.fullmatch(name):
+        node.problem(f"{name!r} must match [a-z0-9-]+", "name")
+    platform = node.choice("platform", tuple(PLATFORM_UPSTREAMS))
+    if platform not in PLATFORM_UPSTREAMS:
+        return None
+    id_key = CREDENTIAL_ID_KEY[platform]
+    client_id = node.text(id_key, required=True)
+    secret = node.secret("app_secret")
+    kinds = TOKEN_KINDS[platform]
+    token_kind = node.choice("token", kinds, kinds[0]) if node.has("token") else kinds[0]
+    upstreams = _parse_upstreams(node.child("upstreams"), platform)
+    expose = _parse_expose(node, name, upstreams, listen)
+    retry = _parse_retry(node.child("retry"), default_retry)
+    codes = _parse_codes(node.child("codes"))
+    node.finish()
+    if not (client_id and secret and listen):
+        return None
+    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes)
+
+
+def _parse_upstreams(node: Node, platform: str) -> dict[str, Upstream]:
+    defaults = PLATFORM_UPSTREAMS[platform]
+    result = {name: Upstream(name, url) for name, url in defaults.items()}
+    for name in node.value:
+        if name not in defaults:
+            node.problem(f"unknown upstream (this platform has {', '.join(defaults)})", name)
+            continue
+        override = node.child(name)
+        url = _url(override, "base_url", defaults[name])
+        override.finish()
+        result[name] = Upstream(name, url)
+        node.read.add(name)
+    return result
+
+
+def _parse_expose(node: Node, name: str, upstreams: Mapping[str, Upstream], listen: Address | None) -> tuple[Exposure, ...]:
+    if not node.has("expose"):
+        if listen is None:
+            return ()
+        if len(upstreams) == 1:
+            return (Exposure(next(iter(upstreams)), f"/{name}", listen),)
+        return tuple(Exposure(up, f"/{name}/{up}", listen) for up in upstreams)
+    result = []
+    for item in node.children("expose"):
+        upstream = item.choice("upstream", tuple(upstreams))
+        own = _address(item, "listen", None) if item.has("listen") else None
+        prefix = item.text("prefix", "") or ""
+        item.finish()
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+            item.problem(f"{prefix!r} must start with / and not end with /", "prefix")
+        if not prefix and own is None:
+            item.problem("give a prefix, a listen address of its own, or both")
+        target = own or listen
+        if target is not None:
+            result.append(Exposure(upstream, prefix, target))
+    return tuple(result)
+
+
+def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:
+    settings = RetrySettings(
+        max_attempts=int(node.number("max_attempts", base.max_attempts, minimum=1)),
+        backoff_base=node.seconds("backoff_base", base.backoff_base),
+        backoff_cap=node.seconds("backoff_cap", base.backoff_cap),
+        per_try_timeout=node.seconds("per_try_timeout", base.per_try_timeout),
+        max_retry_after=node.seconds("max_retry_after", base.max_retry_after),
+        budget_ratio=node.number("budget_ratio", base.budget_ratio),
+        budget_min_per_second=node.number("budget_min_per_second", base.budget_min_per_second),
+        budget_window=node.seconds("budget_window", base.budget_window),
+        idempotent_routes=node.strings("idempotent_routes") if node.has("idempotent_routes") else base.idempotent_routes,
+        idempotency_keys=node.flag("idempotency_keys", base.idempotency_keys),
+        adaptive=node.flag("adaptive", base.adaptive),
+    )
+    node.finish()
+    return settings
+
+
+def _parse_codes(node: Node) -> CodeOverrides:
+    codes = CodeOverrides(*(frozenset(node.strings(k)) for k in ("retryable", "throttled", "token_invalid", "permanent")))
+    node.finish()
+    return codes
+
+
+def _parse_tokens(node: Node) -> TokenSettings:
+    d = TokenSettings()
+    settings = TokenSettings(
+        refresh_margin=node.seconds("refresh_margin", d.refresh_margin),
+        refresh_jitter=node.seconds("refresh_jitter", d.refresh_jitter),
+        fetch_timeout=node.seconds("fetch_timeout", d.fetch_timeout),
+    )
+    node.finish()
+    return settings
+
+
+def _parse_limits(node: Node) -> Limits:
+    d = Limits()
+    limits = Limits(
+        max_request_bytes=node.bytes("max_request_bytes", d.max_request_bytes),
+        replay_buffer_bytes=node.bytes("replay_buffer_bytes", d.replay_buffer_bytes),
+        deadline=node.seconds("deadline", d.deadline),
+        connect_timeout=node.seconds("connect_timeout", d.connect_timeout),
+        drain_timeout=node.seconds("drain_timeout", d.drain_timeout),
+    )
+    node.finish()
+    return limits
+
+
+def _parse_logging(node: Node) -> LogSettings:
+    d = LogSettings()
+    settings = LogSettings(
+        format=node.choice("format", ("text", "json"), d.format),
+        access_log=node.flag("access_log", d.access_log),
+        level=node.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), d.level),
+    )
+    node.finish()
+    return settings
+
+
+def _address(node: Node, key: str, default: str | None) -> Address | None:
+    text = node.text(key, default)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not sep or not host or not 0 < int(port) < 65536:
+            raise ValueError
+        if host != "localhost":
+            ipaddress.ip_address(host)
+    except ValueError:
+        node.problem(f"{text!r} is not a host:port address (an IP or localhost, and a port 1-65535)", key)
+        return None
+    return Address(host, int(port))
+
+
+def _url(node: Node, key: str, default: str) -> str:
+    url = node.text(key, default) or default
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        node.problem(f"{url!r} is not an http(s) base URL without query", key)
+    return url.rstrip("/")
+
+
+def _check_unique(root: Node, apps: tuple[AppConfig | None, ...], listen: Address | None, admin: Address | None) -> None:
+    names: set[str] = set()
+    routes: dict[tuple[Address, str], str] = {}
+    for i, app in enumerate(apps):
+        if app is None:
+            continue
+        if app.name in names:
+            root.problem(f"duplicate app name {app.name!r}", f"apps[{i}].name")
+        names.add(app.name)
+        for exposure in app.expose:
+            where = (exposure.listen, exposure.prefix)
+            if where in routes:
+                root.problem(f"{exposure.listen}{exposure.prefix or ' (whole port)'} is already used by {routes[where]}", f"apps[{i}].expose")
+            routes[where] = app.name
+            if admin is not None and exposure.listen.port == admin.port:
+                root.problem(f"port {admin.port} is the admin port", f"apps[{i}].expose")
+    whole_ports = {a for (a, p) in routes if p == ""}
+    for address, prefix in routes:
+        if prefix and address in whole_ports:
+            root.problem(f"{address} is given whole to one upstream and cannot also carry {prefix}", "apps")
+    if listen is not None and admin is not None and listen.port == admin.port:
+        root.problem(f"listen and admin_listen share port {listen.port}", "admin_listen")
