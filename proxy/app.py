@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -16,6 +17,8 @@ from proxy.admin import admin_app
 from proxy.bindings import AppTokens, Binding
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
+from proxy.events.runtime import EventsRuntime
+from proxy.events.settings import EventsSettings
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
@@ -38,6 +41,8 @@ class Sidecar:
             self._bind(app)
         self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits, self.metrics)
         self._runners: list[web.BaseRunner] = []
+        self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
+        self.events: EventsRuntime | None = None
 
     def _bind(self, app_config) -> None:  # type: ignore[no-untyped-def]
         platform = platform_for(app_config)
@@ -63,6 +68,8 @@ class Sidecar:
         for address in self.config.listeners():
             await self._serve(web.Server(self._handler(address), access_log=None), address)
         await self._serve(admin_app(self.metrics.registry, self.readiness), self.config.admin_listen)
+        if self.config.events is not None:
+            await self._start_events(self.config.events)
         log.info("imsidecar listening on %s; admin on %s",
                  ", ".join(map(str, self.config.listeners())), self.config.admin_listen)
 
@@ -89,10 +96,28 @@ class Sidecar:
         await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
         self._runners.append(runner)
 
+    async def _start_events(self, settings: EventsSettings) -> None:
+        self.events = EventsRuntime(settings.apps, self.session, self.metrics.registry, self.clock)
+        if settings.listen is not None:
+            app = web.Application()
+            self.events.mount(app.router)
+            await self._serve(app, settings.listen)
+        await self.events.start()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the drain timeout, then close everything."""
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
+        if self.events is not None:
+            await self.events.close()
+        if self._session is not None:
+            await self._session.close()
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
         await asyncio.gather(*(client.close() for client in self.clients))
 

@@ -5,7 +5,6 @@ Owns loading, `${VAR}` expansion, `*_file` secrets, loose units and validation; 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.configtree import Node, expand
+from proxy.configtree import Address, Node, expand
+from proxy.events.settings import EventsSettings, parse_events
 from proxy.secret import Secret
 
 PLATFORM_UPSTREAMS: dict[str, dict[str, str]] = {
@@ -34,15 +34,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +120,8 @@ class Config:
     tokens: TokenSettings = TokenSettings()
     limits: Limits = Limits()
     logging: LogSettings = LogSettings()
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (robots, events)
+    events: EventsSettings | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (robots)
 
     def listeners(self) -> list[Address]:
         seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
@@ -172,25 +164,28 @@ def parse(raw: Any, env: Mapping[str, str]) -> Config:
 # Sections
 
 # Sections parsed by the modules that own them; kept raw here and validated there.
-EXTRA_SECTIONS = ("robots", "events", "store")
+EXTRA_SECTIONS = ("robots", "store")
 
 
 def _parse_config(root: Node) -> Config | None:
-    listen = _address(root, "listen", "127.0.0.1:8080")
-    admin = _address(root, "admin_listen", "0.0.0.0:9464")
+    listen = root.address("listen", "127.0.0.1:8080")
+    admin = root.address("admin_listen", "0.0.0.0:9464")
     tokens = _parse_tokens(root.child("tokens"))
     limits = _parse_limits(root.child("limits"))
     logging_ = _parse_logging(root.child("logging"))
     default_retry = _parse_retry(root.child("retry"), RetrySettings())
     apps = tuple(_parse_app(n, listen, default_retry) for n in root.children("apps"))
+    events = parse_events(root.child("events")) if root.has("events") else None
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
-    if not apps and not extra:
+    if not apps and not extra and events is None:
         root.problem("at least one app is required", "apps")
     _check_unique(root, apps, listen, admin)
+    if events is not None and events.listen is not None and events.listen.port in {a.port for a in (listen, admin) if a}:
+        root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
     if listen is None or admin is None or any(a is None for a in apps):
         return None
-    return Config(listen, admin, apps, tokens, limits, logging_, extra)  # type: ignore[arg-type]
+    return Config(listen, admin, apps, tokens, limits, logging_, events, extra)  # type: ignore[arg-type]
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:
@@ -240,7 +235,7 @@ def _parse_expose(node: Node, name: str, upstreams: Mapping[str, Upstream], list
     result = []
     for item in node.children("expose"):
         upstream = item.choice("upstream", tuple(upstreams))
-        own = _address(item, "listen", None) if item.has("listen") else None
+        own = item.address("listen", None) if item.has("listen") else None
         prefix = item.text("prefix", "") or ""
         item.finish()
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
@@ -310,23 +305,6 @@ def _parse_logging(node: Node) -> LogSettings:
     )
     node.finish()
     return settings
-
-
-def _address(node: Node, key: str, default: str | None) -> Address | None:
-    text = node.text(key, default)
-    if text is None:
-        return None
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    try:
-        if not sep or not host or not 0 < int(port) < 65536:
-            raise ValueError
-        if host != "localhost":
-            ipaddress.ip_address(host)
-    except ValueError:
-        node.problem(f"{text!r} is not a host:port address (an IP or localhost, and a port 1-65535)", key)
-        return None
-    return Address(host, int(port))
 
 
 def _url(node: Node, key: str, default: str) -> str:

@@ -5,7 +5,9 @@ Owns the mechanics every config section shares (core, robots, events); what each
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -13,6 +15,16 @@ from proxy.secret import Secret
 from proxy.units import UnitError, parse_bytes, parse_seconds
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
 
 
 def expand(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -160,6 +172,22 @@ class Node:
         except UnitError as exc:
             self.problem(str(exc), key)
             return default
+
+    def address(self, key: str, default: str | None) -> Address | None:
+        text = self.text(key, default)
+        if text is None:
+            return None
+        host, sep, port = text.rpartition(":")
+        host = host.strip("[]")
+        try:
+            if not sep or not host or not 0 < int(port) < 65536:
+                raise ValueError
+            if host != "localhost":
+                ipaddress.ip_address(host)
+        except ValueError:
+            self.problem(f"{text!r} is not a host:port address (an IP or localhost, and a port 1-65535)", key)
+            return None
+        return Address(host, int(port))
 
     def finish(self) -> None:
         for key in self.value:
