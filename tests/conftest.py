@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import os
+import shutil
+
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer, unused_port
@@ -46,6 +49,18 @@ apps:
       - {{upstream: api, listen: "127.0.0.1:{api_port}"}}
     retry: {retry}
 """
+
+
+def require_binary(*names: str, package: str) -> str:
+    """The path of a real component the test needs; skipped when absent, except in CI where it must be there."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = f"{names[0]} not found: apt-get install {package}"
+    if os.environ.get("IMSIDECAR_REQUIRE_E2E"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @dataclass

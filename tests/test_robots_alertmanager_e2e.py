@@ -6,7 +6,6 @@ Needs the `prometheus-alertmanager` binary (Debian package `prometheus-alertmana
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -21,10 +20,8 @@ from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
 from proxy.robots.handlers import RobotService, add_robot_routes
 from proxy.robots.settings import parse_robots
 from proxy.robots.signing import dingtalk_sign
+from tests.conftest import require_binary
 
-BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-pytestmark = pytest.mark.skipif(BINARY is None, reason="alertmanager binary not found: apt-get install "
-                                                       "prometheus-alertmanager")
 DT_SECRET, FS_SECRET = "SECe2e-dingtalk", "e2e-feishu"
 BOUND = 20.0  # overall limit for any one wait; normally everything happens in well under a second
 
@@ -84,9 +81,9 @@ receivers:
       - url: {bridge.make_url('/alerts/dev')}
         send_resolved: false
 """)
-    assert BINARY is not None
+    binary = require_binary("prometheus-alertmanager", "alertmanager", package="prometheus-alertmanager")
     process = await asyncio.create_subprocess_exec(
-        BINARY, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
+        binary, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
