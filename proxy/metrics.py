@@ -57,6 +57,39 @@ class Metrics:
         self.token_replays = Counter(
             "imsidecar_token_replays", "Requests replayed after the platform said the token was invalid.",
             ("app",), registry=r)
+        # Circuit breaker, network state and the adaptive parameters (per app and upstream).
+        self.circuit_state = Gauge(
+            "imsidecar_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ("app", "upstream"), registry=r)
+        self.circuit_transitions = Counter(
+            "imsidecar_circuit_transitions", "Circuit breaker state changes, by the state entered.",
+            ("app", "upstream", "state"), registry=r)
+        self.network_state = Gauge(
+            "imsidecar_network_state", "1 for the measured network state of the upstream, 0 for the others.",
+            ("app", "upstream", "state"), registry=r)
+        self.adaptive = {
+            name: Gauge(f"imsidecar_adaptive_{name}", help_text, ("app", "upstream"), registry=r)
+            for name, help_text in (
+                ("per_try_timeout_seconds", "Per-try timeout in force."),
+                ("backoff_base_seconds", "Back-off base in force."),
+                ("backoff_cap_seconds", "Back-off cap in force."),
+                ("max_attempts", "Attempts allowed per request in force."),
+                ("latency_ewma_seconds", "Smoothed attempt latency measured."),
+                ("latency_p99_seconds", "99th percentile attempt latency over the window."),
+                ("loss_ratio", "Share of attempts lost to resets, timeouts and connect failures over the window."),
+                ("throttle_ratio", "Share of attempts throttled by the platform over the window."),
+            )
+        }
+        # Client-side rate limiting (per app and route template).
+        self.ratelimit_wait = Histogram(
+            "imsidecar_ratelimit_wait_seconds", "Time requests waited for the sidecar's own rate limiter.",
+            ("app", "route"), buckets=WAIT_BUCKETS, registry=r)
+        self.ratelimit_rejections = Counter(
+            "imsidecar_ratelimit_rejections", "Requests answered 429 at once: the wait would overrun their deadline.",
+            ("app", "route"), registry=r)
+        self.ratelimit_rate = Gauge(
+            "imsidecar_ratelimit_rate", "Requests per second the limiter allows now (lowered after throttling).",
+            ("app", "route"), registry=r)
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)
