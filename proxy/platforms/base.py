@@ -15,7 +15,6 @@ from urllib.parse import quote
 from multidict import CIMultiDict
 
 from proxy.config import AppConfig, CodeOverrides
-from proxy.idempotency import KeySpot
 from proxy.outcome import Outcome, Signal, Verdict
 
 # Sidecar error codes, in every platform's error shape. Chosen far from both platforms' ranges.
@@ -57,6 +56,14 @@ class TokenFetchError(Exception):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpot:
+    """Where one route takes its idempotency key: a query parameter or a top-level JSON body field."""
+
+    where: str   # "query" | "body"
+    name: str
 
 
 @dataclass(frozen=True, slots=True)

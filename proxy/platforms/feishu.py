@@ -9,10 +9,9 @@ from typing import Mapping
 
 from multidict import CIMultiDict
 
-from proxy.idempotency import KeySpot
 from proxy.outcome import Outcome, Verdict
 from proxy.platforms.base import (
-    PLACEHOLDER, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
+    PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
     parse_retry_after, verdict_for, verdict_for_status,
 )
 
