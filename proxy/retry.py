@@ -152,8 +152,8 @@ class RetryEngine:
         else:
             verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
             failure = None
-        self.metrics.attempt_duration.labels(b.app.name, b.upstream).observe(self.clock.now() - started)
-        self.metrics.attempts.labels(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
+        self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
+        self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
         b.observe(verdict, self.clock.now() - started)
         return answer, verdict, failure
 
