@@ -19,7 +19,7 @@ from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailabl
 from proxy.metrics import Metrics
 from proxy.platforms.base import dump
 from proxy.retry import Attempt, RetryEngine
-from proxy.routing import Router, route_template
+from proxy.routing import Router
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
@@ -110,7 +110,7 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        template = route_template(path)
+        template = binding.routes.template(path)
         route = binding.routes.label(template)
         kind = binding.platform.token_kind(binding.upstream, headers)
         return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind)
