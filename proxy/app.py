@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import admin_app
-from proxy.bindings import AppTokens, Binding
+from proxy.bindings import AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
 from proxy.events.runtime import EventsRuntime
@@ -22,7 +22,7 @@ from proxy.events.settings import EventsSettings
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
-from proxy.retry import RetryEngine, RetryPolicy
+from proxy.retry import RetryEngine
 from proxy.routing import RouteLabels, Router
 from proxy.upstream import UpstreamClient
 
@@ -54,10 +54,10 @@ class Sidecar:
         tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens, self.metrics)
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
-        policies = {name: RetryPolicy(app_config.retry, self.clock) for name in clients}
+        stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
         for exposure in app_config.expose:
             up = exposure.upstream
-            binding = Binding(app_config, platform, up, clients[up], tokens, routes, policies[up])
+            binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up])
             self.router.add(exposure.listen, exposure.prefix, binding)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------

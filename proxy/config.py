@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.breaker import BreakerSettings
 from proxy.configtree import Address, Node, expand
 from proxy.events.settings import EventsSettings, parse_events
 from proxy.secret import Secret
@@ -73,7 +74,8 @@ class RetrySettings:
     budget_window: float = 10.0
     idempotent_routes: tuple[str, ...] = ()
     idempotency_keys: bool = True          # add the platform's idempotency key to POSTs that accept one
-    adaptive: bool = True
+    adaptive: bool = True                  # derive timeout, back-off and attempts from the measured network
+    pinned: frozenset[str] = frozenset()   # the parameters set in config, which adaptation leaves alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class AppConfig:
     expose: tuple[Exposure, ...]
     retry: RetrySettings = RetrySettings()
     codes: CodeOverrides = CodeOverrides()
+    breaker: BreakerSettings = BreakerSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,10 +207,11 @@ def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings)
     expose = _parse_expose(node, name, upstreams, listen)
     retry = _parse_retry(node.child("retry"), default_retry)
     codes = _parse_codes(node.child("codes"))
+    breaker = _parse_breaker(node.child("breaker"))
     node.finish()
     if not (client_id and secret and listen):
         return None
-    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes)
+    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes, breaker)
 
 
 def _parse_upstreams(node: Node, platform: str) -> dict[str, Upstream]:
@@ -248,6 +252,9 @@ def _parse_expose(node: Node, name: str, upstreams: Mapping[str, Upstream], list
     return tuple(result)
 
 
+ADAPTIVE_KEYS = ("per_try_timeout", "backoff_base", "backoff_cap", "max_attempts")
+
+
 def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:
     settings = RetrySettings(
         max_attempts=int(node.number("max_attempts", base.max_attempts, minimum=1)),
@@ -261,6 +268,21 @@ def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:
         idempotent_routes=node.strings("idempotent_routes") if node.has("idempotent_routes") else base.idempotent_routes,
         idempotency_keys=node.flag("idempotency_keys", base.idempotency_keys),
         adaptive=node.flag("adaptive", base.adaptive),
+        pinned=base.pinned | {key for key in ADAPTIVE_KEYS if node.has(key)},
+    )
+    node.finish()
+    return settings
+
+
+def _parse_breaker(node: Node) -> BreakerSettings:
+    d = BreakerSettings()
+    settings = BreakerSettings(
+        failure_ratio=node.number("failure_ratio", d.failure_ratio),
+        min_volume=int(node.number("min_volume", d.min_volume, minimum=1)),
+        connect_failures=int(node.number("connect_failures", d.connect_failures, minimum=1)),
+        open_for=node.seconds("open_for", d.open_for),
+        probes=int(node.number("probes", d.probes, minimum=1)),
+        window=node.seconds("window", d.window),
     )
     node.finish()
     return settings
