@@ -65,6 +65,7 @@ class CodeOverrides:
 @dataclass(frozen=True, slots=True)
 class RetrySettings:
     max_attempts: int = 3
+    backoff: str = "exponential"           # exponential (full jitter) | fixed (always backoff_base: a rerun loop)
     backoff_base: float = 0.1
     backoff_cap: float = 2.0
     per_try_timeout: float = 10.0
@@ -258,6 +259,7 @@ ADAPTIVE_KEYS = ("per_try_timeout", "backoff_base", "backoff_cap", "max_attempts
 def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:
     settings = RetrySettings(
         max_attempts=int(node.number("max_attempts", base.max_attempts, minimum=1)),
+        backoff=node.choice("backoff", ("exponential", "fixed"), base.backoff),
         backoff_base=node.seconds("backoff_base", base.backoff_base),
         backoff_cap=node.seconds("backoff_cap", base.backoff_cap),
         per_try_timeout=node.seconds("per_try_timeout", base.per_try_timeout),

@@ -93,6 +93,9 @@ class RetryPolicy:
 
     def waits(self) -> Iterator[float]:
         """Exponential back-off with full jitter; base and cap are read at each step, so adaptation applies at once."""
+        if self.settings.backoff == "fixed":
+            while True:
+                yield self.params().backoff_base
         steps = backoff.expo(base=2, factor=1)
         next(steps)   # the generator's priming value
         for multiplier in steps:
