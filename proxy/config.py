@@ -253,7 +253,7 @@ def _parse_expose(node: Node, name: str, upstreams: Mapping[str, Upstream], list
     return tuple(result)
 
 
-ADAPTIVE_KEYS = ("per_try_timeout", "backoff_base", "backoff_cap", "max_attempts")
+ADAPTIVE_KEYS = ("per_try_timeout", "backoff_base", "backoff_cap", "max_attempts", "budget_ratio")
 
 
 def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:

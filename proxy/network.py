@@ -7,6 +7,7 @@ sleep, break circuits or export metrics (the retry engine, breaker and metrics l
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,12 +26,19 @@ class NetworkState(enum.Enum):
     DOWN = "down"            # nothing gets through
 
 
+EVALUATE_EVERY = 0.1        # seconds between re-judging the state from the windows (they move slowly anyway)
+TARGET_FAILURE = 1e-4       # share of requests random loss may still fail, when attempts are derived from it
+MAX_LOSSY_ATTEMPTS = 8
+MAX_LOSSY_BUDGET = 0.5
+
+
 @dataclass(frozen=True, slots=True)
 class RetryParams:
     per_try_timeout: float
     backoff_base: float
     backoff_cap: float
     max_attempts: int  # the first try included
+    budget_ratio: float | None = None   # retries allowed per request over the budget window (None: as configured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,7 @@ class AdaptiveSettings:
     backoff_base: float | None = None
     backoff_cap: float | None = None
     max_attempts: int | None = None
+    budget_ratio: float | None = None
 
     window: float = 30.0            # seconds of history behind every ratio and quantile
     bucket: float = 1.0
@@ -145,6 +154,7 @@ class NetworkMonitor:
         self._timeout_run = 0
         self._state = NetworkState.HEALTHY
         self._since = clock.now()
+        self._evaluated = -EVALUATE_EVERY
 
     def record(self, verdict: Verdict, latency: float) -> None:
         """Account one upstream attempt: what it signalled and how long it took, in seconds."""
@@ -174,8 +184,29 @@ class NetworkMonitor:
             per_try_timeout=_pick(pins.per_try_timeout, self._per_try_timeout(profile)),
             backoff_base=_pick(pins.backoff_base, profile.backoff_base),
             backoff_cap=_pick(pins.backoff_cap, profile.backoff_cap),
-            max_attempts=_pick(pins.max_attempts, profile.max_attempts),
+            max_attempts=_pick(pins.max_attempts, self._attempts(state, profile)),
+            budget_ratio=self._budget_ratio(state),
         )
+
+    def _budget_ratio(self, state: NetworkState) -> float | None:
+        """Random loss p needs p/(1-p) retries per request; give that (with headroom) while lossy, up to a cap.
+
+        Every other state keeps the configured budget: a down or throttled upstream is where a budget earns its keep.
+        """
+        if state is not NetworkState.LOSSY or self._settings.budget_ratio is not None:
+            return self._settings.budget_ratio
+        loss = min(self._stats(self._clock.now()).loss_ratio, 0.5)
+        return min(MAX_LOSSY_BUDGET, 1.5 * loss / (1.0 - loss))
+
+    def _attempts(self, state: NetworkState, profile: StateProfile) -> int:
+        """Under random loss p, n attempts all fail with p**n: take enough for TARGET_FAILURE, within bounds."""
+        if state is not NetworkState.LOSSY:
+            return profile.max_attempts
+        loss = self._stats(self._clock.now()).loss_ratio
+        if not 0.0 < loss < 1.0:
+            return profile.max_attempts
+        needed = math.ceil(math.log(TARGET_FAILURE) / math.log(loss))
+        return max(profile.max_attempts, min(MAX_LOSSY_ATTEMPTS, needed))
 
     def snapshot(self) -> NetworkSnapshot:
         now = self._clock.now()
@@ -240,9 +271,13 @@ class NetworkMonitor:
                 # The outage's failures say nothing about the loss now that answers come back.
                 self._counts.clear()
                 self._enter(self._candidate(now), now)
-        elif now - self._since >= s.min_dwell:
+        elif now - self._evaluated >= EVALUATE_EVERY or now < self._evaluated:
+            # Leaving healthy is at once: the first seconds of an incident are when retries matter most.
+            # Every other move waits out the dwell, so a borderline mix does not flap.
+            self._evaluated = now
             candidate = self._candidate(now)
-            if candidate is not self._state:
+            settled = self._state is NetworkState.HEALTHY or now - self._since >= s.min_dwell
+            if candidate is not self._state and settled:
                 self._enter(candidate, now)
 
     def _enter(self, state: NetworkState, now: float) -> None:

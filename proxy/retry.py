@@ -206,7 +206,7 @@ class RetryEngine:
         remaining = exchange.deadline - self.clock.now()
         if wait + min(MIN_USEFUL_ATTEMPT, params.per_try_timeout) > remaining:
             return Decision(False, "deadline")
-        if not policy.budget.try_spend():
+        if not policy.budget.try_spend(params.budget_ratio):
             return Decision(False, "budget")
         return Decision(True, "retry", wait)
 

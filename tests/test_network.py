@@ -184,3 +184,31 @@ async def test_snapshot_carries_every_gauge(clock):
     assert snap.latency_p50 is not None and snap.latency_p99 is not None and snap.latency_p50 <= snap.latency_p99
     assert snap.per_try_timeout == monitor.retry_params().per_try_timeout
     assert snap.max_attempts == monitor.retry_params().max_attempts
+
+
+async def test_leaving_healthy_does_not_wait_for_the_dwell_and_loss_sets_the_attempts() -> None:
+    import random
+
+    from proxy.clock import VirtualClock
+    from proxy.network import NetworkMonitor, NetworkState
+    from proxy.outcome import Outcome, Signal, Verdict
+
+    clock, rng = VirtualClock(), random.Random(1)
+    monitor = NetworkMonitor(clock)
+    ok = Verdict(Outcome.SUCCESS, "ok", Signal.OK)
+    lost = Verdict(Outcome.RETRYABLE, "http_503", Signal.SERVER_ERROR, processed=False)
+    for _ in range(50):   # one second of 50 attempts/s, a fifth of them failing
+        await clock.advance(0.02)
+        monitor.record(lost if rng.random() < 0.2 else ok, 0.05)
+    assert monitor.state is NetworkState.LOSSY
+    assert monitor.retry_params().max_attempts >= 6   # 0.2**6 < 1e-4
+    ratio = monitor.retry_params().budget_ratio
+    assert ratio is not None and 0.25 < ratio <= 0.5   # 20% loss needs 0.25 retries per request, plus headroom
+
+
+def test_budget_ratio_is_the_configured_one_outside_random_loss() -> None:
+    from proxy.clock import VirtualClock
+    from proxy.network import AdaptiveSettings, NetworkMonitor
+
+    assert NetworkMonitor(VirtualClock()).retry_params().budget_ratio is None
+    assert NetworkMonitor(VirtualClock(), AdaptiveSettings(budget_ratio=0.1)).retry_params().budget_ratio == 0.1
