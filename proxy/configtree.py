@@ -129,7 +129,7 @@ class Node:
 
     def secret(self, key: str, *, required: bool = True) -> Secret | None:
         """`key` inline (usually `${VAR}`) or `key_file`, a mounted Kubernetes Secret; exactly one, or at most one
-        when not `required` (absent or null is then None, but a given empty value is still a problem)."""
+        when not `required` (neither key present is then None; a present but empty one is still a problem)."""
         file_key = f"{key}_file"
         self.read.update((key, file_key))
         if self.has(key) and self.has(file_key):
@@ -137,7 +137,7 @@ class Node:
             return None
         if self.has(file_key):
             return self._secret_file(file_key)
-        if not required and self.value.get(key) is None:
+        if not required and not self.has(key):
             return None
         value = self.text(key, required=True)
         return Secret(value) if value else None
