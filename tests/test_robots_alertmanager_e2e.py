@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import SystemClock
+from proxy.configtree import Node
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
 from proxy.robots.handlers import RobotService, add_robot_routes
 from proxy.robots.settings import parse_robots
@@ -50,12 +51,14 @@ async def robots(aiohttp_server):
 @pytest.fixture
 async def bridge(aiohttp_server, robots):
     _, _, dt_server, fs_server = robots
-    settings = parse_robots({"deadline": "10s", "targets": [
+    problems: list[str] = []
+    settings = parse_robots(Node({"deadline": "10s", "targets": [
         {"name": "ops", "platform": "dingtalk", "token": "dt-tok", "secret": DT_SECRET, "keyword": "alert",
          "base_url": str(dt_server.make_url("")), "mention": {"mobiles": ["13800000000"]}},
         {"name": "dev", "platform": "feishu", "token": "fs-hook", "secret": FS_SECRET,
          "base_url": str(fs_server.make_url(""))},
-    ]})
+    ]}, "robots", problems))
+    assert settings is not None, problems
     async with aiohttp.ClientSession() as session:
         app = web.Application()
         add_robot_routes(app, RobotService.create(settings, session, SystemClock(), CollectorRegistry()))
