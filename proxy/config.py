@@ -17,6 +17,7 @@ import yaml
 from proxy.breaker import BreakerSettings
 from proxy.configtree import Address, Node, expand
 from proxy.events.settings import EventsSettings, parse_events
+from proxy.robots.settings import RobotsSettings, parse_robots
 from proxy.secret import Secret
 
 PLATFORM_UPSTREAMS: dict[str, dict[str, str]] = {
@@ -125,7 +126,8 @@ class Config:
     limits: Limits = Limits()
     logging: LogSettings = LogSettings()
     events: EventsSettings | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (robots)
+    robots: RobotsSettings | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (store)
 
     def listeners(self) -> list[Address]:
         seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
@@ -168,7 +170,8 @@ def parse(raw: Any, env: Mapping[str, str]) -> Config:
 # Sections
 
 # Sections parsed by the modules that own them; kept raw here and validated there.
-EXTRA_SECTIONS = ("robots", "store")
+EXTRA_SECTIONS = ("store",)
+RESERVED_PREFIXES = ("/robots", "/alerts")   # the robot and alert-bridge endpoints on the main listener
 
 
 def _parse_config(root: Node) -> Config | None:
@@ -180,16 +183,17 @@ def _parse_config(root: Node) -> Config | None:
     default_retry = _parse_retry(root.child("retry"), RetrySettings())
     apps = tuple(_parse_app(n, listen, default_retry) for n in root.children("apps"))
     events = parse_events(root.child("events")) if root.has("events") else None
+    robots = parse_robots(root.child("robots")) if root.has("robots") else None
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
-    if not apps and not extra and events is None:
+    if not apps and not extra and events is None and robots is None:
         root.problem("at least one app is required", "apps")
     _check_unique(root, apps, listen, admin)
     if events is not None and events.listen is not None and events.listen.port in {a.port for a in (listen, admin) if a}:
         root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
     if listen is None or admin is None or any(a is None for a in apps):
         return None
-    return Config(listen, admin, apps, tokens, limits, logging_, events, extra)  # type: ignore[arg-type]
+    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra)  # type: ignore[arg-type]
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:
@@ -350,6 +354,8 @@ def _check_unique(root: Node, apps: tuple[AppConfig | None, ...], listen: Addres
         names.add(app.name)
         for exposure in app.expose:
             where = (exposure.listen, exposure.prefix)
+            if exposure.listen == listen and exposure.prefix in RESERVED_PREFIXES:
+                root.problem(f"{exposure.prefix} is reserved for the robot endpoints", f"apps[{i}].expose")
             if where in routes:
                 root.problem(f"{exposure.listen}{exposure.prefix or ' (whole port)'} is already used by {routes[where]}", f"apps[{i}].expose")
             routes[where] = app.name
