@@ -8,6 +8,7 @@ which .ci/image-check does for real.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -109,6 +110,34 @@ def test_rendered_example_is_current(variant: str) -> None:
     assert list(yaml.safe_load_all(result.stdout)) == rendered(variant), (
         f"regenerate: kubectl kustomize deploy/kubernetes/{variant} > deploy/kubernetes/{RENDERED[variant]}"
     )
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+def test_user_adds_sidecar_to_own_deployment_with_own_config(tmp_path: Path) -> None:
+    """The flow deploy/README.md gives: label a Deployment, list the component, replace the config, set the image."""
+    deployment = yaml.safe_load((K8S / "app" / "deployment.yaml").read_text(encoding="utf-8"))
+    deployment["metadata"]["name"] = "their-app"
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(deployment))
+    own = tmp_path / "imsidecar-config"
+    own.mkdir()
+    (own / "config.yaml").write_text("listen: 127.0.0.1:18080\nadmin_listen: 0.0.0.0:9464\napps: []\n")
+    (own / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
+        "configMapGenerator": [{"name": "imsidecar-config", "behavior": "replace", "files": ["config.yaml"]}],
+    }))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["deployment.yaml"],
+        "components": [os.path.relpath(K8S / "sidecar", tmp_path), "imsidecar-config"],
+        "images": [{"name": "imsidecar", "newName": "registry.example.com/imsidecar", "newTag": "9.9.9"}],
+    }))
+    result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
+    docs = list(yaml.safe_load_all(result.stdout))
+    spec = pod_spec(docs)
+    assert sidecar(spec)["image"] == "registry.example.com/imsidecar:9.9.9"
+    assert sidecar_config(docs)["listen"] == "127.0.0.1:18080"
+    config_volume = next(v for v in spec["volumes"] if v["name"] == "imsidecar-config")
+    assert config_volume["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert sidecar_problems(spec, native=True) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
