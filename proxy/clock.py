@@ -70,12 +70,43 @@ class VirtualClock:
             if not future.done():
                 future.set_result(None)
             await settle()
-        self._now = target
+        self._now = max(self._now, target)   # another advance may have run meanwhile: time never goes back
         await settle()
 
     @property
     def sleepers(self) -> int:
         return sum(1 for _, _, f in self._sleepers if not f.done())
+
+
+class AutoClock(VirtualClock):
+    """Virtual time that jumps to the next sleeper's deadline whenever real work has had a moment to run.
+
+    For integration tests and benchmarks that mix real loopback I/O with short waits (back-off, Retry-After):
+    waits cost no real time, while requests in flight still run for real. Timers further away than `max_jump`
+    (a token refresh in two hours) are left for the test to reach with `advance`, or time would leap past
+    every deadline whenever such a timer exists.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0, step: float = 0.0005, max_jump: float = 60.0) -> None:
+        super().__init__(start)
+        self._step, self._max_jump = step, max_jump
+        self._driver: asyncio.Task[None] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        await super().sleep(seconds)
+
+    async def _drive(self) -> None:
+        while self._pending_within_reach():
+            await asyncio.sleep(self._step)
+            if self._pending_within_reach():
+                await self.advance(max(0.0, self._sleepers[0][0] - self._now))
+
+    def _pending_within_reach(self) -> bool:
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)   # a cancelled sleeper
+        return bool(self._sleepers) and self._sleepers[0][0] - self._now <= self._max_jump
 
 
 async def settle(rounds: int = 20) -> None:

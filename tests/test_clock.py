@@ -1,6 +1,6 @@
 import asyncio
 
-from proxy.clock import VirtualClock
+from proxy.clock import AutoClock, VirtualClock
 
 
 async def test_virtual_sleepers_wake_in_deadline_order_at_their_own_time():
@@ -25,3 +25,13 @@ async def test_wall_time_moves_with_virtual_time():
     clock = VirtualClock(start=1000.0)
     await clock.advance(7200)
     assert clock.wall() == 8200.0
+
+
+async def test_auto_clock_skips_short_waits_but_not_far_timers():
+    clock = AutoClock()
+    far = asyncio.create_task(clock.sleep(7200))
+    await clock.sleep(1.5)   # returns at once in real time
+    assert clock.now() == 1.5
+    await asyncio.sleep(0.01)
+    assert not far.done() and clock.now() == 1.5
+    far.cancel()

@@ -1,0 +1,152 @@
+"""Assembly and lifecycle: config in, listeners up, tokens warming; SIGTERM drains and exits.
+
+Owns what is built once per process and in which order it starts and stops; request handling is the pipeline's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.admin import admin_app
+from proxy.bindings import AppTokens, Binding, UpstreamStages
+from proxy.clock import Clock, SystemClock
+from proxy.config import Address, Config
+from proxy.events.runtime import EventsRuntime
+from proxy.events.settings import EventsSettings
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.platforms import platform_for
+from proxy.retry import RetryEngine
+from proxy.robots.handlers import RobotService
+from proxy.robots.handlers import dispatch as robot_dispatch
+from proxy.routing import RouteLabels, Router
+from proxy.upstream import UpstreamClient
+
+log = logging.getLogger("imsidecar")
+
+
+class Sidecar:
+    def __init__(self, config: Config, *, clock: Clock | None = None, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics(registry)
+        self.clients: list[UpstreamClient] = []
+        self.tokens: dict[str, AppTokens] = {}
+        self.router: Router[Binding] = Router()
+        for app in config.apps:
+            self._bind(app)
+        self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits, self.metrics)
+        self._runners: list[web.BaseRunner] = []
+        self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
+        self.events: EventsRuntime | None = None
+        self.robots: RobotService | None = None
+
+    def _bind(self, app_config) -> None:  # type: ignore[no-untyped-def]
+        platform = platform_for(app_config)
+        clients = {
+            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout)
+            for name, up in app_config.upstreams.items()
+        }
+        self.clients.extend(clients.values())
+        tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens, self.metrics)
+        self.tokens[app_config.name] = tokens
+        routes = RouteLabels()
+        stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
+        for exposure in app_config.expose:
+            up = exposure.upstream
+            binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up])
+            self.router.add(exposure.listen, exposure.prefix, binding)
+
+    # Lifecycle ----------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.config.robots is not None:
+            self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
+        for tokens in self.tokens.values():
+            asyncio.create_task(self._warm(tokens))
+        for address in self.config.listeners():
+            await self._serve(web.Server(self._handler(address), access_log=None), address)
+        await self._serve(admin_app(self.metrics.registry, self.readiness), self.config.admin_listen)
+        if self.config.events is not None:
+            await self._start_events(self.config.events)
+        log.info("imsidecar listening on %s; admin on %s",
+                 ", ".join(map(str, self.config.listeners())), self.config.admin_listen)
+
+    async def _warm(self, tokens: AppTokens) -> None:
+        """Fetch every app's token at start-up, so the first requests do not wait and /readyz can turn green."""
+        try:
+            await tokens.default.get()
+        except Exception as exc:  # reported by /readyz and the token metrics; requests will try again
+            log.warning("app %s: no token yet: %s", tokens.app.name, exc)
+
+    def _handler(self, address: Address):  # type: ignore[no-untyped-def]
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.pipeline.handle(request, address)
+
+        async def handle_with_robots(request: web.BaseRequest) -> web.StreamResponse:
+            # /robots/<name> and /alerts/<name> on the main listener; every other path is forwarded.
+            assert self.robots is not None
+            answered = await robot_dispatch(self.robots, request)
+            return answered if answered is not None else await self.pipeline.handle(request, address)
+
+        robots_here = self.config.robots is not None and address == self.config.listen
+        return handle_with_robots if robots_here else handle
+
+    async def _serve(self, target: web.Server | web.Application, address: Address) -> None:
+        runner: web.BaseRunner
+        drain = self.config.limits.drain_timeout
+        if isinstance(target, web.Application):
+            runner = web.AppRunner(target, handle_signals=False, access_log=None, shutdown_timeout=drain)
+        else:
+            runner = web.ServerRunner(target, handle_signals=False, shutdown_timeout=drain)
+        await runner.setup()
+        await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+        self._runners.append(runner)
+
+    async def _start_events(self, settings: EventsSettings) -> None:
+        self.events = EventsRuntime(settings.apps, self.session, self.metrics.registry, self.clock)
+        if settings.listen is not None:
+            app = web.Application()
+            self.events.mount(app.router)
+            await self._serve(app, settings.listen)
+        await self.events.start()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the drain timeout, then close everything."""
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners))
+        self._runners.clear()
+        if self.events is not None:
+            await self.events.close()
+        if self._session is not None:
+            await self._session.close()
+        await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
+        await asyncio.gather(*(client.close() for client in self.clients))
+
+    async def run_until_signal(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("imsidecar draining (up to %.0fs)", self.config.limits.drain_timeout)
+        await self.stop()
+
+    def readiness(self) -> dict[str, str]:
+        states = {}
+        for name, tokens in self.tokens.items():
+            source = tokens.default
+            states[name] = "ok" if source.current() else f"no valid token: {source.last_error or 'fetching'}"
+        return states

@@ -1,0 +1,133 @@
+"""A binding is everything one (app, upstream) pair needs at run time, assembled once from config.
+
+Owns the per-app token sources and the per-upstream client; the pipeline only reads bindings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+
+from proxy.clock import Clock
+from proxy.config import AppConfig, TokenSettings
+from proxy.errors import NETWORK_ERRORS
+from proxy.metrics import Metrics
+from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
+from proxy.outcome import Verdict
+from proxy.breaker import BreakerState, CircuitBreaker
+from proxy.network import NetworkMonitor, NetworkState
+from proxy.retry import RetryPolicy, adaptive_settings, refreshed
+from proxy.routing import RouteLabels
+from proxy.tokens import TokenSource
+from proxy.upstream import UpstreamClient
+
+
+class AppTokens:
+    """The token sources of one app, one per kind, created on first use and refreshed in the background."""
+
+    def __init__(self, app: AppConfig, platform: Platform, client: UpstreamClient, clock: Clock,
+                 settings: TokenSettings, metrics: Metrics) -> None:
+        self.app, self.platform, self.client = app, platform, client
+        self.clock, self.settings, self.metrics = clock, settings, metrics
+        self._sources: dict[str, TokenSource] = {}
+
+    def source(self, kind: str) -> TokenSource:
+        source = self._sources.get(kind)
+        if source is None:
+            source = self._sources[kind] = self._create(kind)
+        return source
+
+    def _create(self, kind: str) -> TokenSource:
+        refreshes = self.metrics.token_refreshes
+        source = TokenSource(lambda: self.fetch(kind), self.clock, self.settings,
+                             observe=lambda result: refreshes.labels(self.app.name, kind, result).inc())
+        self.metrics.token_expiry.labels(self.app.name, kind).set_function(source.seconds_to_expiry)
+        source.start()
+        return source
+
+    async def fetch(self, kind: str) -> TokenGrant:
+        call = self.platform.token_call(kind)
+        try:
+            async with asyncio.timeout(self.settings.fetch_timeout):
+                async with self.client.session.request(call.method, self.client.base_url + call.path, json=call.json) as r:
+                    body = await r.read()
+        except NETWORK_ERRORS as exc:
+            raise TokenFetchError(f"token endpoint unreachable ({type(exc).__name__})", permanent=False) from exc
+        return self.platform.parse_token(kind, r.status, body)
+
+    @property
+    def default(self) -> TokenSource:
+        return self.source(self.app.token_kind)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self._sources.values()))
+
+
+@dataclass(eq=False)
+class UpstreamStages:
+    """What one (app, upstream) learns and decides from the network: the monitor, the breaker, the retry policy."""
+
+    monitor: NetworkMonitor
+    breaker: CircuitBreaker
+    policy: RetryPolicy
+
+    @classmethod
+    def build(cls, app: AppConfig, upstream: str, clock: Clock, metrics: Metrics) -> UpstreamStages:
+        monitor = NetworkMonitor(clock, adaptive_settings(app.retry))
+        transitions = metrics.circuit_transitions
+        breaker = CircuitBreaker(clock, app.breaker, on_transition=lambda old, new: transitions.labels(
+            app.name, upstream, new.value).inc())
+        source = refreshed(monitor.retry_params, clock) if app.retry.adaptive else None
+        stages = cls(monitor, breaker, RetryPolicy(app.retry, clock, source))
+        stages.export(metrics, app.name, upstream)
+        return stages
+
+    def export(self, metrics: Metrics, app: str, upstream: str) -> None:
+        """Gauges read at scrape time, so the request path pays nothing for them."""
+        metrics.circuit_state.labels(app, upstream).set_function(lambda: CIRCUIT_VALUES[self.breaker.state])
+        for state in NetworkState:
+            metrics.network_state.labels(app, upstream, state.value).set_function(
+                lambda state=state: float(self.monitor.state is state))
+        for name, field_name in ADAPTIVE_GAUGES.items():
+            metrics.adaptive[name].labels(app, upstream).set_function(
+                lambda field_name=field_name: self.snapshot_value(field_name))
+
+    def snapshot_value(self, field_name: str) -> float:
+        value = getattr(self.monitor.snapshot(), field_name)
+        return float(value) if value is not None else 0.0
+
+
+CIRCUIT_VALUES = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
+ADAPTIVE_GAUGES = {
+    "per_try_timeout_seconds": "per_try_timeout", "backoff_base_seconds": "backoff_base",
+    "backoff_cap_seconds": "backoff_cap", "max_attempts": "max_attempts", "latency_ewma_seconds": "latency_ewma",
+    "latency_p99_seconds": "latency_p99", "loss_ratio": "loss_ratio", "throttle_ratio": "throttle_ratio",
+}
+
+
+@dataclass(eq=False)
+class Binding:
+    app: AppConfig
+    platform: Platform
+    upstream: str
+    client: UpstreamClient
+    tokens: AppTokens
+    routes: RouteLabels
+    stages: UpstreamStages
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self.stages.policy
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.stages.breaker
+
+    def observe(self, verdict: Verdict, latency: float) -> None:
+        """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""
+        self.stages.monitor.record(verdict, latency)
+        self.stages.breaker.record(verdict)
+
+
+__all__ = ["AppTokens", "Binding"]

@@ -1,0 +1,98 @@
+"""The sidecar's own failures, each knowing the HTTP status and code a client should see.
+
+Owns the exception tree and the translation of aiohttp/asyncio errors (at the upstream boundary, once);
+it does not own the error *shape*, which belongs to each platform.
+
+    SidecarError
+    ├── NoRoute                  404  nothing configured under this path
+    ├── RequestTooLarge          413  body over limits.max_request_bytes
+    ├── BadRequest               400  a header of ours the client got wrong
+    ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
+    ├── DeadlineExceeded         504  no answer within the request's deadline
+    ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline
+    ├── CircuitOpen              503  the upstream is known to be down
+    └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
+        ├── ConnectFailure            never reached the platform
+        ├── AttemptTimeout            no answer within the per-try timeout
+        └── ConnectionReset           the connection broke mid-exchange
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from proxy.outcome import Outcome, Signal, Verdict
+from proxy.platforms import base as codes
+
+
+class SidecarError(Exception):
+    status = 502
+    code = codes.UPSTREAM_UNREACHABLE
+    retry_after: float | None = None
+
+
+class NoRoute(SidecarError):
+    status, code = 404, codes.NO_ROUTE
+
+
+class RequestTooLarge(SidecarError):
+    status, code = 413, codes.TOO_LARGE
+
+
+class BadRequest(SidecarError):
+    status, code = 400, codes.BAD_REQUEST
+
+
+class TokenUnavailableError(SidecarError):
+    status, code = 503, codes.TOKEN_UNAVAILABLE
+
+
+class DeadlineExceeded(SidecarError):
+    status, code = 504, codes.DEADLINE_EXCEEDED
+
+
+class LocallyRateLimited(SidecarError):
+    status, code = 429, codes.RATE_LIMITED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(SidecarError):
+    status, code = 503, codes.CIRCUIT_OPEN
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AttemptFailed(SidecarError):
+    verdict: Verdict
+
+
+class ConnectFailure(AttemptFailed):
+    verdict = Verdict(Outcome.RETRYABLE, "connect_error", Signal.CONNECT_FAILURE, processed=False)
+
+
+class AttemptTimeout(AttemptFailed):
+    status, code = 504, codes.DEADLINE_EXCEEDED
+    verdict = Verdict(Outcome.RETRYABLE, "timeout", Signal.TIMEOUT, processed=True)
+
+
+class ConnectionReset(AttemptFailed):
+    verdict = Verdict(Outcome.RETRYABLE, "reset", Signal.RESET, processed=True)
+
+
+def translate(exc: BaseException) -> AttemptFailed:
+    """One aiohttp/asyncio failure of an attempt, as the sidecar's own error (message without URL or query)."""
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return ConnectFailure(f"could not connect to the platform ({type(exc).__name__})")
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return AttemptTimeout("the platform did not answer in time")
+    return ConnectionReset(f"the connection to the platform broke ({type(exc).__name__})")
+
+
+NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)

@@ -1,0 +1,193 @@
+"""A fake DingTalk platform: one app token for both hosts, oapi errors inside HTTP 200, api `{code, message}` errors.
+
+Owns DingTalk's observable behaviour for tests and the demo. Serve `oapi_app()` and `api_app()` on two ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.clock import Clock, SystemClock
+from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang, recorder
+
+TOKEN_LIFETIME = 7200
+TOKEN_HEADER = "x-acs-dingtalk-access-token"
+
+
+@dataclass
+class FakeDingTalk:
+    apps: dict[str, str] = field(default_factory=lambda: {"ding_demo": "demo-secret-dingtalk"})
+    users: dict[str, str] = field(default_factory=lambda: {"manager001": "Zhang San", "user002": "Li Si"})
+    clock: Clock = field(default_factory=SystemClock)
+    faults: Faults = field(default_factory=Faults)
+    quota_per_second: int | None = None   # 20 QPS per app per API on the real platform
+    tokens: dict[str, tuple[str, float]] = field(default_factory=dict)   # token → (app key, expires at)
+    current: dict[str, str] = field(default_factory=dict)
+    token_calls: int = 0
+    token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    throttled: int = 0
+    requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
+    _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _windows: dict[tuple[str, str, int], int] = field(default_factory=dict)
+
+    # Tokens: the same token comes back while valid, and each call extends it (the internal-app rule).
+
+    def issue(self, app_key: str) -> str:
+        now = self.clock.wall()
+        token = self.current.get(app_key)
+        if token is None or token not in self.tokens or self.tokens[token][1] <= now:
+            token = f"dt{next(self._seq):08d}{app_key}"
+            self.current[app_key] = token
+        self.tokens[token] = (app_key, now + TOKEN_LIFETIME)
+        return token
+
+    def revoke(self, app_key: str) -> None:
+        for token, (key, _) in list(self.tokens.items()):
+            if key == app_key:
+                del self.tokens[token]
+
+    def valid(self, token: str | None) -> bool:
+        return bool(token) and token in self.tokens and self.clock.wall() < self.tokens[token][1]
+
+    @property
+    def expired_calls(self) -> list[tuple[str, bool]]:
+        return [c for c in self.calls if not c[1]]
+
+    # oapi.dingtalk.com -----------------------------------------------------------------------------------------
+
+    def oapi_app(self) -> web.Application:
+        app = web.Application(middlewares=[recorder(self.requests)])
+        app.router.add_get("/gettoken", self.oapi_gettoken)
+        app.router.add_post("/topapi/v2/user/get", self.oapi_guarded(self.user_get))
+        app.router.add_post("/topapi/message/corpconversation/asyncsend_v2", self.oapi_guarded(self.async_send))
+        return app
+
+    async def oapi_gettoken(self, request: web.Request) -> web.Response:
+        self.token_calls += 1
+        await asyncio.sleep(self.token_delay)
+        key, secret = request.query.get("appkey"), request.query.get("appsecret")
+        if self.apps.get(key or "") != secret:
+            return errcode(40089, "不合法的corpid或corpsecret")
+        return errcode(0, "ok", access_token=self.issue(key or ""), expires_in=TOKEN_LIFETIME)
+
+    def oapi_guarded(self, handler):  # type: ignore[no-untyped-def]
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            token = request.query.get("access_token")
+            if not token:
+                return errcode(41001, "缺少access_token参数")
+            ok = self.valid(token)
+            self.calls.append((request.path, ok))
+            if not ok:
+                return errcode(40014, "不合法的access_token")
+            fault = self.faults.pick(request.path)
+            if fault == "unavailable":
+                return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+            if fault == "throttle" or self.over_quota(token, request.path):
+                self.throttled += 1
+                return errcode(90018, "当前企业调用该接口的QPS超过了上限，请稍后重试")
+            if fault == "busy":
+                return errcode(-1, "系统繁忙")
+            if fault == "reset_before":
+                return drop_connection(request)
+            if fault == "hang":
+                await hang(self.faults)
+            response = await handler(request)
+            if fault in AFTER:
+                return drop_connection(request) if fault == "reset_after" else web.Response(status=500, text="error")
+            return response
+        return wrapped
+
+    async def user_get(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        userid = body.get("userid")
+        if userid not in self.users:
+            return errcode(60121, "找不到该用户")
+        return errcode(0, "ok", result={"userid": userid, "name": self.users[userid]}, request_id="fake")
+
+    async def async_send(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.sent.append(body)
+        return errcode(0, "ok", task_id=next(self._seq), request_id="fake")
+
+    # api.dingtalk.com ------------------------------------------------------------------------------------------
+
+    def api_app(self) -> web.Application:
+        app = web.Application(middlewares=[recorder(self.requests)])
+        app.router.add_post("/v1.0/oauth2/accessToken", self.api_access_token)
+        app.router.add_get("/v1.0/contact/users/{union_id}", self.api_guarded(self.contact_user))
+        app.router.add_post("/v1.0/robot/oToMessages/batchSend", self.api_guarded(self.batch_send))
+        return app
+
+    async def api_access_token(self, request: web.Request) -> web.Response:
+        self.token_calls += 1
+        await asyncio.sleep(self.token_delay)
+        try:
+            body = await request.json()
+        except ValueError:
+            return api_error(400, "MissingBody", "请求体必须是JSON")
+        key, secret = body.get("appKey"), body.get("appSecret")
+        if self.apps.get(key or "") != secret:
+            return api_error(400, "invalidClientIdOrSecret", "无效的clientId或者clientSecret")
+        return web.json_response({"accessToken": self.issue(key), "expireIn": TOKEN_LIFETIME})
+
+    def api_guarded(self, handler):  # type: ignore[no-untyped-def]
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            token = request.headers.get(TOKEN_HEADER)
+            ok = self.valid(token) or (token or "").startswith("user-")
+            self.calls.append((request.path, ok))
+            if not ok:
+                return api_error(401, "InvalidAuthentication", "不合法的access_token")
+            fault = self.faults.pick(request.path)
+            if fault == "unavailable":
+                return api_error(503, "ServiceUnavailable", "服务暂不可用")
+            if fault == "throttle" or self.over_quota(token or "", request.path):
+                self.throttled += 1
+                return api_error(403, "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "调用频率超过限制")
+            if fault == "busy":
+                return api_error(429, "system.busy", "系统繁忙")
+            if fault == "reset_before":
+                return drop_connection(request)
+            if fault == "hang":
+                await hang(self.faults)
+            response = await handler(request)
+            if fault in AFTER:
+                return drop_connection(request) if fault == "reset_after" else api_error(500, "systemError", "系统错误")
+            return response
+        return wrapped
+
+    async def contact_user(self, request: web.Request) -> web.Response:
+        union_id = request.match_info["union_id"]
+        if union_id == "me" or union_id in self.users:
+            return web.json_response({"unionId": union_id, "nick": self.users.get(union_id, "Me")})
+        return api_error(404, "user.notFound", "用户不存在")
+
+    async def batch_send(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.sent.append(body)
+        return web.json_response({"processQueryKey": f"pqk{next(self._seq)}", "invalidStaffIdList": []})
+
+    def over_quota(self, token: str, path: str) -> bool:
+        if self.quota_per_second is None:
+            return False
+        key = (self.tokens.get(token, (token, 0))[0], path, int(self.clock.wall()))
+        self._windows[key] = self._windows.get(key, 0) + 1
+        return self._windows[key] > self.quota_per_second
+
+
+def errcode(code: int, message: str, **fields: Any) -> web.Response:
+    body = json.dumps({"errcode": code, "errmsg": message, **fields}, ensure_ascii=False)
+    return web.Response(text=body, content_type="application/json")
+
+
+def api_error(status: int, code: str, message: str) -> web.Response:
+    body = json.dumps({"code": code, "message": message, "requestid": "FAKE-REQUEST-ID"}, ensure_ascii=False)
+    return web.Response(status=status, text=body, content_type="application/json",
+                        headers={"x-acs-request-id": "FAKE-REQUEST-ID"})

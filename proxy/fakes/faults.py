@@ -1,0 +1,69 @@
+"""Switchable faults for the fake platforms: scripted ones for exact tests, random ones for the demo and benchmarks.
+
+Owns choosing a fault for a request; each fake decides what the fault looks like on its platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+# Before the platform acts: nothing was written.
+BEFORE = ("unavailable", "throttle", "busy", "reset_before", "hang")
+# After the platform acted: the write happened, but the client cannot know.
+AFTER = ("error_after", "reset_after")
+
+
+@dataclass
+class Faults:
+    """`script` is consumed first, one fault per request; then each `rates` entry is drawn with its probability."""
+
+    rates: dict[str, float] = field(default_factory=dict)
+    script: deque[str | None] = field(default_factory=deque)
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    hang_seconds: float = 0.5
+    latency: float = 0.0                  # real seconds every guarded request takes before it is handled
+    enabled_paths: tuple[str, ...] = ()   # only requests whose path contains one of these (all when empty)
+
+    def pick(self, path: str) -> str | None:
+        if self.enabled_paths and not any(p in path for p in self.enabled_paths):
+            return None
+        if self.script:
+            return self.script.popleft()
+        roll = self.rng.random()
+        for name, rate in self.rates.items():
+            if roll < rate:
+                return name
+            roll -= rate
+        return None
+
+
+def drop_connection(request: web.Request) -> web.Response:
+    """A connection reset: the transport is closed under the client's feet, no answer is written."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=204)
+
+
+async def hang(faults: Faults) -> None:
+    await asyncio.sleep(faults.hang_seconds)
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+
+
+def recorder(into: list[SeenRequest]):  # type: ignore[no-untyped-def]
+    """Middleware that notes every request as it arrived, so tests can see what the sidecar sent."""
+    @web.middleware
+    async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        into.append(SeenRequest(request.method, request.raw_path, dict(request.headers)))
+        return await handler(request)
+    return record

@@ -1,0 +1,227 @@
+"""A fake Feishu open platform: tenant/app tokens with the real expiry rule, messages and bitable records.
+
+Owns Feishu's observable behaviour for tests and the demo; it checks every token it is sent, at its own clock's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.clock import Clock, SystemClock
+from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang, recorder
+
+TOKEN_LIFETIME = 7200
+NEW_TOKEN_BELOW = 1800   # Feishu hands out a new token only when the current one has < 30 min left
+
+
+@dataclass
+class IssuedToken:
+    app_id: str
+    kind: str
+    expires_at: float
+
+
+@dataclass
+class FakeFeishu:
+    apps: dict[str, str] = field(default_factory=lambda: {"cli_demo": "demo-secret-feishu"})
+    clock: Clock = field(default_factory=SystemClock)
+    faults: Faults = field(default_factory=Faults)
+    quota_per_second: int | None = None          # per app per API, like the platform's frequency control
+    tokens: dict[str, IssuedToken] = field(default_factory=dict)
+    current: dict[tuple[str, str], str] = field(default_factory=dict)
+    token_calls: int = 0
+    token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
+    calls: list[tuple[str, str, bool]] = field(default_factory=list)   # (path, token kind seen, token valid)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    message_uuids: dict[str, str] = field(default_factory=dict)
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    client_tokens: dict[str, Any] = field(default_factory=dict)
+    throttled: int = 0
+    requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
+    _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _windows: dict[tuple[str, str, int], int] = field(default_factory=dict)
+
+    # Tokens ----------------------------------------------------------------------------------------------------
+
+    def issue(self, app_id: str, kind: str) -> tuple[str, int]:
+        now = self.clock.wall()
+        held = self.current.get((app_id, kind))
+        if held and self.tokens.get(held) and self.tokens[held].expires_at - now >= NEW_TOKEN_BELOW:
+            return held, int(self.tokens[held].expires_at - now)
+        token = f"{kind[0]}-{app_id}-{next(self._seq):06d}"
+        self.tokens[token] = IssuedToken(app_id, kind, now + TOKEN_LIFETIME)
+        self.current[(app_id, kind)] = token
+        return token, TOKEN_LIFETIME
+
+    def revoke(self, app_id: str) -> None:
+        """Every token of the app stops working, as after a secret reset."""
+        for token, issued in list(self.tokens.items()):
+            if issued.app_id == app_id:
+                del self.tokens[token]
+
+    def valid(self, token: str) -> bool:
+        issued = self.tokens.get(token)
+        return issued is not None and self.clock.wall() < issued.expires_at
+
+    @property
+    def expired_calls(self) -> list[tuple[str, str, bool]]:
+        return [c for c in self.calls if not c[2]]
+
+    # App -------------------------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024**2, middlewares=[recorder(self.requests)])
+        r = app.router
+        r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self.token_endpoint("tenant"))
+        r.add_post("/open-apis/auth/v3/app_access_token/internal", self.token_endpoint("app"))
+        r.add_post("/open-apis/im/v1/messages", self.guarded(self.send_message))
+        r.add_post("/open-apis/im/v1/messages/{message_id}/reply", self.guarded(self.send_message))
+        r.add_get("/open-apis/im/v1/messages/{message_id}", self.guarded(self.get_message))
+        r.add_post("/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/records/batch_create",
+                   self.guarded(self.batch_create))
+        r.add_get("/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/records", self.guarded(self.list_records))
+        r.add_post("/open-apis/im/v1/files", self.guarded(self.upload_file))
+        r.add_get("/open-apis/im/v1/files/{file_key}", self.guarded(self.download_file))
+        return app
+
+    def token_endpoint(self, kind: str):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.Response:
+            self.token_calls += 1
+            await asyncio.sleep(self.token_delay)
+            body = await request.json()
+            app_id, secret = body.get("app_id"), body.get("app_secret")
+            if app_id not in self.apps:
+                return answer(10003, "invalid param: app_id")
+            if self.apps[app_id] != secret:
+                return answer(10014, "app secret invalid")
+            token, expire = self.issue(app_id, "tenant")
+            result = {"tenant_access_token": token, "expire": expire}
+            if kind == "app":
+                app_token, expire = self.issue(app_id, "app")
+                result.update(app_access_token=app_token, expire=expire)
+            return answer(0, "ok", **result)
+        return handler
+
+    def guarded(self, handler):  # type: ignore[no-untyped-def]
+        """Token check, faults, frequency control, then the API itself (and faults after it acted)."""
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            auth = request.headers.get("Authorization", "")
+            token = auth.removeprefix("Bearer ")
+            if not token:
+                return answer(99991661, "Missing access token for authorization.", status=400)
+            ok = self.valid(token) or token.startswith("u-")
+            self.calls.append((request.path, token[:1], ok))
+            if not ok:
+                return answer(99991663, "Invalid access token for authorization.", status=400)
+            if self.faults.latency:
+                await asyncio.sleep(self.faults.latency)
+            fault = self.faults.pick(request.path)
+            early = await self.fault_before(request, fault)
+            if early is not None:
+                return early
+            limited = self.rate_limit(token, request.path)
+            if limited is not None:
+                return limited
+            response = await handler(request)
+            if fault in AFTER:
+                return drop_connection(request) if fault == "reset_after" else answer(1500, "internal error", status=500)
+            return response
+        return wrapped
+
+    async def fault_before(self, request: web.Request, fault: str | None) -> web.StreamResponse | None:
+        if fault == "unavailable":
+            return web.Response(status=503, text="<html><body>503 Service Temporarily Unavailable</body></html>",
+                                content_type="text/html")
+        if fault == "throttle":
+            self.throttled += 1
+            return answer(99991400, "request trigger frequency limit", status=429,
+                          headers={"x-ogw-ratelimit-limit": "50", "x-ogw-ratelimit-reset": "1"})
+        if fault == "busy":
+            return answer(1254607, "Data not ready, please try again later")
+        if fault == "reset_before":
+            return drop_connection(request)
+        if fault == "hang":
+            await hang(self.faults)
+        return None
+
+    def rate_limit(self, token: str, path: str) -> web.Response | None:
+        if self.quota_per_second is None:
+            return None
+        issued = self.tokens.get(token)
+        key = (issued.app_id if issued else token, path, int(self.clock.wall()))
+        self._windows[key] = self._windows.get(key, 0) + 1
+        if self._windows[key] <= self.quota_per_second:
+            return None
+        self.throttled += 1
+        return answer(99991400, "request trigger frequency limit", status=429, headers={
+            "x-ogw-ratelimit-limit": str(self.quota_per_second), "x-ogw-ratelimit-reset": "1"})
+
+    # APIs ------------------------------------------------------------------------------------------------------
+
+    async def send_message(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        uuid = body.get("uuid")
+        if uuid and uuid in self.message_uuids:   # the same uuid within an hour is the same message
+            return answer(0, "success", data={"message_id": self.message_uuids[uuid]})
+        if "msg_type" not in body or "content" not in body:
+            return answer(230001, "Your request contains an invalid request parameter.", status=400)
+        message_id = f"om_{next(self._seq):08d}"
+        self.messages.append({"message_id": message_id, **body})
+        if uuid:
+            self.message_uuids[uuid] = message_id
+        return answer(0, "success", data={"message_id": message_id, "msg_type": body["msg_type"]})
+
+    async def get_message(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["message_id"]
+        items = [m for m in self.messages if m["message_id"] == wanted]
+        if not items:
+            return answer(230002, "message not found", status=400)
+        return answer(0, "success", data={"items": items})
+
+    async def batch_create(self, request: web.Request) -> web.Response:
+        client_token = request.query.get("client_token")
+        if client_token and client_token in self.client_tokens:
+            return answer(0, "success", data=self.client_tokens[client_token])
+        body = await request.json()
+        records = body.get("records") or []
+        if not 0 < len(records) <= 1000:
+            return answer(1254104, "records must hold 1 to 1000 items", status=400)
+        table = self.records.setdefault(request.match_info["table_id"], [])
+        created = [{"record_id": f"rec{next(self._seq):08d}", "fields": r.get("fields", {})} for r in records]
+        table.extend(created)
+        data = {"records": created}
+        if client_token:
+            self.client_tokens[client_token] = data
+        return answer(0, "success", data=data)
+
+    async def list_records(self, request: web.Request) -> web.Response:
+        table = self.records.get(request.match_info["table_id"], [])
+        return answer(0, "success", data={"items": table[:500], "total": len(table), "has_more": len(table) > 500})
+
+    async def upload_file(self, request: web.Request) -> web.Response:
+        size = 0
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+        return answer(0, "success", data={"file_key": f"file_{size}", "size": size})
+
+    async def download_file(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["file_key"].removeprefix("file_") or 0)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        block = b"x" * 65536
+        for start in range(0, size, len(block)):
+            await response.write(block[: min(len(block), size - start)])
+        await response.write_eof()
+        return response
+
+
+def answer(code: int, msg: str, *, status: int = 200, headers: dict[str, str] | None = None, **fields: Any) -> web.Response:
+    body = json.dumps({"code": code, "msg": msg, **fields}, separators=(",", ":"))
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)

@@ -1,0 +1,120 @@
+"""Every Prometheus metric the sidecar exports, built by one factory on a given registry.
+
+Owns names, labels and buckets (label values bounded by configuration); the stages only call the children.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from proxy import __version__
+
+# Platform API latency: a few ms on a warm path to tens of seconds for uploads and slow batch writes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUEST_LABELS = ("app", "upstream", "route", "method", "status_class", "outcome")
+
+
+class Children:
+    """A metric's children by label values, for the hot path: `.labels()` validates and locks on every call.
+
+    Bounded like the labels themselves: every value comes from configuration or a capped route template.
+    """
+
+    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        Info("imsidecar_build", "Version of the running sidecar.", registry=r).info({"version": __version__})
+        # What clients saw ("effective") ...
+        self.requests = Counter(
+            "imsidecar_requests", "Client requests answered, by final status class and outcome.", REQUEST_LABELS, registry=r)
+        self.request_duration = Histogram(
+            "imsidecar_request_duration_seconds", "End-to-end time of a client request, retries and waits included.",
+            ("app", "upstream", "route"), buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("imsidecar_in_flight_requests", "Client requests being handled.", ("app",), registry=r)
+        # ... and what the platform saw ("actual").
+        self.attempts = Counter(
+            "imsidecar_upstream_attempts", "Attempts sent to the platform, by classified result.",
+            ("app", "upstream", "route", "outcome", "reason"), registry=r)
+        self.attempt_duration = Histogram(
+            "imsidecar_upstream_attempt_duration_seconds", "Time of one attempt to the platform.",
+            ("app", "upstream"), buckets=LATENCY_BUCKETS, registry=r)
+        # Retries.
+        self.retries = Counter("imsidecar_retries", "Retries sent, by reason.", ("app", "upstream", "reason"), registry=r)
+        self.retry_budget_exhausted = Counter(
+            "imsidecar_retry_budget_exhausted", "Retries not sent because the retry budget was spent.",
+            ("app", "upstream"), registry=r)
+        self.deadline_exceeded = Counter(
+            "imsidecar_deadline_exceeded", "Requests whose overall deadline ran out.", ("app", "upstream"), registry=r)
+        self.idempotency_keys = Counter(
+            "imsidecar_idempotency_keys_added", "Idempotency keys the sidecar added to POSTs.", ("app", "route"), registry=r)
+        self.not_retried = Counter(
+            "imsidecar_retries_withheld", "Retryable failures not retried, by why (unsafe, body_too_large, ...).",
+            ("app", "upstream", "why"), registry=r)
+        # Tokens.
+        self.token_refreshes = Counter(
+            "imsidecar_token_refreshes", "Token fetches from the platform, by result (success, failure, rejected).",
+            ("app", "kind", "result"), registry=r)
+        self.token_expiry = Gauge(
+            "imsidecar_token_expiry_seconds", "Seconds until the held token expires (0 when none).",
+            ("app", "kind"), registry=r)
+        self.token_replays = Counter(
+            "imsidecar_token_replays", "Requests replayed after the platform said the token was invalid.",
+            ("app",), registry=r)
+        # Circuit breaker, network state and the adaptive parameters (per app and upstream).
+        self.circuit_state = Gauge(
+            "imsidecar_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ("app", "upstream"), registry=r)
+        self.circuit_transitions = Counter(
+            "imsidecar_circuit_transitions", "Circuit breaker state changes, by the state entered.",
+            ("app", "upstream", "state"), registry=r)
+        self.network_state = Gauge(
+            "imsidecar_network_state", "1 for the measured network state of the upstream, 0 for the others.",
+            ("app", "upstream", "state"), registry=r)
+        self.adaptive = {
+            name: Gauge(f"imsidecar_adaptive_{name}", help_text, ("app", "upstream"), registry=r)
+            for name, help_text in (
+                ("per_try_timeout_seconds", "Per-try timeout in force."),
+                ("backoff_base_seconds", "Back-off base in force."),
+                ("backoff_cap_seconds", "Back-off cap in force."),
+                ("max_attempts", "Attempts allowed per request in force."),
+                ("latency_ewma_seconds", "Smoothed attempt latency measured."),
+                ("latency_p99_seconds", "99th percentile attempt latency over the window."),
+                ("loss_ratio", "Share of attempts lost to resets, timeouts and connect failures over the window."),
+                ("throttle_ratio", "Share of attempts throttled by the platform over the window."),
+            )
+        }
+        # Client-side rate limiting (per app and route template).
+        self.ratelimit_wait = Histogram(
+            "imsidecar_ratelimit_wait_seconds", "Time requests waited for the sidecar's own rate limiter.",
+            ("app", "route"), buckets=WAIT_BUCKETS, registry=r)
+        self.ratelimit_rejections = Counter(
+            "imsidecar_ratelimit_rejections", "Requests answered 429 at once: the wait would overrun their deadline.",
+            ("app", "route"), registry=r)
+        self.ratelimit_rate = Gauge(
+            "imsidecar_ratelimit_rate", "Requests per second the limiter allows now (lowered after throttling).",
+            ("app", "route"), registry=r)
+        # The children the forwarding path touches on every request.
+        self.hot_requests = Children(self.requests)
+        self.hot_request_duration = Children(self.request_duration)
+        self.hot_in_flight = Children(self.in_flight)
+        self.hot_attempts = Children(self.attempts)
+        self.hot_attempt_duration = Children(self.attempt_duration)
+        self.local_answers = Counter(
+            "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
+            ("app",), registry=r)

@@ -1,0 +1,238 @@
+"""The forwarding pipeline: where one client request goes, stage by stage, read top to bottom in `handle`.
+
+Owns the order of the stages and the shape of what goes back to the client; each stage's rules live in its module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.bindings import Binding
+from proxy.clock import Clock
+from proxy.config import Address, Limits
+from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailableError
+from proxy.metrics import Metrics
+from proxy.platforms.base import dump
+from proxy.retry import Attempt, RetryEngine
+from proxy.routing import Router
+from proxy.tokens import TokenUnavailable
+from proxy.units import UnitError, parse_seconds
+from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
+
+access_log = logging.getLogger("imsidecar.access")
+
+DEADLINE_HEADER = "X-Imsidecar-Timeout"   # a client may shorten (never lengthen) its request's deadline
+CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request on its way through the sidecar."""
+
+    binding: Binding
+    method: str
+    path: str          # after the prefix, as the client encoded it
+    query: str
+    headers: CIMultiDict[str]
+    template: str      # the route with its IDs replaced: what rules (idempotency, idempotent routes) match on
+    route: str         # the template, or "other" past the per-app cap: for labels and logs
+    started: float
+    deadline: float
+    token_kind: str | None = None   # decided once, from what the client sent (None: its own user token)
+    attempts: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+    has_idempotency_key: bool = False
+
+
+@dataclass(slots=True)
+class RequestBody:
+    """Buffered (replayable) when it fits the replay buffer; otherwise a one-shot stream."""
+
+    data: bytes | None
+    stream: AsyncIterator[bytes] | None = None
+    length: int | None = None
+    replayable: bool = True
+
+    def __post_init__(self) -> None:
+        self.replayable = self.stream is None
+
+    def take(self) -> bytes | AsyncIterator[bytes] | None:
+        if self.stream is None:
+            return self.data
+        stream, self.stream = self.stream, None
+        return stream
+
+
+class Pipeline:
+    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics) -> None:
+        self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
+
+    async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
+        path, _, query = request.raw_path.partition("?")
+        match = self.router.resolve(listen, path)
+        if match is None:
+            return self.no_route(listen, path)
+        binding = match.target
+        exchange = self.start(request, binding, match.path, query)
+        in_flight = self.metrics.hot_in_flight(binding.app.name)
+        in_flight.inc()
+        try:
+            response = await self.forward(request, exchange)
+        except SidecarError as exc:
+            response = self.error_response(exchange, exc)
+        finally:
+            in_flight.dec()
+        self.record(exchange, response)
+        return response
+
+    async def forward(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        local = await self.answer_token_endpoint(exchange)
+        if local is not None:
+            return local
+        body = await self.read_body(request)
+        answer = await self.retry.run(exchange, body, self.send_attempt)
+        return await self.relay(request, exchange, answer)
+
+    # Stages ---------------------------------------------------------------------------------------------------
+
+    def start(self, request: web.BaseRequest, binding: Binding, path: str, query: str) -> Exchange:
+        now = self.clock.now()
+        budget = self.limits.deadline
+        asked = request.headers.get(DEADLINE_HEADER)
+        if asked:
+            try:
+                budget = min(budget, parse_seconds(asked))
+            except UnitError:
+                pass   # a malformed hint is ignored rather than failing the call
+        headers = forward_headers(request.headers)
+        template = binding.routes.template(path)
+        route = binding.routes.label(template)
+        kind = binding.platform.token_kind(binding.upstream, headers)
+        return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind)
+
+    async def answer_token_endpoint(self, exchange: Exchange) -> web.Response | None:
+        """Official SDKs fetch tokens themselves: answer from the sidecar's cache, with a placeholder token."""
+        b = exchange.binding
+        kind = b.platform.token_endpoint(b.upstream, exchange.method, exchange.path)
+        if kind is None:
+            return None
+        source = b.tokens.source(kind)
+        try:
+            await source.get()
+        except TokenUnavailable as exc:
+            raise TokenUnavailableError(f"app {b.app.name}: no token: {exc}") from exc
+        answer = b.platform.token_endpoint_answer(kind, source.seconds_to_expiry())
+        self.metrics.local_answers.labels(b.app.name).inc()
+        return web.Response(status=answer.status, body=answer.body, content_type="application/json", charset="utf-8")
+
+    async def read_body(self, request: web.BaseRequest) -> RequestBody:
+        limit, replay = self.limits.max_request_bytes, self.limits.replay_buffer_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestTooLarge(f"request body of {length} bytes is over the limit of {limit}")
+        if not request.body_exists:
+            return RequestBody(None, length=0)
+        prefix = bytearray()
+        async for chunk in request.content.iter_chunked(CHUNK):
+            prefix += chunk
+            if len(prefix) > replay:
+                return RequestBody(None, _rest(bytes(prefix), request, limit), length)
+        return RequestBody(bytes(prefix), length=len(prefix))
+
+    async def send_attempt(self, exchange: Exchange, body: RequestBody, attempt: Attempt) -> Answer:
+        """One attempt: the token (unless the client sent a user token), then the bytes to the platform."""
+        b = exchange.binding
+        headers = exchange.headers   # the token is set afresh on every attempt, so the request's own copy serves
+        if attempt.extra_headers:
+            headers.update(attempt.extra_headers)
+        query = attempt.query if attempt.query is not None else exchange.query
+        kind = exchange.token_kind
+        attempt.token = None
+        if kind is not None:
+            try:
+                attempt.token = await b.tokens.source(kind).get()
+            except TokenUnavailable as exc:
+                raise TokenUnavailableError(f"app {b.app.name}: no token: {exc}") from exc
+            attempt.token_kind = kind
+            query = b.platform.attach_token(b.upstream, headers, query, attempt.token)
+        data = attempt.body if attempt.body is not None else body.take()
+        if body.length is not None and not body.replayable:
+            headers["Content-Length"] = str(body.length)
+        path_qs = exchange.path + (f"?{query}" if query else "")
+        return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout)
+
+    async def relay(self, request: web.BaseRequest, exchange: Exchange, answer: Answer) -> web.StreamResponse:
+        headers = CIMultiDict((k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP)
+        self.tag(exchange, headers)
+        if answer.stream is None:
+            return web.Response(status=answer.status, headers=headers, body=answer.body)
+        response = web.StreamResponse(status=answer.status, headers=headers)
+        if answer.stream.content_length is not None:
+            response.content_length = answer.stream.content_length
+        try:
+            await response.prepare(request)
+            async for chunk in answer.stream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            answer.release()
+        return response
+
+    # Answers of the sidecar's own -------------------------------------------------------------------------------
+
+    def error_response(self, exchange: Exchange, exc: SidecarError) -> web.Response:
+        b = exchange.binding
+        body = b.platform.error_body(b.upstream, exc.code, f"imsidecar: {exc}")
+        headers = CIMultiDict({"Content-Type": "application/json; charset=utf-8", "X-Imsidecar-Error": type(exc).__name__})
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        self.tag(exchange, headers)
+        return web.Response(status=exc.status, headers=headers, body=body)
+
+    def no_route(self, listen: Address, path: str) -> web.Response:
+        known = self.router.prefixes(listen)
+        message = f"imsidecar: no app is configured under this path on {listen}; configured prefixes: {', '.join(known) or 'none'}"
+        body = dump({"code": NoRoute.code, "msg": message, "error": "imsidecar.noRoute", "prefixes": known})
+        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8")
+
+    @staticmethod
+    def tag(exchange: Exchange, headers: CIMultiDict[str]) -> None:
+        headers["X-Imsidecar-Attempts"] = str(exchange.attempts)
+        if exchange.retry_reasons:
+            headers["X-Imsidecar-Retry-Reasons"] = ",".join(exchange.retry_reasons)
+
+    def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
+        b = exchange.binding
+        elapsed = self.clock.now() - exchange.started
+        outcome = response.headers.get("X-Imsidecar-Error") or ("ok" if response.status < 400 else "platform_error")
+        status_class = f"{response.status // 100}xx"
+        self.metrics.hot_requests(b.app.name, b.upstream, exchange.route, exchange.method, status_class, outcome).inc()
+        self.metrics.hot_request_duration(b.app.name, b.upstream, exchange.route).observe(elapsed)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        access_log.info(
+            "%s %s %s %s %s attempts=%d %.1fms", b.app.name, b.upstream, exchange.method, exchange.route,
+            response.status, exchange.attempts, elapsed * 1000,
+            extra={"app": b.app.name, "upstream": b.upstream, "route": exchange.route, "method": exchange.method,
+                   "status": response.status, "attempts": exchange.attempts, "duration_ms": round(elapsed * 1000, 1),
+                   "retry_reasons": exchange.retry_reasons},
+        )
+
+
+async def _rest(prefix: bytes, request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
+    """A body too large to buffer: what was read so far, then the rest as it arrives, still under the limit."""
+    total = len(prefix)
+    yield prefix
+    async for chunk in request.content.iter_chunked(CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+        yield chunk
+
+
+__all__ = ["Exchange", "Pipeline", "RequestBody"]

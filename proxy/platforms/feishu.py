@@ -1,0 +1,140 @@
+"""Feishu and Lark: tenant/app tokens, `Authorization: Bearer`, `{code, msg}` answers and their codes.
+
+Owns every Feishu-specific rule the generic machinery needs; Lark differs only in its domain (config's concern).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from multidict import CIMultiDict
+
+from proxy.outcome import Outcome, Verdict
+from proxy.platforms.base import (
+    PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
+    parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
+)
+
+TOKEN_PATHS = {
+    "tenant": "/open-apis/auth/v3/tenant_access_token/internal",
+    "app": "/open-apis/auth/v3/app_access_token/internal",
+}
+PLACEHOLDERS = {"tenant": f"t-{PLACEHOLDER}", "app": f"a-{PLACEHOLDER}"}
+
+# 99991663/99991665 tenant token invalid, 99991664 app token invalid, 99991671 malformed: refresh and replay once.
+TOKEN_INVALID = frozenset({"99991663", "99991664", "99991665", "99991671"})
+# 99991400 the API's frequency limit; 11232/11233/11247 message rate limits; 1254290 bitable "too many requests".
+THROTTLED = frozenset({"99991400", "11232", "11233", "11247", "1254290"})
+# Refused before anything was written: 1254291 bitable write conflict, 1254607 data not ready yet.
+BUSY_NOT_PROCESSED = frozenset({"1254291", "1254607"})
+# "Internal error, retry later" (1500, 1663, 1668, 10101, 40006), 2200/5000 internal (often under high rate),
+# 1255040 bitable timeout, 18121 the same message is still being created: the request may have been applied.
+BUSY_MAYBE_PROCESSED = frozenset({"1500", "1663", "1668", "10101", "40006", "2200", "5000", "1255040", "18121"})
+# 10014 app secret invalid, 10015 app disabled / wrong secret, 10003 app_id invalid: no retry will fix them.
+BAD_CREDENTIALS = frozenset({"10003", "10014", "10015"})
+SUCCESS_PREFIX = b'{"code":0,'
+# Routes that take an idempotency key, by route template (open.feishu.cn API reference, per route).
+IDEMPOTENCY = {
+    "/open-apis/im/v1/messages": KeySpot("body", "uuid"),                           # 1 h dedupe, ≤ 50 chars
+    "/open-apis/im/v1/messages/:message_id/reply": KeySpot("body", "uuid"),
+    "/open-apis/im/v1/messages/:message_id/forward": KeySpot("query", "uuid"),
+    "/open-apis/im/v1/chats": KeySpot("query", "uuid"),                             # 10 h dedupe
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records": KeySpot("query", "client_token"),
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_create": KeySpot("query", "client_token"),
+    "/open-apis/calendar/v4/calendars/:calendar_id/events": KeySpot("query", "idempotency_key"),
+    "/open-apis/contact/v3/users": KeySpot("query", "client_token"),
+    "/open-apis/docx/v1/documents/:document_id/blocks/:block_id/children": KeySpot("query", "client_token"),
+}
+
+
+class Feishu(Platform):
+    name = "feishu"
+    token_upstream = "open"
+
+    def token_call(self, kind: str) -> TokenCall:
+        body = {"app_id": self.app.client_id, "app_secret": self.app.client_secret.reveal()}
+        return TokenCall("POST", TOKEN_PATHS[kind], body)
+
+    def parse_token(self, kind: str, status: int, body: bytes) -> TokenGrant:
+        answer = load_json(body)
+        if answer is None:
+            raise TokenFetchError(f"token endpoint answered HTTP {status} without JSON", permanent=False)
+        code = code_text(answer.get("code"))
+        if code != "0":
+            msg = str(answer.get("msg", ""))[:200]
+            if code in BAD_CREDENTIALS:
+                raise TokenFetchError(f"app_id or app_secret rejected (code {code}: {msg})", permanent=True)
+            raise TokenFetchError(f"token endpoint answered code {code}: {msg}", permanent=status < 500 and status != 429)
+        value = answer.get(f"{kind}_access_token")
+        if not isinstance(value, str) or not value:
+            raise TokenFetchError("token endpoint answered code 0 without a token", permanent=False)
+        return TokenGrant(value, _number(answer.get("expire")))
+
+    def token_kind(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
+        auth = headers.get("Authorization", "")
+        if auth.startswith("Bearer u-"):
+            return None   # a user's own token: the application acts for a person, pass it through
+        if auth.startswith("Bearer a-"):
+            return "app"
+        return self.app.token_kind
+
+    def attach_token(self, upstream: str, headers: CIMultiDict[str], query: str, token: str) -> str:
+        headers["Authorization"] = f"Bearer {token}"
+        return query
+
+    def token_endpoint(self, upstream: str, method: str, path: str) -> str | None:
+        for kind, token_path in TOKEN_PATHS.items():
+            if path == token_path:
+                return kind
+        return None
+
+    def token_endpoint_answer(self, kind: str, expires_in: float) -> LocalAnswer:
+        answer: dict[str, object] = {"code": 0, "msg": "ok", "expire": int(expires_in)}
+        answer["tenant_access_token"] = PLACEHOLDERS["tenant"]
+        if kind == "app":
+            answer["app_access_token"] = PLACEHOLDERS["app"]
+        return LocalAnswer(200, dump(answer))
+
+    def classify(self, upstream: str, status: int, headers: Mapping[str, str], body: bytes | None) -> Verdict:
+        if status == 200 and body is not None and body.startswith(SUCCESS_PREFIX):
+            return SUCCESS   # the common case, without parsing the body
+        retry_after = _reset_after(headers)
+        answer = load_json(body)
+        code = code_text(answer.get("code")) if answer else None
+        if code is None:
+            return verdict_for_status(status, retry_after)
+        if code == "0" and status < 300:
+            return SUCCESS
+        return self._classify_code(code, status, retry_after)
+
+    def _classify_code(self, code: str, status: int, retry_after: float | None) -> Verdict:
+        reason = f"code_{code}"
+        outcome = self.override(code)
+        if outcome is not None:
+            return verdict_for(outcome, reason, retry_after=retry_after)
+        if code in TOKEN_INVALID:
+            return verdict_for(Outcome.TOKEN_INVALID, reason)
+        if code in THROTTLED or status == 429:
+            return verdict_for(Outcome.THROTTLED, reason, retry_after=retry_after)
+        if code in BUSY_NOT_PROCESSED:
+            return verdict_for(Outcome.RETRYABLE, reason, processed=False)
+        if code in BUSY_MAYBE_PROCESSED:
+            return verdict_for(Outcome.RETRYABLE, reason)
+        if status >= 500:
+            return verdict_for_status(status, retry_after)
+        return verdict_for(Outcome.PERMANENT, reason)
+
+    def error_body(self, upstream: str, code: int, message: str) -> bytes:
+        return dump({"code": code, "msg": message})
+
+    def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
+        return IDEMPOTENCY.get(route)
+
+
+def _reset_after(headers: Mapping[str, str]) -> float | None:
+    """x-ogw-ratelimit-reset is the number of seconds until the API's window resets."""
+    return parse_retry_after(headers.get("x-ogw-ratelimit-reset")) or parse_retry_after(headers.get("Retry-After"))
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

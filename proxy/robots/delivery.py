@@ -1,0 +1,138 @@
+"""Delivering one message to one robot target: queue for the rate limit, sign at send time, read, retry in time.
+
+Owns the send loop and its back-off within the caller's deadline; it does not render messages or answer HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from proxy.clock import Clock
+from proxy.outcome import Outcome, Signal, Verdict
+from proxy.robots.errors import RateLimited, Refused, RobotError, Unavailable
+from proxy.robots.limiter import Limiters, RobotLimiter
+from proxy.robots.metrics import RobotMetrics
+from proxy.robots.platforms import PLATFORMS, Message, Reading, check_size
+from proxy.robots.settings import RobotTarget
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    attempts: int
+    waited: float  # seconds spent queueing for the rate limit
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    per_try_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    max_attempts: int = 5
+
+
+class Delivery:
+    def __init__(self, session: aiohttp.ClientSession, clock: Clock, limiters: Limiters, metrics: RobotMetrics,
+                 policy: DeliveryPolicy = DeliveryPolicy(), rand: Callable[[], float] = random.random) -> None:
+        self._session, self._clock, self._limiters = session, clock, limiters
+        self._metrics, self._policy, self._rand = metrics, policy, rand
+
+    async def send(self, target: RobotTarget, message: Message, deadline: float) -> Receipt:
+        """Deliver or raise a RobotError; every outcome is counted once under the target's name."""
+        started = self._clock.now()
+        try:
+            receipt = await self._send(target, message, deadline)
+        except RobotError as exc:
+            self._metrics.finished(target.name, result_of(exc), self._clock.now() - started)
+            raise
+        self._metrics.finished(target.name, "delivered", self._clock.now() - started)
+        return receipt
+
+    async def _send(self, target: RobotTarget, message: Message, deadline: float) -> Receipt:
+        platform = PLATFORMS[target.platform]
+        check_size(platform, platform.prepare(target, message, self._clock.wall())[1])
+        limiter = self._limiters.get(target.name, target.platform)
+        waited = 0.0
+        for attempt in range(1, self._policy.max_attempts + 1):
+            waited += await self._queue(target, limiter, deadline)
+            reading = await self._attempt(target, message, deadline)
+            verdict = reading.verdict
+            if verdict.outcome is Outcome.SUCCESS:
+                return Receipt(attempt, waited)
+            if verdict.outcome is Outcome.PERMANENT:
+                raise Refused(f"{target.platform} robot {target.name!r}: {reading.cause}",
+                              platform_code=reading.code or 990400, status=reading.status)
+            self._metrics.retried(target.name, verdict.reason)
+            if verdict.outcome is Outcome.THROTTLED:
+                # Hold the whole robot, not just this request: DingTalk's 10-minute penalty covers every sender.
+                limiter.penalize(verdict.retry_after or max(1.0, self._backoff(attempt)))
+                continue
+            await self._back_off(target, reading, attempt, deadline)
+        raise Unavailable(f"{target.platform} robot {target.name!r}: {reading.cause} (gave up after "
+                          f"{self._policy.max_attempts} tries)", retry_after=self._policy.backoff_cap)
+
+    async def _queue(self, target: RobotTarget, limiter: RobotLimiter, deadline: float) -> float:
+        try:
+            waited: float = await limiter.acquire(deadline)
+        except RateLimited as exc:
+            self._metrics.rejected(target.name)
+            raise RateLimited(f"{target.platform} robot {target.name!r}: {exc.message}",
+                              retry_after=exc.retry_after or 0.0) from exc
+        self._metrics.waited(target.name, waited)
+        return waited
+
+    async def _attempt(self, target: RobotTarget, message: Message, deadline: float) -> Reading:
+        remaining = deadline - self._clock.now()
+        if remaining <= 0:
+            raise Unavailable(f"{target.platform} robot {target.name!r}: deadline reached", retry_after=1.0)
+        platform = PLATFORMS[target.platform]
+        url, body = platform.prepare(target, message, self._clock.wall())  # signed now: the sign ages (±1 h)
+        timeout = aiohttp.ClientTimeout(total=min(self._policy.per_try_timeout, remaining))
+        try:
+            async with self._session.post(url, data=body, timeout=timeout,
+                                          headers={"Content-Type": "application/json; charset=utf-8"}) as response:
+                return platform.read(response.status, parse_json(await response.read()))
+        except TimeoutError:
+            return network_failure(Signal.TIMEOUT, "timeout", "the robot did not answer in time")
+        except aiohttp.ClientConnectorError:
+            return network_failure(Signal.CONNECT_FAILURE, "connect_error", "cannot connect to the robot endpoint")
+        except aiohttp.ClientError:
+            return network_failure(Signal.RESET, "connection_reset", "the connection broke mid-request")
+
+    async def _back_off(self, target: RobotTarget, reading: Reading, attempt: int, deadline: float) -> None:
+        delay = self._backoff(attempt)
+        if self._clock.now() + delay >= deadline:
+            raise Unavailable(f"{target.platform} robot {target.name!r}: {reading.cause}", retry_after=delay)
+        await self._clock.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter (AWS style), never below a tenth of the base so retries are not back to back."""
+        ceiling = min(self._policy.backoff_cap, self._policy.backoff_base * 2.0 ** (attempt - 1))
+        return max(self._policy.backoff_base / 10, self._rand() * ceiling)
+
+
+def network_failure(signal: Signal, reason: str, cause: str) -> Reading:
+    # A POST that timed out may have been delivered; a duplicate alert beats a lost one.
+    return Reading(Verdict(Outcome.RETRYABLE, reason, signal, processed=signal is Signal.CONNECT_FAILURE), cause=cause)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def result_of(error: RobotError) -> str:
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, Unavailable):
+        return "unavailable"
+    if isinstance(error, Refused):
+        return "refused"
+    return "bad_message"

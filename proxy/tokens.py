@@ -1,0 +1,158 @@
+"""Access tokens: fetched once per app and kind (single flight), refreshed ahead of expiry, dropped when refused.
+
+Owns caching, refresh timing and fetch retries; how a token is requested and attached is each platform's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterator
+
+import backoff
+
+from proxy.clock import Clock
+from proxy.config import TokenSettings
+from proxy.platforms.base import TokenFetchError, TokenGrant
+
+log = logging.getLogger("imsidecar.tokens")
+
+DEFAULT_LIFETIME = 7200.0   # both platforms; DingTalk has answered expireIn 0, which must not mean "refetch now"
+MIN_LIFETIME = 60.0
+MAX_LIFETIME = 86400.0
+MIN_REFRESH_INTERVAL = 30.0  # never refetch more often than this from the background, whatever the platform said
+EXPIRY_SKEW = 10.0           # treat a token as expired this long before the platform would
+FOREGROUND_TRIES = 3         # a request waiting for a token tries this often before answering 503
+
+Fetch = Callable[[], Awaitable[TokenGrant]]
+Observer = Callable[[str], None]   # called with "success" | "failure" | "rejected" after every fetch
+
+
+class TokenUnavailable(Exception):
+    """No valid token could be had; the message names the cause (never the secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldToken:
+    value: str
+    expires_at: float   # clock.now() based
+    lifetime: float
+
+
+def sanitise_lifetime(expires_in: float) -> float:
+    """A missing, zero or absurd `expire` must not turn into a refetch loop or an eternal token."""
+    if not expires_in > 0:
+        return DEFAULT_LIFETIME
+    return min(max(expires_in, MIN_LIFETIME), MAX_LIFETIME)
+
+
+def fetch_waits(base: float = 0.2, cap: float = 30.0) -> Iterator[float]:
+    """Exponential back-off with full jitter between token fetch attempts (the `backoff` package's generators)."""
+    for value in backoff.expo(base=2, factor=base, max_value=cap):
+        if value is not None:
+            yield backoff.full_jitter(value)
+
+
+class TokenSource:
+    """One token of one app: the cache, the single in-flight fetch, and the background refresher."""
+
+    def __init__(self, fetch: Fetch, clock: Clock, settings: TokenSettings, *,
+                 observe: Observer = lambda result: None, rng: Callable[[], float] = random.random) -> None:
+        self._fetch, self._clock, self._settings = fetch, clock, settings
+        self._observe, self._rng = observe, rng
+        self._held: HeldToken | None = None
+        self._inflight: asyncio.Task[HeldToken] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    def current(self) -> HeldToken | None:
+        held = self._held
+        if held is not None and self._clock.now() < held.expires_at - EXPIRY_SKEW:
+            return held
+        return None
+
+    def seconds_to_expiry(self) -> float:
+        return max(0.0, self._held.expires_at - self._clock.now()) if self._held else 0.0
+
+    async def get(self) -> str:
+        held = self.current()
+        if held is None:
+            held = await self.refresh()
+        return held.value
+
+    def invalidate(self, value: str) -> None:
+        """The platform refused `value`: forget it, unless a newer token has already replaced it."""
+        if self._held is not None and self._held.value == value:
+            self._held = None
+
+    async def refresh(self, tries: int = FOREGROUND_TRIES) -> HeldToken:
+        """Fetch a new token; concurrent callers share one fetch."""
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._fetch_with_retries(tries))
+            self._inflight.add_done_callback(self._forget_inflight)
+        return await asyncio.shield(self._inflight)
+
+    def _forget_inflight(self, task: asyncio.Task[HeldToken]) -> None:
+        self._inflight = None
+        if not task.cancelled():
+            task.exception()   # retrieved here so an unawaited failure is not logged as "never retrieved"
+
+    async def _fetch_with_retries(self, tries: int) -> HeldToken:
+        waits = fetch_waits()
+        for attempt in range(1, tries + 1):
+            try:
+                return self._keep(await self._fetch())
+            except TokenFetchError as exc:
+                self.last_error = str(exc)
+                self._observe("rejected" if exc.permanent else "failure")
+                if exc.permanent or attempt == tries:
+                    raise TokenUnavailable(str(exc)) from exc
+            await self._clock.sleep(next(waits))
+        raise AssertionError("unreachable")
+
+    def _keep(self, grant: TokenGrant) -> HeldToken:
+        lifetime = sanitise_lifetime(grant.expires_in)
+        self._held = HeldToken(grant.value, self._clock.now() + lifetime, lifetime)
+        self.last_error = None
+        self._observe("success")
+        return self._held
+
+    # Background refresh -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        for task in (self._refresher, self._inflight):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._refresher = None
+
+    def refresh_delay(self) -> float:
+        """Seconds until the next background refresh: a margin (with jitter) ahead of expiry."""
+        held = self._held
+        if held is None:
+            return 0.0
+        margin = min(self._settings.refresh_margin, held.lifetime / 2)   # short-lived tokens refresh at half-life
+        jitter = self._rng() * min(self._settings.refresh_jitter, margin / 2)
+        return max(MIN_REFRESH_INTERVAL, held.expires_at - self._clock.now() - margin - jitter)
+
+    async def _refresh_forever(self) -> None:
+        waits = fetch_waits(base=1.0, cap=60.0)
+        while True:
+            delay = self.refresh_delay() if self.last_error is None else next(waits)
+            await self._clock.sleep(delay)
+            try:
+                await self.refresh(tries=1)
+                waits = fetch_waits(base=1.0, cap=60.0)
+            except TokenUnavailable as exc:
+                log.warning("token refresh failed, will retry: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:   # a refresher must outlive any single surprise
+                log.exception("token refresher error")
+                self.last_error = "internal error"

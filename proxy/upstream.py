@@ -1,0 +1,113 @@
+"""One pooled keep-alive HTTP client per upstream, and a single attempt sent through it.
+
+Owns sessions, what is read into memory (only answers small enough to classify) and error translation;
+it does not decide about retries or tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass
+from typing import AsyncIterable
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.errors import NETWORK_ERRORS, AttemptFailed, translate
+
+CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+))
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")   # send only what the client sent
+
+
+@dataclass(slots=True)
+class Answer:
+    """The platform's answer to one attempt: read whole (`body`) or still streaming (`stream`)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes | None
+    stream: aiohttp.ClientResponse | None = None
+
+    def plain_body(self) -> bytes | None:
+        """The body as the platform meant it, for classification (decompressed when it came gzipped)."""
+        if self.body is None:
+            return None
+        encoding = self.headers.get("Content-Encoding", "").lower()
+        if encoding in ("gzip", "deflate"):
+            try:
+                return zlib.decompress(self.body, zlib.MAX_WBITS | 32)
+            except zlib.error:
+                return None
+        return None if encoding else self.body
+
+    def release(self) -> None:
+        if self.stream is not None:
+            self.stream.release()
+            self.stream = None
+
+
+class UpstreamClient:
+    def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256) -> None:
+        self.base_url = base_url
+        self._connect_timeout = connect_timeout
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, method: str, path_qs: str, headers: CIMultiDict[str],
+                   body: bytes | AsyncIterable[bytes] | None, timeout: float) -> Answer:
+        """One attempt. Raises a translated AttemptFailed when the network fails it."""
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self.session.request(
+                    method, URL(self.base_url + path_qs, encoded=True), headers=headers, data=body, allow_redirects=False,
+                )
+                if not _should_read(response):
+                    return Answer(response.status, response.headers, None, response)
+                async with response:
+                    return Answer(response.status, response.headers, await response.read())
+        except NETWORK_ERRORS as exc:
+            raise translate(exc) from exc
+
+
+def _should_read(response: aiohttp.ClientResponse) -> bool:
+    """Read error answers and small JSON/text answers; stream everything else (file downloads)."""
+    length = response.content_length
+    if length is not None and length > CLASSIFY_LIMIT:
+        return False
+    if response.status >= 300:
+        return True
+    content_type = response.headers.get("Content-Type", "")
+    return "json" in content_type or content_type.startswith("text/")
+
+
+def forward_headers(source: CIMultiDictProxy[str] | CIMultiDict[str], *, drop_prefix: str = "x-imsidecar-") -> CIMultiDict[str]:
+    """Every end-to-end header, minus hop-by-hop ones and those the `Connection` header names."""
+    named = {h.strip().lower() for h in source.get("Connection", "").split(",") if h.strip()}
+    return CIMultiDict(
+        (k, v) for k, v in source.items()
+        if k.lower() not in HOP_BY_HOP and k.lower() not in named and not k.lower().startswith(drop_prefix)
+    )
+
+
+__all__ = ["Answer", "AttemptFailed", "UpstreamClient", "forward_headers"]

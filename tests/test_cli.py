@@ -1,0 +1,85 @@
+"""The `imsidecar` process: `run` drains in-flight requests on SIGTERM and exits 0; `demo` works with no credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import unused_port
+
+from tests.conftest import FEISHU_SECRET, Platforms
+
+MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
+
+
+async def wait_ready(http: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
+    for _ in range(200):
+        if process.returncode is not None:
+            raise AssertionError(f"imsidecar exited with {process.returncode}")
+        try:
+            async with http.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never became ready")
+
+
+async def spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def test_run_drains_in_flight_requests_on_sigterm(platforms: Platforms, tmp_path: Path) -> None:
+    listen, admin = unused_port(), unused_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+listen: 127.0.0.1:{listen}
+admin_listen: 127.0.0.1:{admin}
+logging: {{format: json}}
+apps:
+  - name: sales-bot
+    platform: feishu
+    app_id: cli_test
+    app_secret_file: {tmp_path / "secret"}
+    upstreams: {{open: {{base_url: "{platforms.feishu_url}"}}}}
+""")
+    (tmp_path / "secret").write_text(FEISHU_SECRET + "\n")
+    process = await spawn("run", "--config", str(path))
+    platforms.feishu.faults.hang_seconds = 0.5
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, f"http://127.0.0.1:{admin}/readyz", process)
+        platforms.feishu.faults.script.append("hang")
+        slow = asyncio.create_task(http.post(f"http://127.0.0.1:{listen}/sales-bot/open-apis/im/v1/messages", json=MESSAGE))
+        await asyncio.sleep(0.2)   # the request is now waiting on the platform
+        process.send_signal(signal.SIGTERM)
+        response = await slow
+        assert response.status == 200 and (await response.json())["code"] == 0
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "imsidecar.access"]
+    assert access and access[0]["route"] == "/open-apis/im/v1/messages" and access[0]["attempts"] == 1
+    assert FEISHU_SECRET not in stderr.decode()
+
+
+async def test_demo_needs_no_credentials_and_stops_cleanly() -> None:
+    listen, admin = unused_port(), unused_port()
+    process = await spawn("demo", "--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}")
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, f"http://127.0.0.1:{admin}/readyz", process)
+        url = f"http://127.0.0.1:{listen}/demo-feishu/open-apis/im/v1/messages?receive_id_type=chat_id"
+        async with http.post(url, json=MESSAGE) as r:
+            assert (await r.json())["code"] == 0
+        async with http.post(f"http://127.0.0.1:{listen}/demo-ding/oapi/topapi/v2/user/get",
+                             json={"userid": "manager001"}) as r:
+            assert (await r.json())["errcode"] == 0
+    process.send_signal(signal.SIGINT)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0
+    assert f"http://127.0.0.1:{listen}/demo-feishu" in stdout.decode() and "curl" in stdout.decode()

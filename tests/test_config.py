@@ -1,0 +1,149 @@
+"""Config: the shape users write, every problem named by its path, secrets never printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.cli import main
+from proxy.config import Address, ConfigError
+
+GOOD = """
+listen: 127.0.0.1:8080
+admin_listen: 0.0.0.0:9464
+apps:
+  - name: sales-bot
+    platform: feishu
+    app_id: ${FEISHU_APP_ID}
+    app_secret_file: {secret_file}
+    token: tenant
+  - name: ops-ding
+    platform: dingtalk
+    app_key: ${DINGTALK_APP_KEY:-dingdefault}
+    app_secret: ${DINGTALK_APP_SECRET}
+    upstreams:
+      oapi: {base_url: https://oapi.dingtalk.com}
+      api: {base_url: "https://gw.example.internal/dingtalk/"}
+    expose:
+      - {upstream: oapi, prefix: /dingtalk}
+      - {upstream: api, prefix: /dingtalk-api}
+      - {upstream: api, listen: 127.0.0.1:8082}
+"""
+ENV = {"FEISHU_APP_ID": "cli_a1b2", "DINGTALK_APP_SECRET": "ding-secret-value-123456"}
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config.loads(text, env=ENV if env is None else env)
+    return caught.value.problems
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "app_secret"
+    path.write_text("feishu-secret-from-file-9876\n")
+    return path
+
+
+def test_the_documented_shape_parses(secret_file: Path) -> None:
+    c = config.loads(GOOD.replace("{secret_file}", str(secret_file)), env=ENV)
+    feishu, ding = c.apps
+    assert feishu.client_id == "cli_a1b2" and feishu.client_secret.reveal() == "feishu-secret-from-file-9876"
+    assert feishu.upstreams["open"].base_url == "https://open.feishu.cn"
+    assert [(e.upstream, e.prefix) for e in feishu.expose] == [("open", "/sales-bot")]
+    assert ding.client_id == "dingdefault"
+    assert ding.upstreams["api"].base_url == "https://gw.example.internal/dingtalk"
+    assert ding.expose[2].listen == Address("127.0.0.1", 8082) and ding.expose[2].prefix == ""
+    assert c.listeners() == [Address("127.0.0.1", 8080), Address("127.0.0.1", 8082)]
+
+
+def test_default_exposure_of_dingtalk_is_one_prefix_per_upstream() -> None:
+    c = config.loads("apps: [{name: d, platform: dingtalk, app_key: k, app_secret: s}]", env={})
+    assert [(e.upstream, e.prefix) for e in c.apps[0].expose] == [("oapi", "/d/oapi"), ("api", "/d/api")]
+
+
+def test_lark_defaults_to_the_larksuite_domain() -> None:
+    c = config.loads("apps: [{name: l, platform: lark, app_id: i, app_secret: s}]", env={})
+    assert c.apps[0].upstreams["open"].base_url == "https://open.larksuite.com"
+
+
+def test_loose_units_are_normalised() -> None:
+    c = config.loads("limits: {deadline: 2500ms, max_request_bytes: 2MiB}\n"
+                     "apps: [{name: l, platform: lark, app_id: i, app_secret: s, retry: {per_try_timeout: 2}}]", env={})
+    assert c.limits.deadline == 2.5 and c.limits.max_request_bytes == 2 * 1024 * 1024
+    assert c.apps[0].retry.per_try_timeout == 2.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret: '${NOPE}'}]", "apps[0].app_secret: ${NOPE} is not set"),
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s, retry: {max_atempts: 3}}]",
+     "apps[0].retry.max_atempts: unknown key"),
+    ("apps: [{name: a, platform: feishu, app_id: i}]", "apps[0].app_secret: is required"),
+    ("apps: [{name: a, platform: feishu, app_id: '', app_secret: s}]", "apps[0].app_id: is empty"),
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret_file: /no/such/file}]",
+     "apps[0].app_secret_file: cannot read /no/such/file"),
+    ("apps: [{name: a, platform: wechat, app_id: i, app_secret: s}]", "apps[0].platform: 'wechat' is not one of"),
+    ("apps: [{name: Sales_Bot, platform: feishu, app_id: i, app_secret: s}]", "apps[0].name: 'Sales_Bot' must match"),
+    ("listen: 8080\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]", "listen: '8080' is not a host:port"),
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {open: {base_url: 'ftp://x'}}}]",
+     "apps[0].upstreams.open.base_url: 'ftp://x' is not an http(s) base URL"),
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s}, {name: a, platform: lark, app_id: i, app_secret: s}]",
+     "apps[1].name: duplicate app name 'a'"),
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s, expose: [{upstream: open, prefix: /x}]},"
+     " {name: b, platform: lark, app_id: i, app_secret: s, expose: [{upstream: open, prefix: /x}]}]",
+     "apps[1].expose: 127.0.0.1:8080/x is already used by a"),
+    ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s, expose: [{upstream: open, listen: 0.0.0.0:9464}]}]",
+     "apps[0].expose: port 9464 is the admin port"),
+    ("bogus: 1\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]", "bogus: unknown key"),
+])
+def test_each_problem_is_named_by_its_path(text: str, expected: str) -> None:
+    found = problems(text, env={})
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    found = problems("apps: [{name: A, platform: feishu, app_id: i, app_secret: '${X}', extra: 1}]", env={})
+    assert len(found) == 3
+
+
+def test_check_config_masks_secrets_and_exits_0(tmp_path: Path, secret_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.replace("{secret_file}", str(secret_file)))
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sales-bot" in out and "http://127.0.0.1:8082/... -> https://gw.example.internal/dingtalk" in out
+    assert "feishu-secret-from-file-9876" not in out and ENV["DINGTALK_APP_SECRET"] not in out
+    assert "fe****76" in out
+
+
+def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("apps: [{name: a, platform: feishu, app_id: i, app_secret: '${UNSET_FOR_TEST}', x: 1}]")
+    assert main(["check-config", str(path)]) == 2
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "imsidecar: config: apps[0].app_secret: ${UNSET_FOR_TEST} is not set" in err
+    assert "imsidecar: config: apps[0].x: unknown key" in err
+    assert "Traceback" not in err
+    assert main(["check-config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_secret_repr_is_masked() -> None:
+    c = config.loads("apps: [{name: a, platform: feishu, app_id: i, app_secret: very-secret-value-1}]", env={})
+    assert "very-secret-value-1" not in repr(c)
+
+
+def test_shipped_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).parent.parent / "config"
+    secret = tmp_path / "app_secret"
+    secret.write_text("s3cret-from-a-mounted-file")
+    env = {"FEISHU_APP_ID": "cli_x", "FEISHU_APP_SECRET": "x" * 16, "DINGTALK_APP_KEY": "k", "DINGTALK_APP_SECRET": "y" * 16}
+    for path in sorted(root.glob("*.yaml")):
+        text = path.read_text().replace("/var/run/secrets/feishu/app_secret", str(secret))
+        assert config.loads(text, env=env).apps, path.name

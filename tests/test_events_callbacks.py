@@ -1,0 +1,185 @@
+import asyncio
+import json
+import random
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.clock import VirtualClock
+from proxy.events.callbacks import DingTalkCallback, FeishuCallback
+from proxy.events.delivery import Delivery
+from proxy.events.metrics import EventMetrics
+from proxy.events.settings import DeliverySettings, DingTalkEvents, FeishuEvents, Secret
+from proxy.fakes.events import DingTalkPusher, FakeApplication, FeishuPusher, wait_for
+
+AES = "Nzk5ZjFiODIxMzkyNGMyNWIyMmFiZWZkNjIzNjIxYTg"
+
+
+@pytest.fixture
+def clock():
+    return VirtualClock()
+
+
+@pytest.fixture
+def registry():
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def fake_app(aiohttp_server):
+    fake = FakeApplication()
+    fake.url = str((await aiohttp_server(fake.app())).make_url("/events"))
+    return fake
+
+
+@pytest.fixture
+async def sidecar(aiohttp_client, fake_app, clock, registry):
+    """The sidecar's callback endpoints, mounted the way the app assembly will, in front of a fake application."""
+    session = aiohttp.ClientSession()
+    metrics = EventMetrics(registry)
+    lanes = {}
+
+    def lane(name, **overrides):
+        lanes[name] = Delivery(name, DeliverySettings(url=fake_app.url, **overrides), session, metrics, clock)
+        lanes[name].start()
+        return lanes[name]
+
+    feishu = FeishuCallback("fs", FeishuEvents(app_id="cli_1", verification_token=Secret("vt"),
+                                               encrypt_key=Secret("ek")), lane("fs"), metrics, clock)
+    ding = DingTalkCallback("dt", DingTalkEvents(app_key="dingapp", token=Secret("tok"), aes_key=Secret(AES)),
+                            lane("dt", queue_size=1), metrics, clock, random.Random(1))
+    web_app = web.Application()
+    web_app.router.add_post("/events/fs", feishu.handle)
+    web_app.router.add_post("/events/dt", ding.handle)
+    client = await aiohttp_client(web_app)
+    yield client
+    for each in lanes.values():
+        await each.close()
+    await session.close()
+
+
+@pytest.fixture
+def feishu_push(clock):
+    return FeishuPusher(app_id="cli_1", verification_token="vt", encrypt_key="ek", now=clock.wall)
+
+
+@pytest.fixture
+def ding_push(clock):
+    return DingTalkPusher(token="tok", aes_key=AES, owner="dingapp", now=clock.wall)
+
+
+def rejected(registry, app, reason):
+    return registry.get_sample_value("imsidecar_events_rejected_total", {"app": app, "reason": reason}) or 0.0
+
+
+async def test_feishu_url_verification_is_answered_with_the_challenge(sidecar, feishu_push, fake_app):
+    body, headers = feishu_push.request(feishu_push.challenge("abc"), signed=False)
+    response = await sidecar.post("/events/fs", data=body, headers=headers)
+    assert response.status == 200 and await response.json() == {"challenge": "abc"}
+    assert fake_app.received == []
+
+
+async def test_feishu_event_is_acked_and_reaches_the_app_decrypted(sidecar, feishu_push, fake_app):
+    body, headers = feishu_push.request(feishu_push.envelope({"text": "hi"}, event_id="e-1"))
+    response = await sidecar.post("/events/fs", data=body, headers=headers)
+    assert response.status == 200 and await response.json() == {"msg": "success"}
+    await wait_for(lambda: fake_app.received)
+    assert fake_app.received[0]["event"] == {"text": "hi"}
+    assert fake_app.received[0]["header"]["event_id"] == "e-1"
+
+
+async def test_feishu_retry_of_the_same_event_is_delivered_once(sidecar, feishu_push, fake_app, registry):
+    plaintext = feishu_push.envelope({"text": "hi"}, event_id="e-same")
+    for _ in range(3):   # Feishu re-pushes with a fresh signature when it thinks we missed it
+        body, headers = feishu_push.request(plaintext)
+        assert (await sidecar.post("/events/fs", data=body, headers=headers)).status == 200
+    await wait_for(lambda: fake_app.received)
+    await asyncio.sleep(0.005)
+    assert len(fake_app.received) == 1
+
+
+@pytest.mark.parametrize("tamper, reason, status", [
+    (lambda p: p.request(p.envelope({}), sign_with="other key"), "bad_signature", 401),
+    (lambda p: p.request(p.envelope({})), "stale_timestamp", 401),
+    (lambda p: p.request(p.envelope({}), signed=False), "bad_signature", 401),
+    (lambda p: (b"not json", {}), "bad_request", 400),
+    (lambda p: _unsigned_garbage_encrypt(p), "undecryptable", 400),
+    (lambda p: p.request(json.dumps({"schema": "2.0", "header": {"token": "nope", "event_id": "x"}}).encode()),
+     "bad_token", 401),
+    (lambda p: p.request(json.dumps({"schema": "2.0", "header": {"token": "vt", "app_id": "cli_other"}}).encode()),
+     "unknown_app", 403),
+])
+async def test_feishu_bad_input_is_refused_in_feishu_shape_and_counted(sidecar, feishu_push, clock, fake_app,
+                                                                      registry, tamper, reason, status):
+    body, headers = tamper(feishu_push)
+    if reason == "stale_timestamp":
+        await clock.advance(301)
+    response = await sidecar.post("/events/fs", data=body, headers=headers)
+    assert response.status == status
+    payload = await response.json()
+    assert set(payload) == {"code", "msg"} and payload["code"] >= 1990101
+    assert "ek" not in payload["msg"]
+    assert rejected(registry, "fs", reason) == 1
+    assert fake_app.received == []
+
+
+def _unsigned_garbage_encrypt(pusher):
+    from proxy.events.crypto import feishu_signature
+
+    body = json.dumps({"encrypt": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}).encode()
+    ts = str(int(pusher.now()))
+    return body, {"X-Lark-Request-Timestamp": ts, "X-Lark-Request-Nonce": "n",
+                  "X-Lark-Signature": feishu_signature(ts, "n", "ek", body)}
+
+
+async def test_dingtalk_check_url_gets_the_encrypted_success_without_delivery(sidecar, ding_push, fake_app):
+    body, query = ding_push.request(json.dumps({"EventType": "check_url"}).encode())
+    response = await sidecar.post("/events/dt", data=body, params=query)
+    assert response.status == 200
+    assert ding_push.read_reply(await response.json()) == "success"
+    assert fake_app.received == []
+
+
+async def test_dingtalk_event_is_acked_encrypted_and_delivered(sidecar, ding_push, fake_app):
+    body, query = ding_push.request(json.dumps({"EventType": "user_add_org", "UserId": ["u1"]}).encode())
+    response = await sidecar.post("/events/dt", data=body, params=query)
+    assert ding_push.read_reply(await response.json()) == "success"
+    await wait_for(lambda: fake_app.received)
+    assert fake_app.received == [{"EventType": "user_add_org", "UserId": ["u1"]}]
+
+
+@pytest.mark.parametrize("kwargs, reason, status", [
+    ({"token": "wrong"}, "bad_signature", 401),
+    ({"owner": "ding-someone-else"}, "unknown_app", 403),
+])
+async def test_dingtalk_bad_input_is_refused_in_dingtalk_shape(sidecar, ding_push, registry, kwargs, reason, status):
+    body, query = ding_push.request(b'{"EventType": "x"}', **kwargs)
+    response = await sidecar.post("/events/dt", data=body, params=query)
+    assert response.status == status
+    assert set(await response.json()) == {"errcode", "errmsg"}
+    assert rejected(registry, "dt", reason) == 1
+
+
+async def test_dingtalk_undecryptable_and_malformed_bodies_are_refused(sidecar, ding_push, registry):
+    from proxy.events.crypto import dingtalk_signature
+
+    garbage = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    query = {"msg_signature": dingtalk_signature("tok", "1", "n", garbage), "timestamp": "1", "nonce": "n"}
+    assert (await sidecar.post("/events/dt", json={"encrypt": garbage}, params=query)).status == 400
+    assert (await sidecar.post("/events/dt", data=b"[1]", params=query)).status == 400
+    assert rejected(registry, "dt", "undecryptable") == 1 and rejected(registry, "dt", "bad_request") == 1
+
+
+async def test_dingtalk_is_not_acked_when_the_queue_is_full(sidecar, ding_push, fake_app, registry):
+    fake_app.fail_next = 100   # the first event sits in back-off; the queue (size 1) fills behind it
+    statuses = []
+    for n in range(3):
+        body, query = ding_push.request(json.dumps({"EventType": "e", "n": n}).encode())
+        response = await sidecar.post("/events/dt", data=body, params=query)
+        statuses.append(response.status)
+        if n == 0:
+            await wait_for(lambda: fake_app.fail_next < 100)
+    assert statuses == [200, 200, 503]
+    assert rejected(registry, "dt", "queue_full") == 1

@@ -1,0 +1,133 @@
+"""Forwarding through the sidecar against the fake platforms: what an application sees."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from yarl import URL
+
+from tests.conftest import Platforms, Running
+
+MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
+
+
+async def test_feishu_call_gets_tenant_token_and_platform_answer_unchanged(sidecar: Running, platforms: Platforms,
+                                                                            http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{sidecar.base}/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id", json=MESSAGE) as r:
+        body = await r.json()
+        assert r.status == 200
+        assert r.headers["X-Imsidecar-Attempts"] == "1"
+    assert body["code"] == 0 and body["data"]["message_id"].startswith("om_")
+    assert platforms.feishu.messages[0]["receive_id"] == "oc_1"
+    assert platforms.feishu.calls == [("/open-apis/im/v1/messages", "t", True)]
+
+
+async def test_dingtalk_token_goes_in_query_on_oapi_and_header_on_api(sidecar: Running, platforms: Platforms,
+                                                                       http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{sidecar.base}/dingtalk/topapi/v2/user/get", json={"userid": "manager001"}) as r:
+        assert (await r.json())["result"]["name"] == "Zhang San"
+    async with http.get(f"{sidecar.base}/dingtalk-api/v1.0/contact/users/manager001") as r:
+        assert (await r.json())["nick"] == "Zhang San"
+    async with http.get(f"{sidecar.api_base}/v1.0/contact/users/manager001") as r:   # the port of its own
+        assert r.status == 200
+    assert [ok for _, ok in platforms.dingtalk.calls] == [True, True, True]
+    assert platforms.dingtalk.token_calls == 1   # one token serves both hosts
+
+
+async def test_platform_error_inside_200_is_passed_back_as_is(sidecar: Running, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{sidecar.base}/dingtalk/topapi/v2/user/get", json={"userid": "nobody"}) as r:
+        assert r.status == 200
+        assert (await r.json()) == {"errcode": 60121, "errmsg": "找不到该用户"}
+
+
+async def test_query_and_headers_reach_the_platform_unchanged(sidecar: Running, platforms: Platforms,
+                                                               http: aiohttp.ClientSession) -> None:
+    headers = {"X-Trace": "abc", "Connection": "keep-alive, X-Hop", "X-Hop": "drop-me", "X-Imsidecar-Timeout": "2s"}
+    url = URL(f"{sidecar.base}/dingtalk/topapi/v2/user/get?lang=zh_CN&x=%2F1&access_token=stale", encoded=True)
+    async with http.post(url,
+                         json={"userid": "manager001"}, headers=headers) as r:
+        assert r.status == 200
+    seen = platforms.dingtalk.requests[-1]
+    assert seen.path_qs.startswith("/topapi/v2/user/get?lang=zh_CN&x=%2F1&access_token=dt")
+    assert seen.path_qs.count("access_token=") == 1
+    assert seen.headers["X-Trace"] == "abc"
+    assert "X-Hop" not in seen.headers and "X-Imsidecar-Timeout" not in seen.headers
+
+
+async def test_unknown_prefix_is_404_and_never_forwarded(sidecar: Running, platforms: Platforms,
+                                                        http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{sidecar.base}/elsewhere/open-apis/im/v1/messages") as r:
+        body = await r.json()
+        assert r.status == 404
+    assert body["error"] == "imsidecar.noRoute"
+    assert "/sales-bot" in body["prefixes"]
+    # a prefix must match on a segment boundary
+    async with http.get(f"{sidecar.base}/sales-bot-x/open-apis/im/v1/messages") as r:
+        assert r.status == 404
+    assert platforms.feishu.calls == []
+
+
+async def test_user_token_passes_through_untouched(sidecar: Running, platforms: Platforms,
+                                                   http: aiohttp.ClientSession) -> None:
+    headers = {"Authorization": "Bearer u-user-token"}
+    async with http.post(f"{sidecar.base}/sales-bot/open-apis/im/v1/messages", json=MESSAGE, headers=headers) as r:
+        assert r.status == 200
+    assert platforms.feishu.calls[-1][1] == "u"
+
+
+async def test_sdk_token_calls_are_answered_locally_with_a_placeholder(sidecar: Running, platforms: Platforms,
+                                                                       http: aiohttp.ClientSession) -> None:
+    creds = {"app_id": "placeholder", "app_secret": "placeholder"}
+    async with http.post(f"{sidecar.base}/sales-bot/open-apis/auth/v3/tenant_access_token/internal", json=creds) as r:
+        body = await r.json()
+    assert body["code"] == 0 and body["tenant_access_token"] == "t-imsidecar-managed"
+    assert 7000 < body["expire"] <= 7200
+    async with http.post(f"{sidecar.api_base}/v1.0/oauth2/accessToken", json={"appKey": "x", "appSecret": "y"}) as r:
+        ding = await r.json()
+    assert ding["accessToken"] == "imsidecar-managed"
+    # the placeholder works as a token: the sidecar swaps in the real one
+    headers = {"x-acs-dingtalk-access-token": ding["accessToken"]}
+    async with http.get(f"{sidecar.api_base}/v1.0/contact/users/manager001", headers=headers) as r:
+        assert r.status == 200
+    assert platforms.feishu.token_calls == 1 and platforms.dingtalk.token_calls == 1
+
+
+async def test_oversized_body_gets_413_in_the_platform_shape(start_sidecar, platforms: Platforms,  # type: ignore[no-untyped-def]
+                                                             http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 5s, max_request_bytes: 1KiB, replay_buffer_bytes: 512B}")
+    async with http.post(f"{running.base}/sales-bot/open-apis/im/v1/files", data=b"x" * 4096) as r:
+        body = await r.json()
+        assert r.status == 413
+    assert body["code"] == 9990413 and "limit" in body["msg"]
+    async with http.post(f"{running.base}/dingtalk/topapi/v2/user/get", data=b"x" * 4096) as r:
+        assert (await r.json())["errcode"] == 9990413
+    async with http.post(f"{running.api_base}/v1.0/robot/oToMessages/batchSend", data=b"x" * 4096) as r:
+        assert (await r.json())["code"] == "imsidecar.requestTooLarge"
+    assert platforms.feishu.calls == [] and platforms.dingtalk.calls == []
+
+
+async def test_large_upload_and_download_stream_through(sidecar: Running, platforms: Platforms,
+                                                        http: aiohttp.ClientSession) -> None:
+    size = 9 * 1024 * 1024 + 17   # above the 4 MiB replay buffer: forwarded as a stream
+    async with http.post(f"{sidecar.base}/sales-bot/open-apis/im/v1/files", data=b"y" * size) as r:
+        body = await r.json()
+    assert body["data"]["size"] == size
+    async with http.get(f"{sidecar.base}/sales-bot/open-apis/im/v1/files/file_{size}") as r:
+        assert r.status == 200 and r.content_length == size
+        received = 0
+        async for chunk in r.content.iter_chunked(1 << 16):
+            received += len(chunk)
+    assert received == size
+
+
+async def test_admin_endpoints(sidecar: Running, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{sidecar.admin}/healthz") as r:
+        assert r.status == 200
+    await sidecar.sidecar.tokens["sales-bot"].default.get()
+    await sidecar.sidecar.tokens["ops-ding"].default.get()
+    async with http.get(f"{sidecar.admin}/readyz") as r:
+        assert r.status == 200 and (await r.json())["apps"] == {"sales-bot": "ok", "ops-ding": "ok"}
+    async with http.get(f"{sidecar.admin}/metrics") as r:
+        text = await r.text()
+    assert "imsidecar_token_refreshes_total" in text and "imsidecar_build_info" in text

@@ -1,0 +1,145 @@
+"""A real Alertmanager routes a firing alert through the bridge to fake DingTalk and Feishu robots.
+
+Needs the `prometheus-alertmanager` binary (Debian package `prometheus-alertmanager`); skipped only when it is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from yarl import URL
+
+from proxy import config
+from proxy.app import Sidecar
+from proxy.clock import SystemClock
+from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
+from proxy.robots.signing import dingtalk_sign
+from tests.conftest import require_binary
+
+DT_SECRET, FS_SECRET = "SECe2e-dingtalk", "e2e-feishu"
+BOUND = 20.0  # overall limit for any one wait; normally everything happens in well under a second
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(check, what: str, bound: float = BOUND) -> None:
+    give_up = time.monotonic() + bound
+    while not check():
+        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def robots(aiohttp_server):
+    clock = SystemClock()
+    dingtalk = FakeDingTalkRobot(clock, token="dt-tok", secret=DT_SECRET, keyword="alert")
+    feishu = FakeFeishuRobot(clock, token="fs-hook", secret=FS_SECRET)
+    return dingtalk, feishu, await aiohttp_server(dingtalk.app()), await aiohttp_server(feishu.app())
+
+
+@pytest.fixture
+async def bridge(robots):
+    """The real sidecar, with only its robot targets configured."""
+    _, _, dt_server, fs_server = robots
+    listen, admin = free_port(), free_port()
+    text = f"""
+listen: 127.0.0.1:{listen}
+admin_listen: 127.0.0.1:{admin}
+robots:
+  deadline: 10s
+  targets:
+    - {{name: ops, platform: dingtalk, token: dt-tok, secret: {DT_SECRET}, keyword: alert,
+       base_url: "{dt_server.make_url('')}", mention: {{mobiles: ["13800000000"]}}}}
+    - {{name: dev, platform: feishu, token: fs-hook, secret: {FS_SECRET}, base_url: "{fs_server.make_url('')}"}}
+"""
+    sidecar = Sidecar(config.loads(text, env={}), registry=CollectorRegistry())
+    await sidecar.start()
+    yield URL(f"http://127.0.0.1:{listen}")
+    await sidecar.stop()
+
+
+@pytest.fixture
+async def alertmanager(tmp_path: Path, bridge):
+    port = free_port()
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(f"""
+route:
+  receiver: chat
+  group_by: [alertname]
+  group_wait: 100ms
+  group_interval: 1m
+  repeat_interval: 1h
+receivers:
+  - name: chat
+    webhook_configs:
+      - url: {bridge / 'alerts' / 'ops'}
+        send_resolved: false
+      - url: {bridge / 'alerts' / 'dev'}
+        send_resolved: false
+""")
+    binary = require_binary("prometheus-alertmanager", "alertmanager", package="prometheus-alertmanager")
+    process = await asyncio.create_subprocess_exec(
+        binary, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, base, process)
+            yield session, base
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str, process: asyncio.subprocess.Process) -> None:
+    give_up = time.monotonic() + BOUND
+    while True:
+        if process.returncode is not None:
+            assert process.stderr is not None
+            pytest.fail(f"alertmanager exited: {(await process.stderr.read()).decode()[-2000:]}")
+        try:
+            async with session.get(f"{base}/-/ready") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < give_up, "alertmanager did not become ready"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_firing_alert_reaches_both_robots_once_signed_and_rendered(alertmanager, robots):
+    session, base = alertmanager
+    dingtalk, feishu, _, _ = robots
+    alert = {"labels": {"alertname": "ImsidecarRetryRate", "severity": "critical", "job": "imsidecar"},
+             "annotations": {"summary": "retries above 20% of requests"}, "generatorURL": "http://prom/graph?g0"}
+    async with session.post(f"{base}/api/v2/alerts", json=[alert]) as response:
+        assert response.status == 200, await response.text()
+
+    await eventually(lambda: dingtalk.log.accepted and feishu.log.accepted, "both robots to receive the alert")
+    await asyncio.sleep(0.3)  # room for a (wrong) second delivery to show up
+    assert len(dingtalk.log.accepted) == 1 and len(feishu.log.accepted) == 1
+    assert dingtalk.log.refused == [] and feishu.log.refused == []
+
+    dt = dingtalk.log.accepted[0]
+    assert dt.query["sign"] == dingtalk_sign(DT_SECRET, int(dt.query["timestamp"]))
+    assert dt.body["msgtype"] == "markdown"
+    text = dt.body["markdown"]["text"]
+    assert "ImsidecarRetryRate" in text and "retries above 20% of requests" in text and "@13800000000" in text
+    assert dt.body["at"]["atMobiles"] == ["13800000000"]
+
+    fs = feishu.log.accepted[0].body
+    assert fs["msg_type"] == "interactive" and fs["card"]["header"]["template"] == "red"
+    assert "ImsidecarRetryRate" in fs["card"]["header"]["title"]["content"]
+    assert {"timestamp", "sign"} <= set(fs)

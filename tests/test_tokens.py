@@ -1,0 +1,137 @@
+"""TokenSource in virtual time: single flight, refresh timing, sanitised lifetimes, invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.clock import VirtualClock, settle
+from proxy.config import TokenSettings
+from proxy.platforms.base import TokenFetchError, TokenGrant
+from proxy.tokens import MIN_REFRESH_INTERVAL, TokenSource, TokenUnavailable, sanitise_lifetime
+
+
+class Platform:
+    """A token endpoint that counts calls and can be told what to answer."""
+
+    def __init__(self, clock: VirtualClock, expire: float = 7200, delay: float = 0.0) -> None:
+        self.clock, self.expire, self.delay = clock, expire, delay
+        self.calls = 0
+        self.failures: list[TokenFetchError] = []
+
+    async def fetch(self) -> TokenGrant:
+        self.calls += 1
+        if self.delay:
+            await self.clock.sleep(self.delay)
+        if self.failures:
+            raise self.failures.pop(0)
+        return TokenGrant(f"token-{self.calls}", self.expire)
+
+
+def source(clock: VirtualClock, platform: Platform, **settings: float) -> TokenSource:
+    return TokenSource(platform.fetch, clock, TokenSettings(**settings), rng=lambda: 0.5)
+
+
+async def test_a_thousand_cold_callers_share_one_fetch() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock, delay=0.2)
+    tokens = source(clock, platform)
+    waiters = [asyncio.create_task(tokens.get()) for _ in range(1000)]
+    await settle()
+    await clock.advance(0.2)
+    assert set(await asyncio.gather(*waiters)) == {"token-1"}
+    assert platform.calls == 1
+
+
+async def test_background_refresh_keeps_a_valid_token_through_three_lifetimes() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    tokens = source(clock, platform)
+    await tokens.get()
+    tokens.start()
+    for _ in range(3 * 7200 // 30):
+        await clock.advance(30)
+        assert tokens.current() is not None   # a request at any moment finds a valid token, without waiting
+    assert 3 <= platform.calls <= 5
+    await tokens.stop()
+
+
+@pytest.mark.parametrize("expire", [0, -1, float("nan")])
+async def test_missing_or_zero_expire_does_not_loop(expire: float) -> None:
+    clock = VirtualClock()
+    platform = Platform(clock, expire=expire)
+    tokens = source(clock, platform)
+    await tokens.get()
+    tokens.start()
+    await clock.advance(3600)
+    assert platform.calls == 1   # treated as the platforms' 7200 s, so no refetch within the hour
+    await tokens.stop()
+
+
+async def test_tiny_expire_refetches_at_most_every_min_interval() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock, expire=1)
+    tokens = source(clock, platform)
+    await tokens.get()
+    tokens.start()
+    await clock.advance(600)
+    assert platform.calls <= 600 / MIN_REFRESH_INTERVAL + 1
+    await tokens.stop()
+
+
+def test_lifetime_is_sanitised() -> None:
+    assert sanitise_lifetime(0) == 7200
+    assert sanitise_lifetime(5) == 60
+    assert sanitise_lifetime(10**9) == 86400
+    assert sanitise_lifetime(7200) == 7200
+
+
+async def test_invalidate_forgets_only_the_refused_token() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    tokens = source(clock, platform)
+    assert await tokens.get() == "token-1"
+    tokens.invalidate("token-0")   # an older token: the current one stays
+    assert await tokens.get() == "token-1"
+    tokens.invalidate("token-1")
+    assert await tokens.get() == "token-2"
+
+
+async def test_transient_fetch_failures_are_retried_with_backoff() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    platform.failures = [TokenFetchError("token endpoint unreachable", permanent=False)] * 2
+    tokens = source(clock, platform)
+    waiter = asyncio.create_task(tokens.get())
+    for _ in range(50):
+        await clock.advance(0.5)
+        if waiter.done():
+            break
+    assert await waiter == "token-3"
+
+
+async def test_rejected_credentials_fail_at_once_and_plainly() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    platform.failures = [TokenFetchError("app_id or app_secret rejected (code 10014: app secret invalid)", permanent=True)]
+    tokens = source(clock, platform)
+    with pytest.raises(TokenUnavailable, match="rejected"):
+        await tokens.get()
+    assert platform.calls == 1
+    assert tokens.last_error and "rejected" in tokens.last_error
+
+
+async def test_refresh_failure_keeps_serving_the_valid_token_and_retries() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    tokens = source(clock, platform, refresh_margin=600)
+    await tokens.get()
+    tokens.start()
+    platform.failures = [TokenFetchError("token endpoint unreachable", permanent=False)] * 3
+    await clock.advance(7200 - 600)
+    assert tokens.current() is not None and tokens.current().value == "token-1"
+    await clock.advance(300)
+    assert tokens.current().value.startswith("token-") and platform.calls >= 4
+    assert tokens.current().value != "token-1"
+    await tokens.stop()
