@@ -1,7 +1,7 @@
 # imsidecar container image.
 #
 #   docker build -t imsidecar .
-#   docker run --rm -p 8080:8080 -p 9464:9464 imsidecar demo --listen 0.0.0.0:8080
+#   docker run --rm -p 8080:8080 -p 9464:9464 imsidecar demo --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9464
 #   docker run --rm --read-only -v ./config.yaml:/etc/imsidecar/config.yaml:ro imsidecar
 #
 # The base only needs `python3` (with the venv module) on PATH: the official slim image has it in /usr/local/bin,
