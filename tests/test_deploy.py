@@ -31,6 +31,7 @@ LEGACY_VERSIONS = ("1.25", "1.29", "1.33")
 # components, so those tests skip without a recent kubectl even in CI.
 RENDERED = {"example": "imsidecar-example.yaml", "example-legacy": "imsidecar-example-legacy.yaml"}
 ADMIN_PORT = 9464
+SCRAPE_JOB = "imsidecar"   # dashboards/prometheus/imsidecar-rules.yaml selects job="imsidecar"
 SIDECAR_UID = 65532
 
 
@@ -306,6 +307,18 @@ def test_pod_monitor_scrapes_the_sidecar() -> None:
         assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["podMetricsEndpoints"])
 
 
+def test_both_scrape_setups_use_the_job_name_the_rules_expect() -> None:
+    monitors = [one(rendered(variant), "PodMonitor") for variant in RENDERED]
+    for monitor in monitors:
+        relabel = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+        assert {"targetLabel": "job", "replacement": SCRAPE_JOB} in relabel
+    compose_jobs = [job["job_name"] for job in yaml.safe_load((COMPOSE / "prometheus.yml").read_text())["scrape_configs"]]
+    assert compose_jobs == [SCRAPE_JOB]
+    rules = ROOT / "dashboards" / "prometheus" / "imsidecar-rules.yaml"
+    if rules.exists():
+        assert set(re.findall(r'job="([^"]*)"', rules.read_text())) <= {SCRAPE_JOB}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Dockerfile
 
@@ -419,8 +432,13 @@ def test_prometheus_scrapes_sidecar_admin_port_and_loads_mounted_rules() -> None
     assert rule_targets and all(any(Path(t).match(glob) for glob in config["rule_files"]) for t in rule_targets)
 
 
-def test_prometheus_config_passes_promtool() -> None:
+def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    """promtool on prometheus.yml, with the rules file it mounts (when on this branch) where the container sees it."""
     promtool = require_binary("promtool", package="prometheus")
-    result = subprocess.run([promtool, "check", "config", str(COMPOSE / "prometheus.yml")],
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text(encoding="utf-8"))
+    rules = [(path, target) for service, _, path, target in bind_mounts() if service == "prometheus" and "rules" in target]
+    config["rule_files"] = [str(path) for path, _ in rules if path.exists()]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
