@@ -71,7 +71,6 @@ DEFAULT_QUOTAS: Mapping[str, Quota] = MappingProxyType({
 # assigned a tier by config (RateLimiterSet's `routes`), not guessed here.
 FEISHU_TIERS: Mapping[str, Quota] = MappingProxyType({
     "1000/min & 50/s": Quota(per_second=50, per_minute=1000),
-    "100/min & 5/s": Quota(per_second=5, per_minute=100),
     "5/s": Quota(per_second=5),
     "3/s": Quota(per_second=3),
 })
