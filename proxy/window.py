@@ -131,3 +131,23 @@ class DecayingMean:
             self._weight *= factor
             self._sum *= factor
         self._last = now if self._last is None else max(self._last, now)
+
+
+class DecayingRate:
+    """Events per second, each event's weight decaying as exp(-age / tau): a rate estimate that needs
+    no buckets and reads the same whether the events came evenly or in bursts of one per second."""
+
+    def __init__(self, tau: float) -> None:
+        self._tau = tau
+        self._sum = 0.0
+        self._last = 0.0
+
+    def add(self, now: float, count: float = 1.0) -> None:
+        self._sum = self._decayed(now) + count
+        self._last = max(self._last, now)
+
+    def rate(self, now: float) -> float:
+        return self._decayed(now) / self._tau
+
+    def _decayed(self, now: float) -> float:
+        return self._sum * math.exp(-max(0.0, now - self._last) / self._tau)

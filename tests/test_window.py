@@ -1,4 +1,6 @@
-from proxy.window import DecayingMean, LatencyHistogram, SlidingWindow
+import pytest
+
+from proxy.window import DecayingMean, DecayingRate, LatencyHistogram, SlidingWindow
 
 
 def test_counts_fall_out_of_the_window_as_time_passes():
@@ -34,3 +36,14 @@ def test_decaying_mean_forgets_old_samples_by_time_not_by_count():
         mean.update(0.0, 0.05)
     mean.update(50.0, 1.0)  # ten horizons later the thousand old samples weigh less than one new one
     assert mean.value is not None and mean.value > 0.8
+
+
+def test_decaying_rate_reads_a_bursty_and_an_even_stream_alike():
+    even, bursty = DecayingRate(tau=2.0), DecayingRate(tau=2.0)
+    for tick in range(600):  # one minute of 20/s, evenly or as 20 at the top of each second
+        even.add(tick / 10, 2)
+        if tick % 10 == 0:
+            bursty.add(tick / 10, 20)
+    assert even.rate(60.0) == pytest.approx(20, rel=0.1)
+    assert bursty.rate(60.0) == pytest.approx(20, rel=0.25)
+    assert even.rate(70.0) < 0.2  # and forgets a stream that stopped
