@@ -42,9 +42,13 @@ class RetryBudget:
     def record_request(self) -> None:
         self._requests.add()
 
-    def try_spend(self) -> bool:
-        """Charge one retry if the budget allows it; False means send the answer back as it is."""
-        if self._retries.total() >= self.ratio * self._requests.total() + self.floor:
+    def try_spend(self, ratio: float | None = None) -> bool:
+        """Charge one retry if the budget allows it; False means send the answer back as it is.
+
+        `ratio` overrides the configured share for this decision (the network monitor's, while loss is random).
+        """
+        share = self.ratio if ratio is None else ratio
+        if self._retries.total() >= share * self._requests.total() + self.floor:
             return False
         self._retries.add()
         return True

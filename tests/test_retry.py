@@ -211,3 +211,15 @@ class TestInVirtualTime:
         assert status == 429 and body["code"] == 99991400   # the platform's last real answer
         assert headers["X-Imsidecar-Attempts"] == "3"        # t≈0, ≈1.1, ≈2.2: a fourth would start past 3 s
         assert clock.now() - started <= 3.0
+
+
+async def test_fixed_backoff_waits_the_same_each_time() -> None:
+    from proxy.config import RetrySettings
+    from proxy.clock import VirtualClock
+    from proxy.retry import RetryPolicy
+
+    policy = RetryPolicy(RetrySettings(backoff="fixed", backoff_base=1.0), VirtualClock())
+    waits = policy.waits()
+    assert [next(waits) for _ in range(3)] == [1.0, 1.0, 1.0]
+    jittered = RetryPolicy(RetrySettings(backoff_base=1.0, backoff_cap=4.0), VirtualClock(), rng=lambda: 1.0).waits()
+    assert [next(jittered) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
