@@ -29,8 +29,6 @@ from proxy.clock import SystemClock
 from proxy.fakes.events import FakeApplication, FeishuPusher
 from proxy.fakes.faults import Faults
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
-from proxy.robots.handlers import RobotService
-from proxy.robots.settings import parse_robots
 from tests.conftest import Platforms, Running, require_binary
 from tests.test_dashboards import RULES, grafana_alert_query, panel_queries, substitute
 
@@ -57,10 +55,21 @@ async def sidecar_under_faults(start_sidecar, platforms: Platforms, aiohttp_serv
     application = FakeApplication(fail_next=3)
     app_url = str((await aiohttp_server(application.app())).make_url("/events"))
     events_port = unused_port()
+    ding_robot = FakeDingTalkRobot(SystemClock(), token="dt-ok", secret="SECe2e", per_minute=20)
+    feishu_robot = FakeFeishuRobot(SystemClock(), token="fs-ok", secret="fs-e2e")
+    ding_url = str((await aiohttp_server(ding_robot.app())).make_url("")).rstrip("/")
+    feishu_url = str((await aiohttp_server(feishu_robot.app())).make_url("")).rstrip("/")
     running = await start_sidecar(
         limits="{deadline: 1s}",
         retry="{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 300ms, budget_min_per_second: 1}",
         extra=f"""
+robots:
+  deadline: 5s
+  targets:
+    - {{name: ops, platform: dingtalk, token: dt-ok, secret: SECe2e, base_url: "{ding_url}"}}
+    - {{name: dev, platform: feishu, token: fs-ok, secret: fs-e2e, base_url: "{feishu_url}"}}
+    - {{name: wrong, platform: dingtalk, token: dt-wrong, secret: SECe2e, base_url: "{ding_url}"}}
+    - {{name: gone, platform: dingtalk, token: dt-ok, secret: SECe2e, base_url: "http://127.0.0.1:{unused_port()}"}}
 events:
   listen: 127.0.0.1:{events_port}
   apps:
@@ -165,29 +174,16 @@ async def drive(running: Running, stop: asyncio.Event, workers: int = 12) -> Non
         await asyncio.gather(*(worker(http) for _ in range(workers)))
 
 
-async def robots(running: Running, aiohttp_server) -> None:
-    """Robot sends on the sidecar's registry: delivered, refused (wrong token), unreachable, queued (Feishu allows 5
-    a second: the 6th to 8th wait their turn) and rejected (DingTalk allows 20 a minute: the 21st would overrun)."""
-    robot = FakeDingTalkRobot(SystemClock(), token="dt-ok", secret="SECe2e", per_minute=20)
-    url = str((await aiohttp_server(robot.app())).make_url("")).rstrip("/")
-    feishu_robot = FakeFeishuRobot(SystemClock(), token="fs-ok", secret="fs-e2e")
-    feishu_url = str((await aiohttp_server(feishu_robot.app())).make_url("")).rstrip("/")
-    settings = parse_robots({"deadline": "5s", "targets": [
-        {"name": "ops", "platform": "dingtalk", "token": "dt-ok", "secret": "SECe2e", "base_url": url},
-        {"name": "dev", "platform": "feishu", "token": "fs-ok", "secret": "fs-e2e", "base_url": feishu_url},
-        {"name": "wrong", "platform": "dingtalk", "token": "dt-wrong", "secret": "SECe2e", "base_url": url},
-        {"name": "gone", "platform": "dingtalk", "token": "dt-ok", "secret": "SECe2e",
-         "base_url": f"http://127.0.0.1:{unused_port()}"},
-    ]})
+async def robots(running: Running) -> None:
+    """Alerts through the bridge on the main listener: delivered, refused (wrong token), unreachable, queued (Feishu
+    allows 5 a second: the 6th to 8th wait their turn) and rejected (DingTalk allows 20 a minute: the 21st would
+    overrun its deadline)."""
     alert = {"status": "firing", "alerts": [{"status": "firing", "labels": {"alertname": "E2E"},
                                               "annotations": {"summary": "e2e"}}]}
-    async with aiohttp.ClientSession() as session:
-        service = RobotService.create(settings, session, SystemClock(), running.registry)
+    async with aiohttp.ClientSession() as http:
         async def send(name: str) -> None:
-            try:
-                await service.post_alerts(service.target(name), alert)
-            except Exception:   # the receipt or error is the handlers' business; the metrics are what count here
-                pass
+            async with http.post(f"{running.base}/alerts/{name}", json=alert) as response:
+                await response.read()
         await asyncio.gather(*(send(name) for name, times in (("ops", 22), ("dev", 8), ("wrong", 3), ("gone", 2))
                                for _ in range(times)))
 
@@ -238,12 +234,12 @@ def exemption(expr: str, exported: set[str]) -> str | None:
 # The test ---------------------------------------------------------------------------------------------------------
 
 async def test_a_real_prometheus_fires_the_retry_alert_and_answers_every_dashboard_query(
-        prometheus, sidecar_under_faults, platforms: Platforms, aiohttp_server) -> None:
+        prometheus, sidecar_under_faults, platforms: Platforms) -> None:
     session, base = prometheus
     running, events_base, application = sidecar_under_faults
     stop = asyncio.Event()
     traffic = asyncio.create_task(drive(running, stop))
-    robot_sends = asyncio.create_task(robots(running, aiohttp_server))
+    robot_sends = asyncio.create_task(robots(running))
     started = time.monotonic()
     try:
         await events(events_base, application)
