@@ -63,9 +63,13 @@ class Platform:
         await self.site.start()
 
     async def down(self) -> None:
+        """Stop listening and drop every open connection: new connections are refused, pooled ones break."""
         if self.site is not None:
             await self.site.stop()
             self.site = None
+        if self.runner is not None and self.runner.server is not None:
+            for connection in list(self.runner.server.connections):
+                connection.force_close()
 
     async def close(self) -> None:
         if self.runner is not None:

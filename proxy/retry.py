@@ -20,7 +20,7 @@ from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExc
 from proxy.idempotency import apply_key
 from proxy.metrics import Metrics
 from proxy.network import AdaptiveSettings, RetryParams
-from proxy.outcome import Outcome, Verdict
+from proxy.outcome import Outcome, Signal, Verdict
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
@@ -115,11 +115,12 @@ class RetryEngine:
         waits = policy.waits()
         replayed = False
         last_answer: Answer | None = None
+        timeouts = 0
         while True:
             params = policy.params()
             if not b.breaker.allow():
                 return self.circuit_open(exchange, last_answer)
-            attempt.timeout = self.per_try_timeout(exchange, params)
+            attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
             exchange.attempts += 1
             answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
             if answer is not None and answer.stream is None:
@@ -134,6 +135,7 @@ class RetryEngine:
                 return self.final(exchange, answer, failure, last_answer)
             if answer is not None and answer is not last_answer:
                 answer.release()
+            timeouts += verdict.signal is Signal.TIMEOUT
             exchange.retry_reasons.append(verdict.reason)
             self.metrics.retries.labels(b.app.name, b.upstream, verdict.reason).inc()
             attempt.number += 1
@@ -245,5 +247,9 @@ class RetryEngine:
         raise CircuitOpen(f"the {exchange.binding.upstream} upstream is failing; calls are paused for "
                           f"{wait:.1f}s while it recovers", retry_after=wait)
 
-    def per_try_timeout(self, exchange: Exchange, params: RetryParams) -> float:
-        return max(0.001, min(params.per_try_timeout, exchange.deadline - self.clock.now()))
+    def per_try_timeout(self, exchange: Exchange, params: RetryParams, timeouts: int = 0) -> float:
+        """The per-try timeout, doubled for each attempt of this request that timed out (up to 4x): when the
+        platform has just slowed down, the retry waits long enough for the slow answer instead of cutting it off
+        again. Never past the request's deadline."""
+        grown = params.per_try_timeout * (2 ** min(timeouts, 2))
+        return max(0.001, min(grown, exchange.deadline - self.clock.now()))

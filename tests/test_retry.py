@@ -223,3 +223,12 @@ async def test_fixed_backoff_waits_the_same_each_time() -> None:
     assert [next(waits) for _ in range(3)] == [1.0, 1.0, 1.0]
     jittered = RetryPolicy(RetrySettings(backoff_base=1.0, backoff_cap=4.0), VirtualClock(), rng=lambda: 1.0).waits()
     assert [next(jittered) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
+
+
+async def test_a_retry_after_a_timeout_waits_longer(start_sidecar: SidecarFactory, platforms: Platforms,
+                                                    http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(retry="{backoff_base: 1ms, per_try_timeout: 100ms, max_attempts: 3}")
+    platforms.feishu.faults.latency = 0.15   # the platform slowed down past the per-try timeout
+    async with http.get(f"{running.base}/sales-bot/open-apis/bitable/v1/apps/bascnX/tables/tblY/records") as r:
+        assert r.status == 200   # the second try had 200 ms, not another 100 ms
+        assert r.headers["X-Imsidecar-Retry-Reasons"] == "timeout"
