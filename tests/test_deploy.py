@@ -442,3 +442,13 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     result = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_rule_is_the_rules_file() -> None:
+    """One source for the alerts: the PrometheusRule the component ships carries exactly the shipped rules."""
+    rules = yaml.safe_load((ROOT / "dashboards" / "prometheus" / "imsidecar-rules.yaml").read_text())
+    shipped = yaml.safe_load((K8S / "sidecar" / "prometheusrule.yaml").read_text())
+    assert shipped["kind"] == "PrometheusRule"
+    assert shipped["spec"]["groups"] == rules["groups"], "regenerate: python deploy/kubernetes/sync_prometheusrule.py"
+    for variant in RENDERED:
+        assert one(rendered(variant), "PrometheusRule")["spec"]["groups"] == rules["groups"]
