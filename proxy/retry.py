@@ -120,15 +120,17 @@ class RetryEngine:
         limiter = b.limiters.get(exchange.template, exchange.route) if b.limiters.enabled else None
         while True:
             params = policy.params()
+            # The breaker first: a request it refuses must not use up a slot of the platform's quota.
+            if not b.breaker.allow():
+                return self.circuit_open(exchange, last_answer)
             if limiter is not None:
                 try:
                     await self.pace(exchange, limiter)
                 except LocallyRateLimited:
+                    b.breaker.release_probe()
                     if last_answer is None:
                         raise
                     return last_answer
-            if not b.breaker.allow():
-                return self.circuit_open(exchange, last_answer)
             attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
             exchange.attempts += 1
             answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
