@@ -24,6 +24,7 @@ from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
 from proxy.retry import RetryEngine, RetryPolicy
 from proxy.routing import RouteLabels, Router
+from proxy.store import open_store
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("imsidecar")
@@ -34,6 +35,7 @@ class Sidecar:
         self.config = config
         self.clock = clock or SystemClock()
         self.metrics = Metrics(registry)
+        self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
         self.router: Router[Binding] = Router()
@@ -51,7 +53,8 @@ class Sidecar:
             for name, up in app_config.upstreams.items()
         }
         self.clients.extend(clients.values())
-        tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens, self.metrics)
+        tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens,
+                           self.metrics, shared=self.store.tokens)
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
         policies = {name: RetryPolicy(app_config.retry, self.clock) for name in clients}
@@ -63,6 +66,7 @@ class Sidecar:
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.store.start()
         for tokens in self.tokens.values():
             asyncio.create_task(self._warm(tokens))
         for address in self.config.listeners():
@@ -120,6 +124,7 @@ class Sidecar:
             await self._session.close()
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
         await asyncio.gather(*(client.close() for client in self.clients))
+        await self.store.close()
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()
