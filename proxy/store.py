@@ -95,18 +95,19 @@ def _parse_redis(node: Node) -> StoreSettings | None:
     url, url_password = _redis_url(node)
     password = _password(node, url_password)
     tls = _tls(node, url)
-    prefix = node.text("key_prefix", "imsidecar:") or ""
-    if not prefix:
+    prefix = node.text("key_prefix", "imsidecar:") or "imsidecar:"
+    if node.has("key_prefix") and not node.value["key_prefix"]:
         node.problem("must not be empty: other programs may share this Redis", "key_prefix")
     replicas = _replicas(node)
+    d = StoreSettings()
     settings = StoreSettings(
         backend="redis", url=url, password=password, tls=tls, key_prefix=prefix, replicas=replicas,
         fallback_share=_fallback_share(node, replicas),
-        timeout=_positive_seconds(node, "timeout", StoreSettings.timeout),
-        connect_timeout=_positive_seconds(node, "connect_timeout", StoreSettings.connect_timeout),
-        lock_ttl=_positive_seconds(node, "lock_ttl", StoreSettings.lock_ttl),
-        probe_interval=_positive_seconds(node, "probe_interval", StoreSettings.probe_interval),
-        probe_max=_positive_seconds(node, "probe_max", StoreSettings.probe_max),
+        timeout=_positive_seconds(node, "timeout", d.timeout),
+        connect_timeout=_positive_seconds(node, "connect_timeout", d.connect_timeout),
+        lock_ttl=_positive_seconds(node, "lock_ttl", d.lock_ttl),
+        probe_interval=_positive_seconds(node, "probe_interval", d.probe_interval),
+        probe_max=_positive_seconds(node, "probe_max", d.probe_max),
     )
     if settings.probe_max < settings.probe_interval:
         node.problem("must not be shorter than probe_interval", "probe_max")
@@ -144,6 +145,7 @@ def _valid_port(parts: SplitResult) -> bool:
 def _password(node: Node, from_url: Secret | None) -> Secret | None:
     given = node.has("password") or node.has("password_file")
     if given and from_url is not None:
+        node.read.update(("password", "password_file"))
         node.problem("the url already carries a password; give it in one place only (password_file is best)",
                      "password")
         return from_url

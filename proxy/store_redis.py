@@ -212,7 +212,8 @@ class RedisTokens:
         self._metrics.fallbacks.labels("invalidate").inc()
 
     async def _shared(self, keys: TokenKeys, fetch: Fetch, min_valid: float) -> SharedGrant:
-        give_up = self._clock.now() + self._settings.lock_ttl
+        # Past the lock's expiry plus time for one more holder's fetch, something else is wrong: fetch here.
+        give_up = self._clock.now() + 1.5 * self._settings.lock_ttl
         polls = poll_waits()
         while True:
             held = await self._read(keys, min_valid)
@@ -222,8 +223,8 @@ class RedisTokens:
             if await self._health.call(self._redis.set(keys.lock, owner, nx=True, px=ms(self._settings.lock_ttl))):
                 return await self._fetch_holding_lock(keys, owner, fetch, min_valid)
             if self._clock.now() >= give_up:
-                log.warning("store: no token from the replica fetching it after %.0fs; fetching here",
-                            self._settings.lock_ttl)
+                log.warning("store: no token from the replica fetching it after %.1fs; fetching here",
+                            1.5 * self._settings.lock_ttl)
                 self._metrics.fallbacks.labels("tokens").inc()
                 return await self._fetch(fetch)
             await self._clock.sleep(next(polls))

@@ -1,0 +1,67 @@
+"""A real redis-server for the store tests: started on a free port, stopped and restarted at will, killed at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import unused_port
+
+from tests.conftest import require_binary
+
+READY_TRIES = 500   # 5 ms apart: a redis-server is up in a few milliseconds
+
+
+class RedisServer:
+    def __init__(self, binary: str, workdir: Path, password: str | None = None) -> None:
+        self.binary, self.workdir, self.password = binary, workdir, password
+        self.port = unused_port()
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL,
+                                                            stderr=subprocess.DEVNULL)
+        await self._ready()
+
+    async def _ready(self) -> None:
+        client = aioredis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
+        try:
+            for _ in range(READY_TRIES):
+                try:
+                    await client.ping()
+                    return
+                except (OSError, aioredis.ConnectionError):
+                    await asyncio.sleep(0.005)
+            raise RuntimeError(f"redis-server on port {self.port} did not come up")
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        """Terminate the process, as when the Redis pod goes away."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+        self.process = None
+
+    async def client(self) -> aioredis.Redis:
+        return aioredis.Redis(port=self.port, password=self.password, decode_responses=True)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(require_binary("redis-server", package="redis-server"), tmp_path)
+    await server.start()
+    yield server
+    await server.stop()
