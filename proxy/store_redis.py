@@ -138,7 +138,7 @@ class Health:
         self.up = False
         self._metrics.up.set(0)
         log.warning("store: Redis at %s unreachable (%s); each replica uses its own tokens and %.0f%% of each quota "
-                    "until it is back", self._settings.display_url, self.describe(exc),
+                    "until it answers again", self._settings.display_url, self.describe(exc),
                     100 * self._settings.fallback_share)
         self._probe = asyncio.create_task(self._watch())
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import unused_port
 
+from proxy.clock import VirtualClock
 from tests.conftest import require_binary
 
 READY_TRIES = 500   # 5 ms apart: a redis-server is up in a few milliseconds
@@ -65,3 +66,37 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     await server.start()
     yield server
     await server.stop()
+
+
+class LockstepClock(VirtualClock):
+    """Virtual time for tasks that mix real I/O (Redis round trips) with waits on the clock.
+
+    Time moves only when every watched task is asleep on this clock, and only to the next sleeper's deadline,
+    so each task sees exactly the instants it asked for, as it would with instant I/O in real time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asleep: set[asyncio.Task[Any]] = set()
+
+    async def sleep(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.asleep.add(task)
+        try:
+            await super().sleep(seconds)
+        finally:
+            self.asleep.discard(task)
+
+    def next_deadline(self) -> float | None:
+        pending = [deadline for deadline, _, future in self._sleepers if not future.done()]
+        return min(pending, default=None)
+
+    async def run(self, tasks: list[asyncio.Task[Any]], until: float) -> None:
+        while self.now() < until and not all(t.done() for t in tasks):
+            while not all(t.done() or t in self.asleep for t in tasks):
+                await asyncio.sleep(0.0002)   # a Redis reply on its way
+            deadline = self.next_deadline()
+            if deadline is None:
+                return
+            await self.advance(max(0.0, min(deadline, until) - self.now()))

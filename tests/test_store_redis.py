@@ -16,7 +16,7 @@ from proxy.clock import VirtualClock
 from proxy.store import SharedQuotaExceeded, StoreSettings
 from proxy.store_redis import RedisStore
 from tests.conftest import Platforms, Running, SidecarFactory
-from tests.redis_support import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.redis_support import LockstepClock, RedisServer, redis_server  # noqa: F401  (fixture)
 
 MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
 REPLICAS = 5
@@ -138,3 +138,116 @@ async def test_a_crashed_token_fetcher_blocks_the_others_only_until_its_lock_exp
     finally:
         await client.aclose()
         await store.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quotas, in virtual time: Lua computes with the time it is given, so the replicas pass the virtual wall clock.
+
+ROUTE = "ops-ding:/topapi/v2/user/get"
+
+
+class Counter:
+    """The platform's view: when each request arrived, in milliseconds of wall time."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock, self.arrivals = clock, list[int]()
+
+    def hit(self) -> None:
+        self.arrivals.append(round(self.clock.wall() * 1000))
+
+    def between(self, start: float, end: float) -> list[int]:
+        base = round(self.clock.wall() * 1000) - round(self.clock.now() * 1000)
+        return sorted(t for t in self.arrivals if base + start * 1000 <= t < base + end * 1000)
+
+    def busiest_second(self, start: float = 0.0, end: float = 1e9) -> int:
+        """The most arrivals in any 1 s window [t, t + 1 s) inside [start, end)."""
+        times = self.between(start, end)
+        return max((sum(1 for u in times[i:] if u < t + 1000) for i, t in enumerate(times)), default=0)
+
+
+def quota_replicas(server: RedisServer, clock: VirtualClock, count: int = REPLICAS,
+                   **settings: Any) -> list[tuple[RedisStore, CollectorRegistry]]:
+    made = []
+    for _ in range(count):
+        registry = CollectorRegistry()
+        made.append((RedisStore(StoreSettings(backend="redis", url=server.url, **settings), clock, registry),
+                     registry))
+    return made
+
+
+async def send_forever(store: RedisStore, clock: VirtualClock, counter: Counter,
+                       rate: Callable[[], float] = lambda: 20.0) -> None:
+    """A replica's worker: a slot from the shared quota (1 s deadline), then one request to the platform."""
+    while True:
+        try:
+            await store.quota.acquire(ROUTE, rate(), 1, deadline=clock.now() + 1.0)
+        except SharedQuotaExceeded as exc:
+            await clock.sleep(exc.retry_after - 0.5)   # a client told 429 comes back later
+            continue
+        counter.hit()
+
+
+async def run_workers(clock: Any, stores: list[RedisStore], counter: Counter, until: float,
+                      per_replica: int = 4, **kwargs: Any) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(send_forever(s, clock, counter, **kwargs)) for s in stores for _ in range(per_replica)]
+    await clock.run(tasks, until)
+    return tasks
+
+
+async def stop_all(tasks: list[asyncio.Task[None]], stores: list[RedisStore]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_five_replicas_send_at_most_a_shared_20_qps_quota_over_10_s(redis_server: RedisServer) -> None:
+    clock, counter = LockstepClock(), None
+    counter = Counter(clock)
+    stores = [s for s, _ in quota_replicas(redis_server, clock)]
+    tasks = await run_workers(clock, stores, counter, until=10.0)
+    await stop_all(tasks, stores)
+    sent = counter.between(0, 10)
+    assert 195 <= len(sent) <= 200        # the quota, used: 5 replicas x 4 workers each asking for more
+    assert counter.busiest_second() <= 20
+
+
+async def test_a_lowered_rate_passed_by_the_replicas_lowers_the_shared_rate_at_once(
+        redis_server: RedisServer) -> None:
+    """The adaptive limiter lowers its rate after throttles; each call carries it, so the cluster follows."""
+    clock = LockstepClock()
+    counter = Counter(clock)
+    stores = [s for s, _ in quota_replicas(redis_server, clock)]
+    tasks = await run_workers(clock, stores, counter, until=10.0, rate=lambda: 20.0 if clock.now() < 5 else 8.0)
+    await stop_all(tasks, stores)
+    assert counter.busiest_second(0, 5) <= 20
+    # Slots reserved before the cut (up to the 1 s deadline ahead) are honoured; after them, 8 per second.
+    assert counter.busiest_second(6, 10) <= 8
+    assert len(counter.between(6, 10)) >= 30
+
+
+async def test_redis_stopped_mid_run_each_replica_keeps_its_share_and_rejoins(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "imsidecar.store")
+    clock = LockstepClock()
+    counter = Counter(clock)
+    made = quota_replicas(redis_server, clock, fallback_share=0.2)   # replicas: 5
+    stores, registries = [s for s, _ in made], [r for _, r in made]
+    tasks = [asyncio.create_task(send_forever(s, clock, counter)) for s in stores for _ in range(4)]
+    await clock.run(tasks, 5.0)
+    await redis_server.stop()
+    await clock.run(tasks, 10.0)
+    assert all(r.get_sample_value("imsidecar_store_up") == 0 for r in registries)
+    assert all((r.get_sample_value("imsidecar_store_fallbacks_total", {"op": "quota"}) or 0) > 0 for r in registries)
+    # Once the slots reserved in Redis (up to the 1 s deadline, so up to 6.0 s) have passed, each replica
+    # sends at most 20 x 0.2 = 4 per second.
+    assert counter.busiest_second(6.001, 10) <= 20
+    assert len(counter.between(6.001, 10)) >= 70
+    await redis_server.start()
+    await clock.run(tasks, 30.0)
+    await stop_all(tasks, stores)
+    assert all(r.get_sample_value("imsidecar_store_up") == 1 for r in registries)
+    assert counter.busiest_second(20, 30) <= 20
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert sum("unreachable" in line for line in lines) == REPLICAS    # one line per transition, not per request
+    assert sum("is back" in line for line in lines) == REPLICAS
