@@ -329,5 +329,7 @@ def open_store(settings: StoreSettings | None, clock: Clock, registry: Collector
     """The store the settings ask for; Redis (and the `redis` package) only when configured."""
     if settings is None or not settings.shared:
         return MemoryStore(clock)
-    from proxy.store_redis import RedisStore   # optional dependency: pip install 'imsidecar[redis]'
+    from proxy.store_redis import (
+        RedisStore,  # optional dependency: pip install 'imsidecar[redis]'
+    )
     return RedisStore(settings, clock, registry)

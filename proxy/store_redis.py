@@ -22,7 +22,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.clock import Clock
-from proxy.store import Fetch, LocalQuota, SharedGrant, SharedQuotaExceeded, StoreSettings
+from proxy.store import (
+    Fetch,
+    LocalQuota,
+    SharedGrant,
+    SharedQuota,
+    SharedQuotaExceeded,
+    SharedTokens,
+    StoreSettings,
+)
 
 log = logging.getLogger("imsidecar.store")
 
@@ -318,8 +326,8 @@ class RedisStore:
         self._client = connect(settings)
         metrics = StoreMetrics(registry)
         self.health = Health(self._client.ping, clock, settings, metrics)
-        self.tokens = RedisTokens(self._client, self.health, clock, settings, metrics)
-        self.quota = RedisQuota(self._client, self.health, clock, settings, metrics)
+        self.tokens: SharedTokens = RedisTokens(self._client, self.health, clock, settings, metrics)
+        self.quota: SharedQuota = RedisQuota(self._client, self.health, clock, settings, metrics)
 
     async def start(self) -> None:
         """Say at start-up whether Redis answers; never refuse to start because it does not."""

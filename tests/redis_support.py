@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import unused_port
 
@@ -60,12 +60,15 @@ class RedisServer:
         return aioredis.Redis(port=self.port, password=self.password, decode_responses=True)
 
 
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(require_binary("redis-server", package="redis-server"), tmp_path)
+@contextlib.asynccontextmanager
+async def running_redis(workdir: Path, password: str | None = None) -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own, killed however the test ends (skipped where none is installed)."""
+    server = RedisServer(require_binary("redis-server", package="redis-server"), workdir, password)
     await server.start()
-    yield server
-    await server.stop()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 class LockstepClock(VirtualClock):

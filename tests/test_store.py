@@ -10,8 +10,16 @@ import pytest
 from proxy import config
 from proxy.clock import VirtualClock, settle
 from proxy.config import ConfigError
-from proxy.store import LocalQuota, LocalTokens, MemoryStore, SharedQuotaExceeded, StoreSettings, gcra, masked_url
 from proxy.platforms.base import TokenGrant
+from proxy.store import (
+    LocalQuota,
+    LocalTokens,
+    MemoryStore,
+    SharedQuotaExceeded,
+    StoreSettings,
+    gcra,
+    masked_url,
+)
 
 APP = """
 listen: 127.0.0.1:8080
@@ -59,8 +67,8 @@ def test_a_password_in_the_url_is_moved_out_of_it_and_never_printed() -> None:
 
 def test_a_bad_url_is_named_by_path_with_its_password_masked() -> None:
     found = problems(f"store: {{backend: redis, url: 'http://:{URL_PASSWORD}@redis.infra:6379'}}")
-    assert found == ["store.url: 'http://:****@redis.infra:6379' is not a redis:// or rediss:// URL with a host "
-                     "(and a port 1-65535)"]
+    assert found == [("store.url: 'http://:****@redis.infra:6379' is not a redis:// or rediss:// URL with a host "
+                      "(and a port 1-65535)")]
     assert URL_PASSWORD not in "".join(found)
 
 
@@ -99,8 +107,8 @@ def test_redis_keys_are_refused_with_the_memory_backend() -> None:
 
 def test_two_passwords_are_one_too_many() -> None:
     found = problems(f"store: {{backend: redis, url: 'redis://:{URL_PASSWORD}@h:6379', password: other-password}}")
-    assert found == ["store.password: the url already carries a password; give it in one place only "
-                     "(password_file is best)"]
+    assert found == [("store.password: the url already carries a password; give it in one place only "
+                      "(password_file is best)")]
 
 
 def test_masked_url_leaves_urls_without_password_alone() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -16,7 +16,7 @@ from proxy.clock import VirtualClock
 from proxy.store import SharedQuotaExceeded, StoreSettings
 from proxy.store_redis import RedisStore
 from tests.conftest import Platforms, Running, SidecarFactory
-from tests.redis_support import LockstepClock, RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.redis_support import LockstepClock, RedisServer, running_redis
 
 MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
 REPLICAS = 5
@@ -52,7 +52,13 @@ async def until(condition: Callable[[], bool], tries: int = 1000) -> None:
 
 
 @pytest.fixture
-async def http() -> Any:
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with running_redis(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         yield session
 
@@ -202,7 +208,7 @@ async def stop_all(tasks: list[asyncio.Task[None]], stores: list[RedisStore]) ->
 
 
 async def test_five_replicas_send_at_most_a_shared_20_qps_quota_over_10_s(redis_server: RedisServer) -> None:
-    clock, counter = LockstepClock(), None
+    clock = LockstepClock()
     counter = Counter(clock)
     stores = [s for s, _ in quota_replicas(redis_server, clock)]
     tasks = await run_workers(clock, stores, counter, until=10.0)
@@ -251,3 +257,67 @@ async def test_redis_stopped_mid_run_each_replica_keeps_its_share_and_rejoins(
     lines = [rec.getMessage() for rec in caplog.records]
     assert sum("unreachable" in line for line in lines) == REPLICAS    # one line per transition, not per request
     assert sum("is back" in line for line in lines) == REPLICAS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Redis trouble, seen from the applications
+
+
+async def test_requests_keep_succeeding_while_redis_is_down_and_the_replicas_rejoin(
+        start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
+        http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "imsidecar.store")
+    sidecars = await replicas(start_sidecar, redis_server, count=3, extra=FAST_PROBE)
+    assert set(await asyncio.gather(*(feishu_send(http, r) for r in sidecars))) == {0}
+    assert platforms.feishu.token_calls == 1
+
+    await redis_server.stop()
+    platforms.feishu.revoke("cli_test")     # every replica needs a new token while Redis is gone
+    codes = await asyncio.gather(*(feishu_send(http, r) for r in sidecars for _ in range(20)))
+    assert set(codes) == {0}
+    assert platforms.feishu.token_calls == 1 + 3                # each replica fetched its own, as without a store
+    for r in sidecars:
+        assert r.metric("imsidecar_store_up") == 0
+        assert r.metric("imsidecar_store_fallbacks_total", op="tokens") == 1
+        assert r.metric("imsidecar_store_fallbacks_total", op="invalidate") == 1
+
+    await redis_server.start()
+    await until(lambda: all(r.metric("imsidecar_store_up") == 1 for r in sidecars))
+    platforms.feishu.revoke("cli_test")
+    assert set(await asyncio.gather(*(feishu_send(http, r) for r in sidecars for _ in range(20)))) == {0}
+    assert platforms.feishu.token_calls == 1 + 3 + 1            # shared again: one refresh for all
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert sum("unreachable" in line for line in lines) == 3   # one line per replica and transition
+    assert sum("is back;" in line for line in lines) == 3
+
+
+async def test_a_replica_started_while_redis_is_down_serves_and_joins_later(
+        start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    await redis_server.stop()
+    (running,) = await replicas(start_sidecar, redis_server, count=1, extra=FAST_PROBE)
+    assert await feishu_send(http, running) == 0
+    assert running.metric("imsidecar_store_up") == 0
+    await redis_server.start()
+    await until(lambda: running.metric("imsidecar_store_up") == 1)
+
+
+async def test_the_password_reaches_redis_and_no_log_line(
+        start_sidecar: SidecarFactory, platforms: Platforms, tmp_path: Path, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    password = "redis-pass-0f7e1c2b9a"
+    async with running_redis(tmp_path, password) as server:
+        good, bad = tmp_path / "good", tmp_path / "bad"
+        good.write_text(password)
+        bad.write_text(password[::-1])
+        sharing = await start_sidecar(extra=store_section(server, f"password_file: {good}"))
+        wrong = await start_sidecar(extra=store_section(server, f"password_file: {bad}, {FAST_PROBE}"))
+        assert await feishu_send(http, sharing) == 0 and await feishu_send(http, wrong) == 0
+        assert sharing.metric("imsidecar_store_up") == 1
+        assert wrong.metric("imsidecar_store_up") == 0           # refused by Redis: local tokens, still serving
+        client = await server.client()
+        assert await client.exists("imsidecar:token:sales-bot:tenant") == 1
+        await client.aclose()
+    logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
+    assert password not in logged and password[::-1] not in logged
+    assert "unreachable" in caplog.text
