@@ -9,6 +9,7 @@ Errors:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,8 @@ def parse_store(node: Node) -> StoreSettings | None:
 
 def _parse_redis(node: Node) -> StoreSettings | None:
     problems_before = len(node.problems)
+    if importlib.util.find_spec("redis") is None:
+        node.problem("needs the redis package: pip install 'imsidecar[redis]'", "backend")
     url, url_password = _redis_url(node)
     password = _password(node, url_password)
     tls = _tls(node, url)
@@ -329,7 +332,6 @@ def open_store(settings: StoreSettings | None, clock: Clock, registry: Collector
     """The store the settings ask for; Redis (and the `redis` package) only when configured."""
     if settings is None or not settings.shared:
         return MemoryStore(clock)
-    from proxy.store_redis import (
-        RedisStore,  # optional dependency: pip install 'imsidecar[redis]'
-    )
+    # The redis package is an optional dependency (pip install 'imsidecar[redis]'); parse_store checked it.
+    from proxy.store_redis import RedisStore
     return RedisStore(settings, clock, registry)

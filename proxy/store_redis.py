@@ -127,9 +127,10 @@ def poll_waits() -> Iterator[float]:
 class Health:
     """Up or down, with one log line per transition; while down, a probe with back-off watches for the return."""
 
-    def __init__(self, ping: Callable[[], Awaitable[Any]], clock: Clock, settings: StoreSettings,
-                 metrics: StoreMetrics) -> None:
-        self._ping, self._clock, self._settings, self._metrics = ping, clock, settings, metrics
+    def __init__(self, ping: Callable[[], Awaitable[Any]], reset: Callable[[], Awaitable[Any]], clock: Clock,
+                 settings: StoreSettings, metrics: StoreMetrics) -> None:
+        self._ping, self._reset, self._clock = ping, reset, clock
+        self._settings, self._metrics = settings, metrics
         self.up = True
         self._probe: asyncio.Task[None] | None = None
         metrics.up.set(1)
@@ -154,6 +155,8 @@ class Health:
         for wait in probe_waits(self._settings):
             await self._clock.sleep(wait)
             try:
+                # Pooled connections to the Redis that went away would each fail once more: start afresh.
+                await self._reset()
                 await self._ping()
             except REDIS_ERRORS:
                 continue
@@ -325,7 +328,7 @@ class RedisStore:
         self.settings = settings
         self._client = connect(settings)
         metrics = StoreMetrics(registry)
-        self.health = Health(self._client.ping, clock, settings, metrics)
+        self.health = Health(self._client.ping, self._client.connection_pool.disconnect, clock, settings, metrics)
         self.tokens: SharedTokens = RedisTokens(self._client, self.health, clock, settings, metrics)
         self.quota: SharedQuota = RedisQuota(self._client, self.health, clock, settings, metrics)
 
