@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy import config
+from proxy.cli import main
 from proxy.clock import VirtualClock, settle
 from proxy.config import ConfigError
 from proxy.platforms.base import TokenGrant
@@ -161,3 +162,12 @@ async def test_local_quota_at_a_share_paces_and_refuses_past_the_deadline() -> N
     await clock.advance(1.0)
     await asyncio.gather(*tasks)
     assert sent == [0.0, 0.2, 0.4]
+
+
+def test_check_config_shows_the_store_without_its_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "imsidecar.yaml"
+    path.write_text(APP + f"store: {{backend: redis, url: 'redis://:{URL_PASSWORD}@redis.infra:6379/0', replicas: 4}}")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "store redis redis://:****@redis.infra:6379/0 (tls off, fallback share 25%)" in out
+    assert URL_PASSWORD not in out
