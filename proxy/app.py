@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import admin_app
-from proxy.bindings import AppTokens, Binding
+from proxy.bindings import AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
 from proxy.events.runtime import EventsRuntime
@@ -22,7 +22,9 @@ from proxy.events.settings import EventsSettings
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
-from proxy.retry import RetryEngine, RetryPolicy
+from proxy.retry import RetryEngine
+from proxy.robots.handlers import RobotService
+from proxy.robots.handlers import dispatch as robot_dispatch
 from proxy.routing import RouteLabels, Router
 from proxy.store import open_store
 from proxy.upstream import UpstreamClient
@@ -45,6 +47,7 @@ class Sidecar:
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
         self.events: EventsRuntime | None = None
+        self.robots: RobotService | None = None
 
     def _bind(self, app_config) -> None:  # type: ignore[no-untyped-def]
         platform = platform_for(app_config)
@@ -57,16 +60,18 @@ class Sidecar:
                            self.metrics, shared=self.store.tokens)
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
-        policies = {name: RetryPolicy(app_config.retry, self.clock) for name in clients}
+        stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
         for exposure in app_config.expose:
             up = exposure.upstream
-            binding = Binding(app_config, platform, up, clients[up], tokens, routes, policies[up])
+            binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up])
             self.router.add(exposure.listen, exposure.prefix, binding)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.start()
+        if self.config.robots is not None:
+            self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
         for tokens in self.tokens.values():
             asyncio.create_task(self._warm(tokens))
         for address in self.config.listeners():
@@ -87,7 +92,15 @@ class Sidecar:
     def _handler(self, address: Address):  # type: ignore[no-untyped-def]
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             return await self.pipeline.handle(request, address)
-        return handle
+
+        async def handle_with_robots(request: web.BaseRequest) -> web.StreamResponse:
+            # /robots/<name> and /alerts/<name> on the main listener; every other path is forwarded.
+            assert self.robots is not None
+            answered = await robot_dispatch(self.robots, request)
+            return answered if answered is not None else await self.pipeline.handle(request, address)
+
+        robots_here = self.config.robots is not None and address == self.config.listen
+        return handle_with_robots if robots_here else handle
 
     async def _serve(self, target: web.Server | web.Application, address: Address) -> None:
         runner: web.BaseRunner

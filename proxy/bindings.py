@@ -15,7 +15,9 @@ from proxy.errors import NETWORK_ERRORS
 from proxy.metrics import Metrics
 from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.outcome import Verdict
-from proxy.retry import RetryPolicy
+from proxy.breaker import BreakerState, CircuitBreaker
+from proxy.network import NetworkMonitor, NetworkState
+from proxy.retry import RetryPolicy, adaptive_settings, refreshed
 from proxy.routing import RouteLabels
 from proxy.store import LocalTokens, SharedTokens
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
@@ -90,6 +92,48 @@ class AppTokens:
 
 
 @dataclass(eq=False)
+class UpstreamStages:
+    """What one (app, upstream) learns and decides from the network: the monitor, the breaker, the retry policy."""
+
+    monitor: NetworkMonitor
+    breaker: CircuitBreaker
+    policy: RetryPolicy
+
+    @classmethod
+    def build(cls, app: AppConfig, upstream: str, clock: Clock, metrics: Metrics) -> UpstreamStages:
+        monitor = NetworkMonitor(clock, adaptive_settings(app.retry))
+        transitions = metrics.circuit_transitions
+        breaker = CircuitBreaker(clock, app.breaker, on_transition=lambda old, new: transitions.labels(
+            app.name, upstream, new.value).inc())
+        source = refreshed(monitor.retry_params, clock) if app.retry.adaptive else None
+        stages = cls(monitor, breaker, RetryPolicy(app.retry, clock, source))
+        stages.export(metrics, app.name, upstream)
+        return stages
+
+    def export(self, metrics: Metrics, app: str, upstream: str) -> None:
+        """Gauges read at scrape time, so the request path pays nothing for them."""
+        metrics.circuit_state.labels(app, upstream).set_function(lambda: CIRCUIT_VALUES[self.breaker.state])
+        for state in NetworkState:
+            metrics.network_state.labels(app, upstream, state.value).set_function(
+                lambda state=state: float(self.monitor.state is state))
+        for name, field_name in ADAPTIVE_GAUGES.items():
+            metrics.adaptive[name].labels(app, upstream).set_function(
+                lambda field_name=field_name: self.snapshot_value(field_name))
+
+    def snapshot_value(self, field_name: str) -> float:
+        value = getattr(self.monitor.snapshot(), field_name)
+        return float(value) if value is not None else 0.0
+
+
+CIRCUIT_VALUES = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
+ADAPTIVE_GAUGES = {
+    "per_try_timeout_seconds": "per_try_timeout", "backoff_base_seconds": "backoff_base",
+    "backoff_cap_seconds": "backoff_cap", "max_attempts": "max_attempts", "latency_ewma_seconds": "latency_ewma",
+    "latency_p99_seconds": "latency_p99", "loss_ratio": "loss_ratio", "throttle_ratio": "throttle_ratio",
+}
+
+
+@dataclass(eq=False)
 class Binding:
     app: AppConfig
     platform: Platform
@@ -97,10 +141,20 @@ class Binding:
     client: UpstreamClient
     tokens: AppTokens
     routes: RouteLabels
-    policy: RetryPolicy
+    stages: UpstreamStages
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self.stages.policy
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.stages.breaker
 
     def observe(self, verdict: Verdict, latency: float) -> None:
-        """Every attempt's result, for the stages that learn from the network (monitor, breaker, limiter)."""
+        """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""
+        self.stages.monitor.record(verdict, latency)
+        self.stages.breaker.record(verdict)
 
 
 __all__ = ["AppTokens", "Binding"]

@@ -70,7 +70,7 @@ class VirtualClock:
             if not future.done():
                 future.set_result(None)
             await settle()
-        self._now = target
+        self._now = max(self._now, target)   # another advance may have run meanwhile: time never goes back
         await settle()
 
     @property

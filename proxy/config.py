@@ -14,8 +14,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.breaker import BreakerSettings
 from proxy.configtree import Address, Node, expand
 from proxy.events.settings import EventsSettings, parse_events
+from proxy.robots.settings import RobotsSettings, parse_robots
 from proxy.secret import Secret
 from proxy.store import StoreSettings, parse_store
 
@@ -65,6 +67,7 @@ class CodeOverrides:
 @dataclass(frozen=True, slots=True)
 class RetrySettings:
     max_attempts: int = 3
+    backoff: str = "exponential"           # exponential (full jitter) | fixed (always backoff_base: a rerun loop)
     backoff_base: float = 0.1
     backoff_cap: float = 2.0
     per_try_timeout: float = 10.0
@@ -74,7 +77,8 @@ class RetrySettings:
     budget_window: float = 10.0
     idempotent_routes: tuple[str, ...] = ()
     idempotency_keys: bool = True          # add the platform's idempotency key to POSTs that accept one
-    adaptive: bool = True
+    adaptive: bool = True                  # derive timeout, back-off and attempts from the measured network
+    pinned: frozenset[str] = frozenset()   # the parameters set in config, which adaptation leaves alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class AppConfig:
     expose: tuple[Exposure, ...]
     retry: RetrySettings = RetrySettings()
     codes: CodeOverrides = CodeOverrides()
+    breaker: BreakerSettings = BreakerSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +127,8 @@ class Config:
     limits: Limits = Limits()
     logging: LogSettings = LogSettings()
     events: EventsSettings | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (robots)
+    robots: RobotsSettings | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (none at present)
     store: StoreSettings = StoreSettings()                  # memory unless `store: {backend: redis, ...}`
 
     def listeners(self) -> list[Address]:
@@ -166,7 +172,8 @@ def parse(raw: Any, env: Mapping[str, str]) -> Config:
 # Sections
 
 # Sections parsed by the modules that own them; kept raw here and validated there.
-EXTRA_SECTIONS = ("robots",)
+EXTRA_SECTIONS: tuple[str, ...] = ()
+RESERVED_PREFIXES = ("/robots", "/alerts")   # the robot and alert-bridge endpoints on the main listener
 
 
 def _parse_config(root: Node) -> Config | None:
@@ -178,17 +185,18 @@ def _parse_config(root: Node) -> Config | None:
     default_retry = _parse_retry(root.child("retry"), RetrySettings())
     apps = tuple(_parse_app(n, listen, default_retry) for n in root.children("apps"))
     events = parse_events(root.child("events")) if root.has("events") else None
+    robots = parse_robots(root.child("robots")) if root.has("robots") else None
     store = parse_store(root.child("store")) if root.has("store") else StoreSettings()
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
-    if not apps and not extra and events is None:
+    if not apps and not extra and events is None and robots is None:
         root.problem("at least one app is required", "apps")
     _check_unique(root, apps, listen, admin)
     if events is not None and events.listen is not None and events.listen.port in {a.port for a in (listen, admin) if a}:
         root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
     if listen is None or admin is None or store is None or any(a is None for a in apps):
         return None
-    return Config(listen, admin, apps, tokens, limits, logging_, events, extra, store)  # type: ignore[arg-type]
+    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store)  # type: ignore[arg-type]
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:
@@ -207,10 +215,11 @@ def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings)
     expose = _parse_expose(node, name, upstreams, listen)
     retry = _parse_retry(node.child("retry"), default_retry)
     codes = _parse_codes(node.child("codes"))
+    breaker = _parse_breaker(node.child("breaker"))
     node.finish()
     if not (client_id and secret and listen):
         return None
-    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes)
+    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes, breaker)
 
 
 def _parse_upstreams(node: Node, platform: str) -> dict[str, Upstream]:
@@ -251,9 +260,13 @@ def _parse_expose(node: Node, name: str, upstreams: Mapping[str, Upstream], list
     return tuple(result)
 
 
+ADAPTIVE_KEYS = ("per_try_timeout", "backoff_base", "backoff_cap", "max_attempts", "budget_ratio")
+
+
 def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:
     settings = RetrySettings(
         max_attempts=int(node.number("max_attempts", base.max_attempts, minimum=1)),
+        backoff=node.choice("backoff", ("exponential", "fixed"), base.backoff),
         backoff_base=node.seconds("backoff_base", base.backoff_base),
         backoff_cap=node.seconds("backoff_cap", base.backoff_cap),
         per_try_timeout=node.seconds("per_try_timeout", base.per_try_timeout),
@@ -264,6 +277,21 @@ def _parse_retry(node: Node, base: RetrySettings) -> RetrySettings:
         idempotent_routes=node.strings("idempotent_routes") if node.has("idempotent_routes") else base.idempotent_routes,
         idempotency_keys=node.flag("idempotency_keys", base.idempotency_keys),
         adaptive=node.flag("adaptive", base.adaptive),
+        pinned=base.pinned | {key for key in ADAPTIVE_KEYS if node.has(key)},
+    )
+    node.finish()
+    return settings
+
+
+def _parse_breaker(node: Node) -> BreakerSettings:
+    d = BreakerSettings()
+    settings = BreakerSettings(
+        failure_ratio=node.number("failure_ratio", d.failure_ratio),
+        min_volume=int(node.number("min_volume", d.min_volume, minimum=1)),
+        connect_failures=int(node.number("connect_failures", d.connect_failures, minimum=1)),
+        open_for=node.seconds("open_for", d.open_for),
+        probes=int(node.number("probes", d.probes, minimum=1)),
+        window=node.seconds("window", d.window),
     )
     node.finish()
     return settings
@@ -329,6 +357,8 @@ def _check_unique(root: Node, apps: tuple[AppConfig | None, ...], listen: Addres
         names.add(app.name)
         for exposure in app.expose:
             where = (exposure.listen, exposure.prefix)
+            if exposure.listen == listen and exposure.prefix in RESERVED_PREFIXES:
+                root.problem(f"{exposure.prefix} is reserved for the robot endpoints", f"apps[{i}].expose")
             if where in routes:
                 root.problem(f"{exposure.listen}{exposure.prefix or ' (whole port)'} is already used by {routes[where]}", f"apps[{i}].expose")
             routes[where] = app.name

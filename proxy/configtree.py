@@ -133,19 +133,24 @@ class Node:
 
     def strings(self, key: str) -> tuple[str, ...]:
         value = self.get(key) or []
-        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+        # Numbers are welcome (a phone number, a code); a bool is YAML reading `yes`/`on`, never a string meant.
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
             self.problem("expected a list of strings", key)
             return ()
         return tuple(str(v) for v in value)
 
-    def secret(self, key: str) -> Secret | None:
-        """`key` inline (usually `${VAR}`) or `key_file`, a mounted Kubernetes Secret; exactly one."""
+    def secret(self, key: str, *, required: bool = True) -> Secret | None:
+        """`key` inline (usually `${VAR}`) or `key_file`, a mounted Kubernetes Secret; exactly one, or at most one
+        when not `required` (neither key present is then None; a present but empty one is still a problem)."""
         file_key = f"{key}_file"
+        self.read.update((key, file_key))
         if self.has(key) and self.has(file_key):
             self.problem(f"give {key} or {file_key}, not both")
             return None
         if self.has(file_key):
             return self._secret_file(file_key)
+        if not required and not self.has(key):
+            return None
         value = self.text(key, required=True)
         return Secret(value) if value else None
 

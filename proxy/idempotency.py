@@ -1,6 +1,6 @@
 """Idempotency keys: where a platform route takes one, and adding one when the client sent none.
 
-Owns putting the key in place; which routes take which key is each platform's table (`KeySpot`).
+Owns putting the key in place; which routes take which key is each platform's table of `KeySpot`s.
 """
 
 from __future__ import annotations
@@ -11,13 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import parse_qsl, quote
 
-
-@dataclass(frozen=True, slots=True)
-class KeySpot:
-    """Where one route takes its idempotency key: a query parameter or a top-level JSON body field."""
-
-    where: str   # "query" | "body"
-    name: str
+from proxy.platforms.base import KeySpot, load_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +36,7 @@ def apply_key(spot: KeySpot | None, query: str, body: bytes | None, *,
             return Keyed(query, body, False, False)
         pair = f"{spot.name}={quote(new_key(), safe='')}"
         return Keyed(f"{query}&{pair}" if query else pair, body, True, True)
-    document = _json_object(body)
+    document = load_json(body)
     if document is None:
         return Keyed(query, body, False, False)   # not a JSON object: leave the body alone, and do not retry it
     if document.get(spot.name):
@@ -51,13 +45,3 @@ def apply_key(spot: KeySpot | None, query: str, body: bytes | None, *,
         return Keyed(query, body, False, False)
     document[spot.name] = new_key()
     return Keyed(query, json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode(), True, True)
-
-
-def _json_object(body: bytes | None) -> dict[str, object] | None:
-    if not body:
-        return None
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None

@@ -5,6 +5,8 @@ Owns names, labels and buckets (label values bounded by configuration); the stag
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from proxy import __version__
@@ -14,6 +16,23 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 REQUEST_LABELS = ("app", "upstream", "route", "method", "status_class", "outcome")
+
+
+class Children:
+    """A metric's children by label values, for the hot path: `.labels()` validates and locks on every call.
+
+    Bounded like the labels themselves: every value comes from configuration or a capped route template.
+    """
+
+    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -90,6 +109,12 @@ class Metrics:
         self.ratelimit_rate = Gauge(
             "imsidecar_ratelimit_rate", "Requests per second the limiter allows now (lowered after throttling).",
             ("app", "route"), registry=r)
+        # The children the forwarding path touches on every request.
+        self.hot_requests = Children(self.requests)
+        self.hot_request_duration = Children(self.request_duration)
+        self.hot_in_flight = Children(self.in_flight)
+        self.hot_attempts = Children(self.attempts)
+        self.hot_attempt_duration = Children(self.attempt_duration)
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)

@@ -19,7 +19,7 @@ from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailabl
 from proxy.metrics import Metrics
 from proxy.platforms.base import dump
 from proxy.retry import Attempt, RetryEngine
-from proxy.routing import Router, route_template
+from proxy.routing import Router
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
@@ -43,6 +43,7 @@ class Exchange:
     route: str         # the template, or "other" past the per-app cap: for labels and logs
     started: float
     deadline: float
+    token_kind: str | None = None   # decided once, from what the client sent (None: its own user token)
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     has_idempotency_key: bool = False
@@ -78,13 +79,14 @@ class Pipeline:
             return self.no_route(listen, path)
         binding = match.target
         exchange = self.start(request, binding, match.path, query)
-        self.metrics.in_flight.labels(binding.app.name).inc()
+        in_flight = self.metrics.hot_in_flight(binding.app.name)
+        in_flight.inc()
         try:
             response = await self.forward(request, exchange)
         except SidecarError as exc:
             response = self.error_response(exchange, exc)
         finally:
-            self.metrics.in_flight.labels(binding.app.name).dec()
+            in_flight.dec()
         self.record(exchange, response)
         return response
 
@@ -108,9 +110,10 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        template = route_template(path)
+        template = binding.routes.template(path)
         route = binding.routes.label(template)
-        return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget)
+        kind = binding.platform.token_kind(binding.upstream, headers)
+        return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind)
 
     async def answer_token_endpoint(self, exchange: Exchange) -> web.Response | None:
         """Official SDKs fetch tokens themselves: answer from the sidecar's cache, with a placeholder token."""
@@ -144,10 +147,11 @@ class Pipeline:
     async def send_attempt(self, exchange: Exchange, body: RequestBody, attempt: Attempt) -> Answer:
         """One attempt: the token (unless the client sent a user token), then the bytes to the platform."""
         b = exchange.binding
-        headers = CIMultiDict(exchange.headers)
-        headers.update(attempt.extra_headers)
+        headers = exchange.headers   # the token is set afresh on every attempt, so the request's own copy serves
+        if attempt.extra_headers:
+            headers.update(attempt.extra_headers)
         query = attempt.query if attempt.query is not None else exchange.query
-        kind = b.platform.token_kind(b.upstream, headers)
+        kind = exchange.token_kind
         attempt.token = None
         if kind is not None:
             try:
@@ -207,8 +211,10 @@ class Pipeline:
         elapsed = self.clock.now() - exchange.started
         outcome = response.headers.get("X-Imsidecar-Error") or ("ok" if response.status < 400 else "platform_error")
         status_class = f"{response.status // 100}xx"
-        self.metrics.requests.labels(b.app.name, b.upstream, exchange.route, exchange.method, status_class, outcome).inc()
-        self.metrics.request_duration.labels(b.app.name, b.upstream, exchange.route).observe(elapsed)
+        self.metrics.hot_requests(b.app.name, b.upstream, exchange.route, exchange.method, status_class, outcome).inc()
+        self.metrics.hot_request_duration(b.app.name, b.upstream, exchange.route).observe(elapsed)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         access_log.info(
             "%s %s %s %s %s attempts=%d %.1fms", b.app.name, b.upstream, exchange.method, exchange.route,
             response.status, exchange.attempts, elapsed * 1000,

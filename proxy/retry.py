@@ -16,10 +16,11 @@ from multidict import CIMultiDict
 from proxy.budget import RetryBudget
 from proxy.clock import Clock
 from proxy.config import RetrySettings
-from proxy.errors import AttemptFailed, AttemptTimeout, DeadlineExceeded
+from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExceeded
 from proxy.idempotency import apply_key
 from proxy.metrics import Metrics
-from proxy.outcome import Outcome, Verdict
+from proxy.network import AdaptiveSettings, RetryParams
+from proxy.outcome import Outcome, Signal, Verdict
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
@@ -30,21 +31,29 @@ RETRIED_OUTCOMES = frozenset({Outcome.RETRYABLE, Outcome.THROTTLED})
 MIN_USEFUL_ATTEMPT = 0.25   # a retry needs at least this long (or the per-try timeout, if shorter) before the deadline
 
 
-@dataclass(frozen=True, slots=True)
-class RetryParams:
-    """The knobs one decision reads; fixed from config, or fed by the network monitor in adaptive mode."""
-
-    per_try_timeout: float
-    backoff_base: float
-    backoff_cap: float
-    max_attempts: int
-
-    @classmethod
-    def from_settings(cls, s: RetrySettings) -> RetryParams:
-        return cls(s.per_try_timeout, s.backoff_base, s.backoff_cap, s.max_attempts)
-
-
 ParamsSource = Callable[[], RetryParams]
+
+
+def fixed_params(s: RetrySettings) -> RetryParams:
+    return RetryParams(s.per_try_timeout, s.backoff_base, s.backoff_cap, s.max_attempts)
+
+
+def adaptive_settings(s: RetrySettings) -> AdaptiveSettings:
+    """The monitor's settings, with the parameters config set pinned and the others left to adapt."""
+    return AdaptiveSettings(**{key: getattr(s, key) for key in sorted(s.pinned)})
+
+
+def refreshed(source: ParamsSource, clock: Clock, every: float = 0.25) -> ParamsSource:
+    """`source` evaluated at most every `every` seconds: the monitor's quantiles are not free, requests are many."""
+    cached: list[RetryParams | float] = [source(), clock.now()]
+
+    def params() -> RetryParams:
+        now = clock.now()
+        if now - cached[1] >= every:  # type: ignore[operator]
+            cached[0], cached[1] = source(), now
+        return cached[0]  # type: ignore[return-value]
+
+    return params
 
 
 @dataclass(slots=True)
@@ -76,7 +85,7 @@ class RetryPolicy:
     def __init__(self, settings: RetrySettings, clock: Clock, params: ParamsSource | None = None,
                  rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
-        fixed = RetryParams.from_settings(settings)
+        fixed = fixed_params(settings)
         self.params: ParamsSource = params or (lambda: fixed)
         self.budget = RetryBudget(clock, ratio=settings.budget_ratio, min_per_second=settings.budget_min_per_second,
                                   window=settings.budget_window)
@@ -84,6 +93,9 @@ class RetryPolicy:
 
     def waits(self) -> Iterator[float]:
         """Exponential back-off with full jitter; base and cap are read at each step, so adaptation applies at once."""
+        if self.settings.backoff == "fixed":
+            while True:
+                yield self.params().backoff_base
         steps = backoff.expo(base=2, factor=1)
         next(steps)   # the generator's priming value
         for multiplier in steps:
@@ -103,9 +115,12 @@ class RetryEngine:
         waits = policy.waits()
         replayed = False
         last_answer: Answer | None = None
+        timeouts = 0
         while True:
             params = policy.params()
-            attempt.timeout = self.per_try_timeout(exchange, params)
+            if not b.breaker.allow():
+                return self.circuit_open(exchange, last_answer)
+            attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
             exchange.attempts += 1
             answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
             if answer is not None and answer.stream is None:
@@ -120,6 +135,7 @@ class RetryEngine:
                 return self.final(exchange, answer, failure, last_answer)
             if answer is not None and answer is not last_answer:
                 answer.release()
+            timeouts += verdict.signal is Signal.TIMEOUT
             exchange.retry_reasons.append(verdict.reason)
             self.metrics.retries.labels(b.app.name, b.upstream, verdict.reason).inc()
             attempt.number += 1
@@ -149,11 +165,14 @@ class RetryEngine:
             answer = await send(exchange, body, attempt)
         except AttemptFailed as exc:
             answer, verdict, failure = None, exc.verdict, exc
+        except BaseException:
+            b.breaker.release_probe()   # it never reached the upstream (no token, cancelled): give the slot back
+            raise
         else:
             verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
             failure = None
-        self.metrics.attempt_duration.labels(b.app.name, b.upstream).observe(self.clock.now() - started)
-        self.metrics.attempts.labels(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
+        self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
+        self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
         b.observe(verdict, self.clock.now() - started)
         return answer, verdict, failure
 
@@ -189,7 +208,7 @@ class RetryEngine:
         remaining = exchange.deadline - self.clock.now()
         if wait + min(MIN_USEFUL_ATTEMPT, params.per_try_timeout) > remaining:
             return Decision(False, "deadline")
-        if not policy.budget.try_spend():
+        if not policy.budget.try_spend(params.budget_ratio):
             return Decision(False, "budget")
         return Decision(True, "retry", wait)
 
@@ -219,5 +238,18 @@ class RetryEngine:
             raise DeadlineExceeded("the request's deadline passed with no answer from the platform") from failure
         raise failure
 
-    def per_try_timeout(self, exchange: Exchange, params: RetryParams) -> float:
-        return max(0.001, min(params.per_try_timeout, exchange.deadline - self.clock.now()))
+    def circuit_open(self, exchange: Exchange, last_answer: Answer | None) -> Answer:
+        """The breaker refuses: the platform's last answer if a try already got one, else 503 at once."""
+        if last_answer is not None:
+            self.metrics.not_retried.labels(exchange.binding.app.name, exchange.binding.upstream, "circuit_open").inc()
+            return last_answer
+        wait = exchange.binding.breaker.retry_after()
+        raise CircuitOpen(f"the {exchange.binding.upstream} upstream is failing; calls are paused for "
+                          f"{wait:.1f}s while it recovers", retry_after=wait)
+
+    def per_try_timeout(self, exchange: Exchange, params: RetryParams, timeouts: int = 0) -> float:
+        """The per-try timeout, doubled for each attempt of this request that timed out (up to 4x): when the
+        platform has just slowed down, the retry waits long enough for the slow answer instead of cutting it off
+        again. Never past the request's deadline."""
+        grown = params.per_try_timeout * (2 ** min(timeouts, 2))
+        return max(0.001, min(grown, exchange.deadline - self.clock.now()))

@@ -73,9 +73,19 @@ def route_template(path: str) -> str:
 class RouteLabels:
     """Route templates as metric label values, capped per app so no traffic can grow the series count."""
 
-    def __init__(self, limit: int = 200, known: Iterable[str] = ()) -> None:
+    def __init__(self, limit: int = 200, known: Iterable[str] = (), paths: int = 4096) -> None:
         self._limit = limit
         self._seen: dict[str, str] = {t: t for t in known}
+        self._templates: dict[str, str] = {}   # path → template: the same paths come back again and again
+        self._paths = paths
+
+    def template(self, path: str) -> str:
+        template = self._templates.get(path)
+        if template is None:
+            if len(self._templates) >= self._paths:
+                self._templates.clear()   # bounded: a flood of distinct IDs only costs the regexes again
+            template = self._templates[path] = route_template(path)
+        return template
 
     def label(self, template: str) -> str:
         if template in self._seen:

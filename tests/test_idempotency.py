@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from proxy.idempotency import KeySpot, apply_key
+from proxy.idempotency import apply_key
+from proxy.platforms.base import KeySpot
 
 QUERY = KeySpot("query", "client_token")
 BODY = KeySpot("body", "uuid")

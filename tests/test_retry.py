@@ -211,3 +211,24 @@ class TestInVirtualTime:
         assert status == 429 and body["code"] == 99991400   # the platform's last real answer
         assert headers["X-Imsidecar-Attempts"] == "3"        # t≈0, ≈1.1, ≈2.2: a fourth would start past 3 s
         assert clock.now() - started <= 3.0
+
+
+async def test_fixed_backoff_waits_the_same_each_time() -> None:
+    from proxy.config import RetrySettings
+    from proxy.clock import VirtualClock
+    from proxy.retry import RetryPolicy
+
+    policy = RetryPolicy(RetrySettings(backoff="fixed", backoff_base=1.0), VirtualClock())
+    waits = policy.waits()
+    assert [next(waits) for _ in range(3)] == [1.0, 1.0, 1.0]
+    jittered = RetryPolicy(RetrySettings(backoff_base=1.0, backoff_cap=4.0), VirtualClock(), rng=lambda: 1.0).waits()
+    assert [next(jittered) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
+
+
+async def test_a_retry_after_a_timeout_waits_longer(start_sidecar: SidecarFactory, platforms: Platforms,
+                                                    http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(retry="{backoff_base: 1ms, per_try_timeout: 100ms, max_attempts: 3}")
+    platforms.feishu.faults.latency = 0.15   # the platform slowed down past the per-try timeout
+    async with http.get(f"{running.base}/sales-bot/open-apis/bitable/v1/apps/bascnX/tables/tblY/records") as r:
+        assert r.status == 200   # the second try had 200 ms, not another 100 ms
+        assert r.headers["X-Imsidecar-Retry-Reasons"] == "timeout"

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from yarl import URL
+
+from proxy import config
+from proxy.app import Sidecar
 from proxy.clock import SystemClock
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
-from proxy.robots.handlers import RobotService, add_robot_routes
-from proxy.robots.settings import parse_robots
 from proxy.robots.signing import dingtalk_sign
 from tests.conftest import require_binary
 
@@ -48,18 +49,24 @@ async def robots(aiohttp_server):
 
 
 @pytest.fixture
-async def bridge(aiohttp_server, robots):
+async def bridge(robots):
+    """The real sidecar, with only its robot targets configured."""
     _, _, dt_server, fs_server = robots
-    settings = parse_robots({"deadline": "10s", "targets": [
-        {"name": "ops", "platform": "dingtalk", "token": "dt-tok", "secret": DT_SECRET, "keyword": "alert",
-         "base_url": str(dt_server.make_url("")), "mention": {"mobiles": ["13800000000"]}},
-        {"name": "dev", "platform": "feishu", "token": "fs-hook", "secret": FS_SECRET,
-         "base_url": str(fs_server.make_url(""))},
-    ]})
-    async with aiohttp.ClientSession() as session:
-        app = web.Application()
-        add_robot_routes(app, RobotService.create(settings, session, SystemClock(), CollectorRegistry()))
-        yield await aiohttp_server(app)
+    listen, admin = free_port(), free_port()
+    text = f"""
+listen: 127.0.0.1:{listen}
+admin_listen: 127.0.0.1:{admin}
+robots:
+  deadline: 10s
+  targets:
+    - {{name: ops, platform: dingtalk, token: dt-tok, secret: {DT_SECRET}, keyword: alert,
+       base_url: "{dt_server.make_url('')}", mention: {{mobiles: ["13800000000"]}}}}
+    - {{name: dev, platform: feishu, token: fs-hook, secret: {FS_SECRET}, base_url: "{fs_server.make_url('')}"}}
+"""
+    sidecar = Sidecar(config.loads(text, env={}), registry=CollectorRegistry())
+    await sidecar.start()
+    yield URL(f"http://127.0.0.1:{listen}")
+    await sidecar.stop()
 
 
 @pytest.fixture
@@ -76,9 +83,9 @@ route:
 receivers:
   - name: chat
     webhook_configs:
-      - url: {bridge.make_url('/alerts/ops')}
+      - url: {bridge / 'alerts' / 'ops'}
         send_resolved: false
-      - url: {bridge.make_url('/alerts/dev')}
+      - url: {bridge / 'alerts' / 'dev'}
         send_resolved: false
 """)
     binary = require_binary("prometheus-alertmanager", "alertmanager", package="prometheus-alertmanager")

@@ -71,10 +71,11 @@ async def test_revoked_token_is_refreshed_and_the_post_replayed_once(sidecar: Ru
 
     assert await ding_get(http, sidecar) == 0
     platforms.dingtalk.revoke("ding_test")
-    assert await ding_get(http, sidecar) == 0
-    async with http.get(f"{sidecar.api_base}/v1.0/contact/users/manager001") as r:
-        assert r.status == 200
-    assert platforms.dingtalk.token_calls == 2
+    async with http.get(f"{sidecar.api_base}/v1.0/contact/users/manager001") as r:   # the header-token host
+        assert r.status == 200 and r.headers["X-Imsidecar-Retry-Reasons"] == "token_invalid"
+    platforms.dingtalk.revoke("ding_test")
+    assert await ding_get(http, sidecar) == 0                                        # the query-token host
+    assert platforms.dingtalk.token_calls == 3
 
 
 async def test_a_token_refused_twice_is_not_replayed_again(sidecar: Running, platforms: Platforms,

@@ -26,6 +26,7 @@ class Faults:
     script: deque[str | None] = field(default_factory=deque)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     hang_seconds: float = 0.5
+    latency: float = 0.0                  # real seconds every guarded request takes before it is handled
     enabled_paths: tuple[str, ...] = ()   # only requests whose path contains one of these (all when empty)
 
     def pick(self, path: str) -> str | None:

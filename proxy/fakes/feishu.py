@@ -119,6 +119,8 @@ class FakeFeishu:
             self.calls.append((request.path, token[:1], ok))
             if not ok:
                 return answer(99991663, "Invalid access token for authorization.", status=400)
+            if self.faults.latency:
+                await asyncio.sleep(self.faults.latency)
             fault = self.faults.pick(request.path)
             early = await self.fault_before(request, fault)
             if early is not None:

@@ -15,7 +15,6 @@ from urllib.parse import quote
 from multidict import CIMultiDict
 
 from proxy.config import AppConfig, CodeOverrides
-from proxy.idempotency import KeySpot
 from proxy.outcome import Outcome, Signal, Verdict
 
 # Sidecar error codes, in every platform's error shape. Chosen far from both platforms' ranges.
@@ -57,6 +56,14 @@ class TokenFetchError(Exception):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpot:
+    """Where one route takes its idempotency key: a query parameter or a top-level JSON body field."""
+
+    where: str   # "query" | "body"
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +137,13 @@ def lookup_override(codes: CodeOverrides, code: str) -> Outcome | None:
     return None
 
 
+SUCCESS = Verdict(Outcome.SUCCESS, "ok", Signal.OK)   # the common answer, built once
+_DEFAULT_SIGNAL = {Outcome.THROTTLED: Signal.THROTTLED, Outcome.RETRYABLE: Signal.SERVER_ERROR}
+
+
 def verdict_for(outcome: Outcome, reason: str, *, processed: bool = True, retry_after: float | None = None,
                 signal: Signal | None = None) -> Verdict:
-    default_signal = {
-        Outcome.THROTTLED: Signal.THROTTLED,
-        Outcome.RETRYABLE: Signal.SERVER_ERROR,
-    }.get(outcome, Signal.OK)
+    default_signal = _DEFAULT_SIGNAL.get(outcome, Signal.OK)
     if outcome in (Outcome.THROTTLED, Outcome.TOKEN_INVALID):
         processed = False   # refused before acting: always safe to send again
     return Verdict(outcome, reason, signal or default_signal, processed, retry_after)
@@ -144,7 +152,7 @@ def verdict_for(outcome: Outcome, reason: str, *, processed: bool = True, retry_
 def verdict_for_status(status: int, retry_after: float | None) -> Verdict:
     """Classify by HTTP status alone: an answer with no platform code (an HTML page from a gateway)."""
     if status < 300:
-        return verdict_for(Outcome.SUCCESS, "ok")
+        return SUCCESS
     if status == 429:
         return verdict_for(Outcome.THROTTLED, "http_429", retry_after=retry_after)
     if status == 503:

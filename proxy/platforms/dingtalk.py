@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from proxy.outcome import Outcome, Signal, Verdict
 from proxy.platforms.base import (
     PLACEHOLDER, CODE_NAMES, LocalAnswer, with_query_param, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
-    load_json, parse_retry_after, verdict_for, verdict_for_status,
+    load_json, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
 )
 
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
@@ -87,7 +87,7 @@ class DingTalk(Platform):
         if "errcode" in answer:
             return self._classify_oapi(answer, status, retry_after)
         if status < 300:
-            return verdict_for(Outcome.SUCCESS, "ok")
+            return SUCCESS
         if answer.get("status") == 1111:   # the per-IP flood ban: {"status":1111,"wait":5,...}
             return verdict_for(Outcome.THROTTLED, "ip_ban", retry_after=_number(answer.get("wait")) or retry_after)
         return self._classify_api(code_text(answer.get("code")) or "", status, retry_after)
@@ -99,7 +99,7 @@ class DingTalk(Platform):
         if overridden is not None:
             return verdict_for(overridden, reason, retry_after=retry_after)
         if code == "0":
-            return verdict_for(Outcome.SUCCESS, "ok") if status < 300 else verdict_for_status(status, retry_after)
+            return SUCCESS if status < 300 else verdict_for_status(status, retry_after)
         if code in TOKEN_INVALID:
             return verdict_for(Outcome.TOKEN_INVALID, reason)
         if code == "90018":   # per-app per-API QPS: the platform's rule is to wait one second

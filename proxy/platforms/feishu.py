@@ -9,11 +9,10 @@ from typing import Mapping
 
 from multidict import CIMultiDict
 
-from proxy.idempotency import KeySpot
 from proxy.outcome import Outcome, Verdict
 from proxy.platforms.base import (
-    PLACEHOLDER, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
-    parse_retry_after, verdict_for, verdict_for_status,
+    PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
+    parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
 )
 
 TOKEN_PATHS = {
@@ -98,14 +97,14 @@ class Feishu(Platform):
 
     def classify(self, upstream: str, status: int, headers: Mapping[str, str], body: bytes | None) -> Verdict:
         if status == 200 and body is not None and body.startswith(SUCCESS_PREFIX):
-            return verdict_for(Outcome.SUCCESS, "ok")   # the common case, without parsing the body
+            return SUCCESS   # the common case, without parsing the body
         retry_after = _reset_after(headers)
         answer = load_json(body)
         code = code_text(answer.get("code")) if answer else None
         if code is None:
             return verdict_for_status(status, retry_after)
         if code == "0" and status < 300:
-            return verdict_for(Outcome.SUCCESS, "ok")
+            return SUCCESS
         return self._classify_code(code, status, retry_after)
 
     def _classify_code(self, code: str, status: int, retry_after: float | None) -> Verdict:

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.overhead` (the sidecar's cost) and `python -m bench.faults` (resilience)."""

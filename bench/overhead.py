@@ -1,0 +1,271 @@
+"""What the sidecar costs per request, side by side with the physical floor, nginx and a naive aiohttp proxy.
+
+Run: python -m bench.overhead [--duration 5] [--soak SECONDS]
+Needs Debian's nginx (nginx-light) for the upstream and the nginx reference; uses wrk when installed, else a
+Python load generator. The proxy under test is pinned to core 0; nginx and the load generator share core 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKEN_BODY = '{"code":0,"msg":"ok","tenant_access_token":"t-bench-token","expire":7200}'
+API_BODY = '{"code":0,"msg":"success","data":{"message_id":"om_bench","msg_type":"text"}}'
+PATH = "/open-apis/im/v1/messages/om_12345678"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+
+
+@dataclass
+class Row:
+    name: str
+    c1: Result
+    c32: Result
+    cpu_per_10k: float | None
+    rss_mb: float | None
+
+
+# Processes ---------------------------------------------------------------------------------------------------
+
+
+def nginx_conf(workdir: Path, upstream_port: int, proxy_port: int) -> Path:
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
+    server {{
+        listen 127.0.0.1:{upstream_port};
+        default_type application/json;
+        location = /open-apis/auth/v3/tenant_access_token/internal {{ return 200 '{TOKEN_BODY}'; }}
+        location / {{ return 200 '{API_BODY}'; }}
+    }}
+    upstream platform {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{proxy_port};
+        location / {{
+            proxy_pass http://platform;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer t-nginx";
+        }}
+    }}
+}}
+""")
+    return conf
+
+
+def sidecar_conf(workdir: Path, port: int, admin: int, upstream_port: int) -> Path:
+    conf = workdir / "imsidecar.yaml"
+    conf.write_text(f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+logging: {{access_log: false, level: WARNING}}
+apps:
+  - name: bench
+    platform: feishu
+    app_id: cli_bench
+    app_secret: bench-secret
+    upstreams: {{open: {{base_url: "http://127.0.0.1:{upstream_port}"}}}}
+    expose: [{{upstream: open, listen: "127.0.0.1:{port}"}}]
+""")
+    return conf
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") else argv
+
+
+def start(argv: list[str], core: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], bound: float = 20.0) -> None:
+    give_up = time.monotonic() + bound
+    while time.monotonic() < give_up:
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args} exited: {process.stderr.read().decode()[-500:] if process.stderr else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer")
+
+
+# Measuring ---------------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int, key: str = "VmHWM") -> float:
+    match = re.search(rf"{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def load(url: str, connections: int, duration: float) -> Result:
+    if shutil.which("wrk"):
+        return wrk(url, connections, duration)
+    return python_load(url, connections, duration)
+
+
+def wrk(url: str, connections: int, duration: float) -> Result:
+    argv = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", url])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return Result(rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), requests)
+
+
+def _wrk_ms(out: str, quantile: str) -> float:
+    value, unit = re.search(rf"{quantile}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def python_load(url: str, connections: int, duration: float) -> Result:
+    code = f"""
+import asyncio, time, aiohttp, json
+async def main():
+    latencies = []
+    stop = time.monotonic() + {duration}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit={connections})) as s:
+        async def worker():
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                async with s.get({url!r}) as r:
+                    await r.read()
+                latencies.append(time.perf_counter() - t)
+        await asyncio.gather(*(worker() for _ in range({connections})))
+    latencies.sort()
+    print(json.dumps([len(latencies), latencies[len(latencies)//2], latencies[int(len(latencies)*0.99)]]))
+asyncio.run(main())
+"""
+    out = subprocess.run(pinned(1, [sys.executable, "-c", code]), capture_output=True, text=True, check=True).stdout
+    count, p50, p99 = json.loads(out)
+    return Result(count / duration, p50 * 1000, p99 * 1000, count)
+
+
+def measure(name: str, url: str, duration: float, pid: int | None) -> Row:
+    load(url, 8, 1.0)   # warm up: pools, token, JIT-free but caches
+    before = cpu_seconds(pid) if pid else None
+    c1 = load(url, 1, duration)
+    c32 = load(url, 32, duration)
+    cpu = None
+    if pid and before is not None:
+        cpu = (cpu_seconds(pid) - before) / (c1.requests + c32.requests) * 10_000
+    return Row(name, c1, c32, cpu, rss_mb(pid) if pid else None)
+
+
+# Report ------------------------------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    by = {r.name: r for r in rows}
+    lines = ["| path | rps c1 | p50 c1 ms | p99 c1 ms | rps c32 | p50 c32 ms | p99 c32 ms | CPU s / 10k | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cpu = f"{r.cpu_per_10k:.2f}" if r.cpu_per_10k is not None else "-"
+        rss = f"{r.rss_mb:.1f}" if r.rss_mb is not None else "-"
+        lines.append(f"| {r.name} | {r.c1.rps:,.0f} | {r.c1.p50_ms:.3f} | {r.c1.p99_ms:.3f} | {r.c32.rps:,.0f} | "
+                     f"{r.c32.p50_ms:.3f} | {r.c32.p99_ms:.3f} | {cpu} | {rss} |")
+    side, naive, direct, ng = by.get("imsidecar"), by.get("naive aiohttp"), by.get("direct"), by.get("nginx proxy")
+    if side and naive and direct and ng:
+        added = side.c1.p50_ms - direct.c1.p50_ms
+        lines += [
+            "",
+            f"imsidecar / naive aiohttp at 32 connections: {side.c32.rps / naive.c32.rps:.2f}x   (target ≥ 1.0x, aim 1.5x)",
+            f"imsidecar / nginx proxy at 32 connections:   {side.c32.rps / ng.c32.rps:.2f}x",
+            f"added p50 latency at 1 connection over direct: {added:.3f} ms   (target ≤ 0.35 ms)",
+            f"imsidecar peak RSS: {side.rss_mb:.1f} MB after {side.c1.requests + side.c32.requests:,} requests"
+            f"   (target ≤ 60 MB after 100k)",
+        ]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown CPU")
+    return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, load by {'wrk' if shutil.which('wrk') else 'python'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
+    parser.add_argument("--soak", type=float, default=0.0, help="then run imsidecar at 32 connections this long")
+    args = parser.parse_args()
+    if not shutil.which("nginx"):
+        raise SystemExit("bench.overhead needs nginx: apt-get install nginx-light")
+    work = Path(tempfile.mkdtemp(prefix="imsidecar-bench-"))
+    upstream, nginx_proxy, naive, naive_uv, side, admin = (free_port() for _ in range(6))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(start(["nginx", "-c", str(nginx_conf(work, upstream, nginx_proxy)), "-p", str(work)], 1))
+        wait_http(f"http://127.0.0.1:{upstream}{PATH}", procs[-1])
+        rows = [measure("direct", f"http://127.0.0.1:{upstream}{PATH}", args.duration, None),
+                measure("nginx proxy", f"http://127.0.0.1:{nginx_proxy}{PATH}", args.duration, None)]
+        for name, port, extra in (("naive aiohttp", naive, []), ("naive aiohttp + uvloop", naive_uv, ["--uvloop"])):
+            p = start([sys.executable, "-m", "bench.naive_proxy", str(port), f"http://127.0.0.1:{upstream}", *extra], 0)
+            procs.append(p)
+            wait_http(f"http://127.0.0.1:{port}{PATH}", p)
+            rows.append(measure(name, f"http://127.0.0.1:{port}{PATH}", args.duration, p.pid))
+        p = start([sys.executable, "-m", "proxy", "run", "--config", str(sidecar_conf(work, side, admin, upstream))], 0)
+        procs.append(p)
+        wait_http(f"http://127.0.0.1:{admin}/readyz", p)
+        rows.append(measure("imsidecar", f"http://127.0.0.1:{side}{PATH}", args.duration, p.pid))
+        print(f"\nMachine: {machine()}\n")
+        print(table(rows))
+        if args.soak:
+            soak(p.pid, f"http://127.0.0.1:{side}{PATH}", args.soak)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def soak(pid: int, url: str, seconds: float) -> None:
+    start_rss = rss_mb(pid, "VmRSS")
+    result = load(url, 32, seconds)
+    end_rss = rss_mb(pid, "VmRSS")
+    print(f"\nsoak: {result.requests:,} requests in {seconds:.0f}s at 32 connections; "
+          f"RSS {start_rss:.1f} MB at start, {end_rss:.1f} MB at end ({end_rss - start_rss:+.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Per-upstream circuit breaker: stops sending to an upstream that is failing, and probes it back in.
+
+Owns the closed/open/half-open state and the failure accounting behind it; it does not answer clients
+(the pipeline turns a refusal into a 503 in the platform's shape, with `retry_after()` as Retry-After).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.clock import Clock
+from proxy.outcome import Signal, Verdict
+from proxy.window import SlidingWindow
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    window: float = 30.0             # seconds over which the failure ratio is measured
+    bucket: float = 1.0
+    failure_ratio: float = 0.5       # resilience4j's default share
+    min_volume: int = 20             # attempts in the window before the ratio may open the circuit
+    connect_failures: int = 5        # consecutive connect failures open it at any volume: nothing is listening
+    open_for: float = 3.0            # short, so a platform that comes back is probed within seconds
+    jitter: float = 0.2              # ± share of open_for, so many sidecars do not probe in lockstep
+    probes: int = 3                  # requests admitted at once while half-open
+    probe_lease: float = 30.0        # a claimed probe that never reports is presumed lost after this
+    busy_retry_after: float = 1.0    # Retry-After to give while every probe slot is taken
+
+
+# Only what says the upstream itself is failing. A platform error inside an answer (Signal.OK) and a
+# throttle are the upstream working as designed; counting them would cut off a healthy platform.
+_FAILURES = frozenset({Signal.CONNECT_FAILURE, Signal.TIMEOUT, Signal.RESET, Signal.SERVER_ERROR})
+_FAILED, _PASSED = 0, 1
+
+TransitionHook = Callable[[BreakerState, BreakerState], None]
+
+
+class CircuitBreaker:
+    """Closed: count. Open: refuse until a jittered period passes. Half-open: admit a few probes; the first
+    result decides (success closes, failure re-opens)."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        settings: BreakerSettings = BreakerSettings(),
+        *,
+        on_transition: TransitionHook | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._clock = clock
+        self._settings = settings
+        self._on_transition = on_transition
+        self._rng = rng
+        self._window = SlidingWindow(2, settings.window, settings.bucket)
+        self._connect_run = 0
+        self._state = BreakerState.CLOSED
+        self._open_until = 0.0
+        self._claims: deque[float] = deque()  # claim times of probes in flight
+
+    @property
+    def state(self) -> BreakerState:
+        self._maybe_half_open()
+        return self._state
+
+    def allow(self) -> bool:
+        """May a request go upstream now? While half-open a True claims one probe slot."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.OPEN or not self._probe_slot_free():
+            return False
+        self._claims.append(self._clock.now())
+        return True
+
+    def release_probe(self) -> None:
+        """Give back a probe slot claimed by `allow()` whose request never reached the upstream."""
+        if self._claims:
+            self._claims.popleft()
+
+    def record(self, verdict: Verdict) -> None:
+        failed = verdict.signal in _FAILURES
+        state = self.state
+        if state is BreakerState.CLOSED:
+            self._count(verdict.signal, failed)
+        elif state is BreakerState.HALF_OPEN:
+            self.release_probe()
+            if failed:
+                self._open()
+            else:
+                self._close()
+        # While open, late answers to requests sent before it opened change nothing.
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait before trying again (0 when requests are admitted)."""
+        state = self.state
+        if state is BreakerState.OPEN:
+            return max(0.0, self._open_until - self._clock.now())
+        if state is BreakerState.HALF_OPEN and not self._probe_slot_free():
+            return self._settings.busy_retry_after
+        return 0.0
+
+    # -- closed: accounting -------------------------------------------------------------------------
+
+    def _count(self, signal: Signal, failed: bool) -> None:
+        self._window.add(self._clock.now(), _FAILED if failed else _PASSED)
+        self._connect_run = self._connect_run + 1 if signal is Signal.CONNECT_FAILURE else 0
+        if self._connect_run >= self._settings.connect_failures or self._ratio_tripped():
+            self._open()
+
+    def _ratio_tripped(self) -> bool:
+        failed, passed = self._window.totals(self._clock.now())
+        volume = failed + passed
+        return volume >= self._settings.min_volume and failed >= self._settings.failure_ratio * volume
+
+    # -- transitions --------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        s = self._settings
+        spread = 1.0 + s.jitter * (2.0 * self._rng() - 1.0)
+        self._open_until = self._clock.now() + s.open_for * spread
+        self._claims.clear()
+        self._move(BreakerState.OPEN)
+
+    def _close(self) -> None:
+        # A fresh start: the failures that opened the circuit must not re-open it on the next hiccup.
+        self._window.clear()
+        self._connect_run = 0
+        self._claims.clear()
+        self._move(BreakerState.CLOSED)
+
+    def _maybe_half_open(self) -> None:
+        if self._state is BreakerState.OPEN and self._clock.now() >= self._open_until:
+            self._move(BreakerState.HALF_OPEN)
+
+    def _probe_slot_free(self) -> bool:
+        expired = self._clock.now() - self._settings.probe_lease
+        while self._claims and self._claims[0] <= expired:
+            self._claims.popleft()
+        return len(self._claims) < self._settings.probes
+
+    def _move(self, new: BreakerState) -> None:
+        old, self._state = self._state, new
+        if self._on_transition is not None and old is not new:
+            self._on_transition(old, new)

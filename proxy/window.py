@@ -1,0 +1,153 @@
+"""Time-bucketed sliding windows and time-decayed means: the bounded-memory statistics of recent traffic.
+
+Owns the ring of buckets, their running totals and latency quantiles; it does not own what the numbers mean
+(the network monitor and the breaker decide that).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+
+class SlidingWindow:
+    """A vector of counters summed over the last `span` seconds, kept in buckets of `bucket` seconds.
+
+    Adding is O(width); old buckets fall out lazily as time moves, so memory is `span / bucket` rows
+    whatever the traffic.
+    """
+
+    def __init__(self, width: int, span: float = 30.0, bucket: float = 1.0) -> None:
+        if span <= 0 or bucket <= 0 or bucket > span:
+            raise ValueError("need 0 < bucket <= span")
+        self._bucket = bucket
+        self._slots = max(1, math.ceil(span / bucket))
+        self._rows = [[0.0] * width for _ in range(self._slots)]
+        self._totals = [0.0] * width
+        self._epoch: int | None = None
+
+    def add(self, now: float, index: int, amount: float = 1.0) -> None:
+        self._roll(now)
+        self._rows[self._current(now)][index] += amount
+        self._totals[index] += amount
+
+    def totals(self, now: float) -> Sequence[float]:
+        """The sums over the window ending at `now`."""
+        self._roll(now)
+        return tuple(self._totals)
+
+    def clear(self) -> None:
+        for row in self._rows:
+            row[:] = [0.0] * len(row)
+        self._totals = [0.0] * len(self._totals)
+
+    def _current(self, now: float) -> int:
+        return int(now // self._bucket) % self._slots
+
+    def _roll(self, now: float) -> None:
+        epoch = int(now // self._bucket)
+        if self._epoch is None or epoch - self._epoch >= self._slots:
+            self.clear()
+        elif epoch > self._epoch:
+            for stale in range(self._epoch + 1, epoch + 1):
+                self._drop(stale % self._slots)
+        if self._epoch is None or epoch > self._epoch:
+            self._epoch = epoch
+
+    def _drop(self, slot: int) -> None:
+        row = self._rows[slot]
+        for i, value in enumerate(row):
+            self._totals[i] -= value
+            row[i] = 0.0
+
+
+def latency_bounds(low: float = 0.001, high: float = 120.0, factor: float = 1.25) -> tuple[float, ...]:
+    """Log-spaced bucket upper bounds: a quantile read from them is within `factor` of the truth."""
+    bounds = [low]
+    while bounds[-1] < high:
+        bounds.append(bounds[-1] * factor)
+    return tuple(bounds)
+
+
+class LatencyHistogram:
+    """Quantiles of latencies seen over a sliding window, from a fixed log-spaced histogram.
+
+    A quantile is reported as the upper bound of its bucket: the conservative side for a timeout.
+    """
+
+    def __init__(self, span: float = 30.0, bucket: float = 1.0, bounds: Sequence[float] | None = None) -> None:
+        self._bounds = tuple(bounds or latency_bounds())
+        self._window = SlidingWindow(len(self._bounds) + 1, span, bucket)
+
+    def record(self, now: float, seconds: float) -> None:
+        self._window.add(now, self._index(seconds))
+
+    def count(self, now: float) -> int:
+        return round(sum(self._window.totals(now)))
+
+    def quantile(self, now: float, q: float) -> float | None:
+        counts = self._window.totals(now)
+        total = sum(counts)
+        if total <= 0:
+            return None
+        rank = q * total
+        seen = 0.0
+        for i, n in enumerate(counts):
+            seen += n
+            if seen >= rank and n > 0:
+                return self._bounds[min(i, len(self._bounds) - 1)]
+        return self._bounds[-1]
+
+    def _index(self, seconds: float) -> int:
+        return bisect.bisect_left(self._bounds, seconds)
+
+
+class DecayingMean:
+    """A mean in which each sample's weight decays as exp(-age / tau).
+
+    Weighting by elapsed time rather than by sample count makes the horizon the same at 1 and 1000
+    requests per second, and a burst of samples at one instant still counts in full.
+    """
+
+    def __init__(self, tau: float) -> None:
+        self._tau = tau
+        self._weight = 0.0
+        self._sum = 0.0
+        self._last: float | None = None
+
+    def update(self, now: float, value: float) -> None:
+        self._decay(now)
+        self._weight += 1.0
+        self._sum += value
+
+    @property
+    def value(self) -> float | None:
+        return self._sum / self._weight if self._weight > 0 else None
+
+    def _decay(self, now: float) -> None:
+        if self._last is not None and now > self._last:
+            factor = math.exp(-(now - self._last) / self._tau)
+            self._weight *= factor
+            self._sum *= factor
+        self._last = now if self._last is None else max(self._last, now)
+
+
+class DecayingRate:
+    """Events per second, each event's weight decaying as exp(-age / tau): a rate estimate that needs
+    no buckets and reads the same whether the events came evenly or in bursts of one per second."""
+
+    def __init__(self, tau: float) -> None:
+        self._tau = tau
+        self._sum = 0.0
+        self._last = 0.0
+
+    def add(self, now: float, count: float = 1.0) -> None:
+        self._sum = self._decayed(now) + count
+        self._last = max(self._last, now)
+
+    def rate(self, now: float) -> float:
+        return self._decayed(now) / self._tau
+
+    def _decayed(self, now: float) -> float:
+        return self._sum * math.exp(-max(0.0, now - self._last) / self._tau)

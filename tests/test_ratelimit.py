@@ -1,0 +1,191 @@
+import asyncio
+import math
+
+import pytest
+
+from proxy.clock import VirtualClock, settle
+from proxy.ratelimit import (
+    DEFAULT_QUOTAS,
+    AdaptiveRateLimiter,
+    LimiterSettings,
+    Quota,
+    RateLimiterSet,
+    RateLimitExceeded,
+)
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+async def run_clients(clock: VirtualClock, limiter: AdaptiveRateLimiter, clients: int, seconds: float) -> list[float]:
+    """`clients` callers loop on acquire for `seconds` of virtual time; returns every grant time."""
+    grants: list[float] = []
+
+    async def client() -> None:
+        while clock.now() < seconds:
+            await limiter.acquire(deadline=clock.now() + 120)
+            if clock.now() < seconds:
+                grants.append(clock.now())
+
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    await settle()
+    for _ in range(round(seconds * 10)):
+        await clock.advance(0.1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return grants
+
+
+def most_in_any_window(grants: list[float], period: float) -> int:
+    grants = sorted(grants)
+    return max(sum(1 for t in grants if start <= t < start + period) for start in grants)
+
+
+async def test_dingtalk_quota_holds_over_a_virtual_minute_and_is_fully_used(clock):
+    limiter = AdaptiveRateLimiter(DEFAULT_QUOTAS["dingtalk"], clock)
+    grants = await run_clients(clock, limiter, clients=40, seconds=60)
+    assert most_in_any_window(grants, 1.0) == 20
+    assert len(grants) == 20 * 60
+
+
+async def test_feishu_tier_honours_both_the_second_and_the_minute_window(clock):
+    limiter = AdaptiveRateLimiter(DEFAULT_QUOTAS["feishu"], clock)
+    grants = await run_clients(clock, limiter, clients=100, seconds=90)
+    assert most_in_any_window(grants, 1.0) == 50  # bursts up to the per-second limit are allowed...
+    assert most_in_any_window(grants, 60.0) == 1000  # ...but never more than 1000 in any minute
+    assert len([t for t in grants if t < 60]) == 1000
+
+
+async def test_fails_fast_when_the_slot_would_come_after_the_deadline(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=1), clock)
+    assert await limiter.acquire(deadline=clock.now() + 5) == 0.0
+    with pytest.raises(RateLimitExceeded) as raised:
+        await limiter.acquire(deadline=clock.now() + 0.5)
+    assert raised.value.retry_after == pytest.approx(1.0)
+    assert clock.sleepers == 0  # it did not wait to find out
+    waiter = asyncio.create_task(limiter.acquire(deadline=clock.now() + 2))
+    await settle()
+    await clock.advance(1.0)
+    assert await waiter == pytest.approx(1.0)
+
+
+async def test_the_deadline_counts_the_queue_ahead(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=1), clock)
+    queued = [asyncio.create_task(limiter.acquire(deadline=clock.now() + 10)) for _ in range(4)]
+    await settle()
+    with pytest.raises(RateLimitExceeded) as raised:
+        await limiter.acquire(deadline=clock.now() + 3.5)  # four ahead at 1/s: its turn is at t=4
+    assert raised.value.retry_after == pytest.approx(4.0)
+    await clock.advance(4)
+    await asyncio.gather(*queued)
+
+
+async def test_waiters_are_served_in_arrival_order(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=1), clock)
+    served: list[tuple[str, float]] = []
+
+    async def caller(name: str) -> None:
+        await limiter.acquire(deadline=clock.now() + 10)
+        served.append((name, clock.now()))
+
+    tasks = []
+    for name in "abcde":
+        tasks.append(asyncio.create_task(caller(name)))
+        await settle()
+    await clock.advance(5)
+    await asyncio.gather(*tasks)
+    assert served == [("a", 0), ("b", 1), ("c", 2), ("d", 3), ("e", 4)]
+
+
+async def queue_three(clock: VirtualClock, limiter: AdaptiveRateLimiter) -> list[asyncio.Task[float]]:
+    await limiter.acquire(deadline=clock.now() + 10)  # uses the slot at t=0
+    waiters = [asyncio.create_task(limiter.acquire(deadline=clock.now() + 10)) for _ in range(3)]
+    await settle()  # due at t=1, 2 and 3
+    return waiters
+
+
+async def test_a_cancelled_waiter_in_the_middle_of_the_queue_gives_its_slot_back(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=1), clock)
+    first, second, third = await queue_three(clock, limiter)
+    second.cancel()
+    await clock.advance(2)
+    assert await first == pytest.approx(1.0)
+    assert third.done() and await third == pytest.approx(2.0)
+    assert limiter.waiting == 0
+
+
+async def test_a_cancelled_head_of_the_queue_hands_its_slot_to_the_next_in_line(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=1), clock)
+    first, second, third = await queue_three(clock, limiter)
+    first.cancel()
+    await clock.advance(1)
+    assert second.done() and await second == pytest.approx(1.0)
+    await clock.advance(1)
+    assert await third == pytest.approx(2.0)
+
+
+async def test_a_throttle_lowers_the_rate_and_successes_bring_it_back(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=20), clock)
+    await run_clients(clock, limiter, clients=30, seconds=2)  # the measured sending rate is now ~20/s
+    limiter.on_throttle(None)
+    assert limiter.current_rate == pytest.approx(14.0, rel=0.1)  # beta 0.7 × what we were sending
+    limiter.on_throttle(None)  # the rest of the same burst of 429s: one congestion event, one cut
+    assert limiter.current_rate == pytest.approx(14.0, rel=0.1)
+
+    rates = []
+    for _ in range(10):
+        await clock.advance(0.5)
+        limiter.on_success()
+        rates.append(limiter.current_rate)
+    assert rates == sorted(rates)  # recovers steadily...
+    assert rates[-1] == 20  # ...to the quota, and never beyond it
+    assert rates[0] < 20
+
+
+async def test_while_throttled_requests_are_paced_at_the_lowered_rate(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=20), clock, LimiterSettings(scale=0.0001))  # slow recovery
+    await run_clients(clock, limiter, clients=30, seconds=2)
+    limiter.on_throttle(None)
+    start = clock.now()
+    grants = [t - start for t in await run_clients(clock, limiter, clients=30, seconds=start + 10) if t >= start]
+    rate = (len(grants) - 1) / (grants[-1] - grants[0])
+    assert 13 <= rate <= 15  # ~14/s, not the 20/s the quota alone would allow
+    assert most_in_any_window(grants, 1.0) <= 15  # paced, not in bursts
+
+
+async def test_the_platforms_retry_after_holds_every_slot_back(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=20), clock)
+    limiter.on_throttle(retry_after=3.0)
+    with pytest.raises(RateLimitExceeded) as raised:
+        await limiter.acquire(deadline=clock.now() + 1)
+    assert raised.value.retry_after == pytest.approx(3.0)
+
+
+async def test_an_unlimited_quota_never_waits_until_throttled(clock):
+    limiter = AdaptiveRateLimiter(Quota(), clock)
+    assert limiter.current_rate == math.inf
+    for _ in range(1000):
+        assert await limiter.acquire(deadline=clock.now()) == 0.0
+
+
+async def test_limiters_are_kept_per_app_and_route_with_a_bound(clock):
+    slow_route = "/open-apis/im/v1/messages/:message_id/urgent_app"
+    limiters = RateLimiterSet(clock, DEFAULT_QUOTAS["feishu"], routes={slow_route: Quota(per_second=5)}, max_size=3)
+    a = limiters.get("app-a", "/open-apis/im/v1/messages")
+    assert limiters.get("app-a", "/open-apis/im/v1/messages") is a
+    assert limiters.get("app-b", "/open-apis/im/v1/messages") is not a
+    assert limiters.get("app-a", slow_route).current_rate == 5
+    limiters.get("app-c", slow_route)
+    assert len(limiters) == 3
+    assert limiters.get("app-b", "/open-apis/im/v1/messages") is not None
+    assert limiters.get("app-a", "/open-apis/im/v1/messages") is not a  # the least recently used went first
+
+
+def test_quota_windows_round_fractional_limits_to_whole_requests():
+    assert Quota(per_second=0.5).windows() == ((1, 2.0),)
+    assert Quota(per_second=50, per_minute=1000).sustained_rate == pytest.approx(1000 / 60)
+    with pytest.raises(ValueError):
+        Quota(per_second=0)

@@ -1,0 +1,49 @@
+import pytest
+
+from proxy.window import DecayingMean, DecayingRate, LatencyHistogram, SlidingWindow
+
+
+def test_counts_fall_out_of_the_window_as_time_passes():
+    window = SlidingWindow(width=2, span=30.0, bucket=1.0)
+    window.add(0.5, 0)
+    window.add(10.2, 1, 3.0)
+    assert window.totals(10.5) == (1.0, 3.0)
+    assert window.totals(30.9) == (0.0, 3.0)  # the bucket of t=0.5 has left the last 30 s
+    assert window.totals(100.0) == (0.0, 0.0)
+
+
+def test_a_long_silence_clears_the_window_at_once():
+    window = SlidingWindow(width=1, span=5.0, bucket=1.0)
+    for t in range(5):
+        window.add(float(t), 0)
+    assert window.totals(4.0) == (5.0,)
+    assert window.totals(1_000_000.0) == (0.0,)
+
+
+def test_quantiles_are_within_a_bucket_of_the_truth_and_never_below_it():
+    histogram = LatencyHistogram(span=30.0)
+    for i in range(1, 101):
+        histogram.record(1.0, i / 1000)  # 1 ms .. 100 ms, uniformly
+    p50, p99 = histogram.quantile(1.0, 0.5), histogram.quantile(1.0, 0.99)
+    assert p50 is not None and 0.050 <= p50 <= 0.050 * 1.25
+    assert p99 is not None and 0.099 <= p99 <= 0.099 * 1.25
+    assert histogram.quantile(40.0, 0.5) is None
+
+
+def test_decaying_mean_forgets_old_samples_by_time_not_by_count():
+    mean = DecayingMean(tau=5.0)
+    for _ in range(1000):
+        mean.update(0.0, 0.05)
+    mean.update(50.0, 1.0)  # ten horizons later the thousand old samples weigh less than one new one
+    assert mean.value is not None and mean.value > 0.8
+
+
+def test_decaying_rate_reads_a_bursty_and_an_even_stream_alike():
+    even, bursty = DecayingRate(tau=2.0), DecayingRate(tau=2.0)
+    for tick in range(600):  # one minute of 20/s, evenly or as 20 at the top of each second
+        even.add(tick / 10, 2)
+        if tick % 10 == 0:
+            bursty.add(tick / 10, 20)
+    assert even.rate(60.0) == pytest.approx(20, rel=0.1)
+    assert bursty.rate(60.0) == pytest.approx(20, rel=0.25)
+    assert even.rate(70.0) < 0.2  # and forgets a stream that stopped
