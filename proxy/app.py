@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import admin_app
-from proxy.bindings import AppTokens, Binding, UpstreamStages
+from proxy.bindings import AppLimiters, AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
 from proxy.events.runtime import EventsRuntime
@@ -61,9 +61,10 @@ class Sidecar:
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
         stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
+        limiters = AppLimiters(app_config, self.clock, self.metrics)
         for exposure in app_config.expose:
             up = exposure.upstream
-            binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up])
+            binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up], limiters)
             self.router.add(exposure.listen, exposure.prefix, binding)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.outcome import Verdict
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.network import NetworkMonitor, NetworkState
+from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet
 from proxy.retry import RetryPolicy, adaptive_settings, refreshed
 from proxy.routing import RouteLabels
 from proxy.store import LocalTokens, SharedTokens
@@ -133,6 +134,24 @@ ADAPTIVE_GAUGES = {
 }
 
 
+class AppLimiters:
+    """The sidecar's own rate limits of one app: a limiter per route template, its rate exported as a gauge."""
+
+    def __init__(self, app: AppConfig, clock: Clock, metrics: Metrics) -> None:
+        default = app.ratelimit.default or DEFAULT_QUOTAS["dingtalk" if app.platform == "dingtalk" else "feishu"]
+        self.enabled = app.ratelimit.enabled
+        self._set = RateLimiterSet(clock, default, app.ratelimit.routes)
+        self._app, self._metrics = app.name, metrics
+        self._exported: set[str] = set()
+
+    def get(self, template: str, route_label: str) -> AdaptiveRateLimiter:
+        limiter = self._set.get(self._app, template)
+        if route_label not in self._exported:
+            self._exported.add(route_label)
+            self._metrics.ratelimit_rate.labels(self._app, route_label).set_function(lambda: limiter.current_rate)
+        return limiter
+
+
 @dataclass(eq=False)
 class Binding:
     app: AppConfig
@@ -142,6 +161,7 @@ class Binding:
     tokens: AppTokens
     routes: RouteLabels
     stages: UpstreamStages
+    limiters: AppLimiters
 
     @property
     def policy(self) -> RetryPolicy:

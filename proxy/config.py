@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.breaker import BreakerSettings
+from proxy.ratelimit import Quota
 from proxy.configtree import Address, Node, expand
 from proxy.events.settings import EventsSettings, parse_events
 from proxy.robots.settings import RobotsSettings, parse_robots
@@ -82,6 +83,15 @@ class RetrySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """The sidecar's own quota per app and route template (None: the platform's documented default)."""
+
+    enabled: bool = True
+    default: Quota | None = None
+    routes: Mapping[str, Quota] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     name: str
     platform: str
@@ -93,6 +103,7 @@ class AppConfig:
     retry: RetrySettings = RetrySettings()
     codes: CodeOverrides = CodeOverrides()
     breaker: BreakerSettings = BreakerSettings()
+    ratelimit: RateLimitSettings = RateLimitSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,10 +227,11 @@ def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings)
     retry = _parse_retry(node.child("retry"), default_retry)
     codes = _parse_codes(node.child("codes"))
     breaker = _parse_breaker(node.child("breaker"))
+    ratelimit = _parse_ratelimit(node.child("ratelimit"))
     node.finish()
     if not (client_id and secret and listen):
         return None
-    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes, breaker)
+    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes, breaker, ratelimit)
 
 
 def _parse_upstreams(node: Node, platform: str) -> dict[str, Upstream]:
@@ -295,6 +307,35 @@ def _parse_breaker(node: Node) -> BreakerSettings:
     )
     node.finish()
     return settings
+
+
+def _parse_ratelimit(node: Node) -> RateLimitSettings:
+    enabled = node.flag("enabled", True)
+    default = _quota(node) if node.has("per_second") or node.has("per_minute") else None
+    routes: dict[str, Quota] = {}
+    table = node.child("routes")
+    for route in list(table.value):
+        if not str(route).startswith("/"):
+            table.problem("a route template starts with /", str(route))
+        entry = table.child(str(route))
+        quota = _quota(entry)
+        entry.finish()
+        if quota is not None:
+            routes[str(route)] = quota
+    node.finish()
+    return RateLimitSettings(enabled, default, routes)
+
+
+def _quota(node: Node) -> Quota | None:
+    per_second = node.number("per_second", 0.0) if node.has("per_second") else None
+    per_minute = node.number("per_minute", 0.0) if node.has("per_minute") else None
+    if per_second is None and per_minute is None:
+        node.problem("give per_second, per_minute or both")
+        return None
+    if any(v is not None and v <= 0 for v in (per_second, per_minute)):
+        node.problem("a quota must be positive (leave it out for no limit)")
+        return None
+    return Quota(per_second, per_minute)
 
 
 def _parse_codes(node: Node) -> CodeOverrides:

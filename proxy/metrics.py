@@ -5,7 +5,7 @@ Owns names, labels and buckets (label values bounded by configuration); the stag
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -18,17 +18,47 @@ WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REQUEST_LABELS = ("app", "upstream", "route", "method", "status_class", "outcome")
 
 
+# RFC 9110's methods and PATCH. aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS, no C wheel) accepts any
+# token as a method, so a client could otherwise mint a series per made-up method.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+OTHER = "other"
+
+
+class Capped:
+    """One label's values when the sidecar does not choose them (the client's method, a platform's error code, a
+    header from upstream): a known vocabulary plus the first `limit` others seen; anything beyond reads `other`."""
+
+    def __init__(self, known: Iterable[str] = (), limit: int = 0) -> None:
+        self._seen = set(known)
+        self._room = len(self._seen) + limit
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._room:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
 class Children:
     """A metric's children by label values, for the hot path: `.labels()` validates and locks on every call.
 
-    Bounded like the labels themselves: every value comes from configuration or a capped route template.
+    Bounded like the labels themselves: values come from configuration, a capped route template, or pass a `Capped`
+    (by label position) before they key the cache, so neither the series nor this dict can grow without bound.
     """
 
-    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+    def __init__(self, metric: Counter | Gauge | Histogram, bounds: Mapping[int, Capped] | None = None) -> None:
         self._metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
+        self._bounds = tuple((bounds or {}).items())
 
     def __call__(self, *values: str) -> Any:
+        if self._bounds:
+            bounded = list(values)
+            for position, capped in self._bounds:
+                bounded[position] = capped(bounded[position])
+            values = tuple(bounded)
         child = self._children.get(values)
         if child is None:
             child = self._children[values] = self._metric.labels(*values)
@@ -110,10 +140,11 @@ class Metrics:
             "imsidecar_ratelimit_rate", "Requests per second the limiter allows now (lowered after throttling).",
             ("app", "route"), registry=r)
         # The children the forwarding path touches on every request.
-        self.hot_requests = Children(self.requests)
+        # method: the client's; outcome: the X-Imsidecar-Error header, which a relayed upstream answer may carry too.
+        self.hot_requests = Children(self.requests, {3: Capped(METHODS), 5: Capped(limit=32)})
         self.hot_request_duration = Children(self.request_duration)
         self.hot_in_flight = Children(self.in_flight)
-        self.hot_attempts = Children(self.attempts)
+        self.hot_attempts = Children(self.attempts, {4: Capped(limit=100)})   # reason: `code_<n>` from the platform's body
         self.hot_attempt_duration = Children(self.attempt_duration)
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",

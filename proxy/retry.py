@@ -16,10 +16,11 @@ from multidict import CIMultiDict
 from proxy.budget import RetryBudget
 from proxy.clock import Clock
 from proxy.config import RetrySettings
-from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExceeded
+from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExceeded, LocallyRateLimited
 from proxy.idempotency import apply_key
 from proxy.metrics import Metrics
 from proxy.network import AdaptiveSettings, RetryParams
+from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
 from proxy.outcome import Outcome, Signal, Verdict
 from proxy.upstream import Answer
 
@@ -116,13 +117,23 @@ class RetryEngine:
         replayed = False
         last_answer: Answer | None = None
         timeouts = 0
+        limiter = b.limiters.get(exchange.template, exchange.route) if b.limiters.enabled else None
         while True:
             params = policy.params()
+            if limiter is not None:
+                try:
+                    await self.pace(exchange, limiter)
+                except LocallyRateLimited:
+                    if last_answer is None:
+                        raise
+                    return last_answer
             if not b.breaker.allow():
                 return self.circuit_open(exchange, last_answer)
             attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
             exchange.attempts += 1
             answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
+            if limiter is not None:
+                self.feed(limiter, verdict)
             if answer is not None and answer.stream is None:
                 last_answer = answer
             if self.should_replay_token(verdict, attempt, body, replayed):
@@ -237,6 +248,26 @@ class RetryEngine:
         if isinstance(failure, AttemptTimeout) and self.clock.now() >= exchange.deadline - 0.001:
             raise DeadlineExceeded("the request's deadline passed with no answer from the platform") from failure
         raise failure
+
+    async def pace(self, exchange: Exchange, limiter: AdaptiveRateLimiter) -> None:
+        """Wait for the sidecar's own rate limit inside the deadline; fail fast with 429 when it would overrun."""
+        b = exchange.binding
+        try:
+            waited = await limiter.acquire(exchange.deadline)
+        except RateLimitExceeded as exc:
+            self.metrics.ratelimit_rejections.labels(b.app.name, exchange.route).inc()
+            raise LocallyRateLimited(f"app {b.app.name}: the sidecar's rate limit for this API has no slot before "
+                                     f"the request's deadline", exc.retry_after) from exc
+        if waited > 0:
+            self.metrics.ratelimit_wait.labels(b.app.name, exchange.route).observe(waited)
+
+    @staticmethod
+    def feed(limiter: AdaptiveRateLimiter, verdict: Verdict) -> None:
+        """The limiter lowers its rate when the platform throttles and recovers on answers."""
+        if verdict.outcome is Outcome.THROTTLED:
+            limiter.on_throttle(verdict.retry_after)
+        elif verdict.signal is Signal.OK:
+            limiter.on_success()
 
     def circuit_open(self, exchange: Exchange, last_answer: Answer | None) -> Answer:
         """The breaker refuses: the platform's last answer if a try already got one, else 503 at once."""

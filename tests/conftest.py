@@ -36,6 +36,7 @@ apps:
       - {{upstream: open, prefix: /sales-bot}}
       - {{upstream: open, listen: "127.0.0.1:{feishu_port}"}}   # lark-oapi takes an origin only, no path
     retry: {retry}
+    ratelimit: {ratelimit}
   - name: ops-ding
     platform: dingtalk
     app_key: ding_test
@@ -48,6 +49,7 @@ apps:
       - {{upstream: api, prefix: /dingtalk-api}}
       - {{upstream: api, listen: "127.0.0.1:{api_port}"}}
     retry: {retry}
+    ratelimit: {ratelimit}
 """
 
 
@@ -105,10 +107,10 @@ DEFAULT_RETRY = "{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}"
 
 
 def make_config(platforms: Platforms, extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
-                **env: str) -> tuple[config.Config, dict[str, int]]:
+                ratelimit: str = "{enabled: true}", **env: str) -> tuple[config.Config, dict[str, int]]:
     ports = dict(zip(("listen", "admin", "api_port", "feishu_port"), distinct_ports(4)))
     text = BASE_CONFIG.format(feishu=platforms.feishu_url, oapi=platforms.oapi_url, api=platforms.api_url,
-                              limits=limits, retry=retry, **ports) + extra
+                              limits=limits, retry=retry, ratelimit=ratelimit, **ports) + extra
     environment = {"FEISHU_SECRET": FEISHU_SECRET, "DING_SECRET": DING_SECRET, **env}
     return config.loads(text, env=environment), ports
 
@@ -131,8 +133,8 @@ async def start_sidecar(platforms: Platforms, clock: Clock) -> AsyncIterator[Sid
     started: list[Sidecar] = []
 
     async def start(extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
-                    **kwargs: Any) -> Running:
-        cfg, ports = make_config(platforms, extra, limits, retry)
+                    ratelimit: str = "{enabled: true}", **kwargs: Any) -> Running:
+        cfg, ports = make_config(platforms, extra, limits, retry, ratelimit)
         registry = CollectorRegistry()
         sidecar = Sidecar(cfg, clock=kwargs.get("clock", clock), registry=registry)
         await sidecar.start()
