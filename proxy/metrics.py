@@ -146,6 +146,7 @@ class Metrics:
         self.hot_in_flight = Children(self.in_flight)
         self.hot_attempts = Children(self.attempts, {4: Capped(limit=100)})   # reason: `code_<n>` from the platform's body
         self.hot_attempt_duration = Children(self.attempt_duration)
+        self.capped_retries = Children(self.retries, {2: Capped(limit=100)})   # reason, as for attempts
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)

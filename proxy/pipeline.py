@@ -167,7 +167,9 @@ class Pipeline:
         return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout)
 
     async def relay(self, request: web.BaseRequest, exchange: Exchange, answer: Answer) -> web.StreamResponse:
-        headers = CIMultiDict((k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP)
+        # The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those).
+        headers = CIMultiDict((k, v) for k, v in answer.headers.items()
+                              if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-imsidecar-"))
         self.tag(exchange, headers)
         if answer.stream is None:
             return web.Response(status=answer.status, headers=headers, body=answer.body)

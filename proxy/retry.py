@@ -148,7 +148,7 @@ class RetryEngine:
                 answer.release()
             timeouts += verdict.signal is Signal.TIMEOUT
             exchange.retry_reasons.append(verdict.reason)
-            self.metrics.retries.labels(b.app.name, b.upstream, verdict.reason).inc()
+            self.metrics.capped_retries(b.app.name, b.upstream, verdict.reason).inc()
             attempt.number += 1
             await self.clock.sleep(decision.wait)
 

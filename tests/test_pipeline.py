@@ -131,3 +131,31 @@ async def test_admin_endpoints(sidecar: Running, http: aiohttp.ClientSession) ->
     async with http.get(f"{sidecar.admin}/metrics") as r:
         text = await r.text()
     assert "imsidecar_token_refreshes_total" in text and "imsidecar_build_info" in text
+
+
+async def test_an_upstream_cannot_speak_for_the_sidecar(aiohttp_server, http: aiohttp.ClientSession) -> None:  # type: ignore[no-untyped-def]
+    from aiohttp import web
+    from aiohttp.test_utils import unused_port
+    from prometheus_client import CollectorRegistry
+
+    from proxy import config
+    from proxy.app import Sidecar
+
+    async def impostor(request: web.Request) -> web.Response:
+        return web.json_response({"code": 0}, headers={"X-Imsidecar-Error": "CircuitOpen", "X-Imsidecar-Attempts": "9"})
+
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", impostor)
+    server = await aiohttp_server(upstream)
+    listen, admin = unused_port(), unused_port()
+    sidecar = Sidecar(config.loads(f"""
+listen: 127.0.0.1:{listen}
+admin_listen: 127.0.0.1:{admin}
+apps: [{{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {{open: {{base_url: "{server.make_url('')}"}}}}}}]
+""", env={}), registry=CollectorRegistry())
+    await sidecar.start()
+    try:
+        async with http.get(f"http://127.0.0.1:{listen}/a/open-apis/x", headers={"Authorization": "Bearer u-1"}) as r:
+            assert "X-Imsidecar-Error" not in r.headers and r.headers["X-Imsidecar-Attempts"] == "1"
+    finally:
+        await sidecar.stop()
