@@ -26,6 +26,7 @@ from proxy.retry import RetryEngine
 from proxy.robots.handlers import RobotService
 from proxy.robots.handlers import dispatch as robot_dispatch
 from proxy.routing import RouteLabels, Router
+from proxy.store import open_store
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("imsidecar")
@@ -36,6 +37,7 @@ class Sidecar:
         self.config = config
         self.clock = clock or SystemClock()
         self.metrics = Metrics(registry)
+        self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
         self.router: Router[Binding] = Router()
@@ -54,7 +56,8 @@ class Sidecar:
             for name, up in app_config.upstreams.items()
         }
         self.clients.extend(clients.values())
-        tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens, self.metrics)
+        tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens,
+                           self.metrics, shared=self.store.tokens)
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
         stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
@@ -67,6 +70,7 @@ class Sidecar:
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.store.start()
         if self.config.robots is not None:
             self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
         for tokens in self.tokens.values():
@@ -134,6 +138,7 @@ class Sidecar:
             await self._session.close()
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
         await asyncio.gather(*(client.close() for client in self.clients))
+        await self.store.close()
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()

@@ -20,18 +20,25 @@ from proxy.network import NetworkMonitor, NetworkState
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet
 from proxy.retry import RetryPolicy, adaptive_settings, refreshed
 from proxy.routing import RouteLabels
-from proxy.tokens import TokenSource
+from proxy.store import LocalTokens, SharedTokens
+from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
 from proxy.upstream import UpstreamClient
 
 
 class AppTokens:
-    """The token sources of one app, one per kind, created on first use and refreshed in the background."""
+    """The token sources of one app, one per kind, created on first use and refreshed in the background.
+
+    Every fetch goes through `shared` (proxy/store.py): with Redis, one replica fetches and the others read
+    what it published; without, it is a pass-through to the platform.
+    """
 
     def __init__(self, app: AppConfig, platform: Platform, client: UpstreamClient, clock: Clock,
-                 settings: TokenSettings, metrics: Metrics) -> None:
+                 settings: TokenSettings, metrics: Metrics, shared: SharedTokens | None = None) -> None:
         self.app, self.platform, self.client = app, platform, client
         self.clock, self.settings, self.metrics = clock, settings, metrics
+        self.shared: SharedTokens = shared if shared is not None else LocalTokens(clock)
         self._sources: dict[str, TokenSource] = {}
+        self._refused: dict[str, str] = {}   # kind -> the token the platform last refused, for the store to drop
 
     def source(self, kind: str) -> TokenSource:
         source = self._sources.get(kind)
@@ -41,11 +48,31 @@ class AppTokens:
 
     def _create(self, kind: str) -> TokenSource:
         refreshes = self.metrics.token_refreshes
-        source = TokenSource(lambda: self.fetch(kind), self.clock, self.settings,
-                             observe=lambda result: refreshes.labels(self.app.name, kind, result).inc())
+        source = TokenSource(lambda: self.fetch_shared(kind), self.clock, self.settings,
+                             observe=lambda result: refreshes.labels(self.app.name, kind, result).inc(),
+                             on_invalid=lambda value: self._refused.__setitem__(kind, value))
         self.metrics.token_expiry.labels(self.app.name, kind).set_function(source.seconds_to_expiry)
         source.start()
         return source
+
+    async def fetch_shared(self, kind: str) -> TokenGrant:
+        """A token through the store. A refused token is dropped there first, in this same single flight, so
+        the read cannot bring it back and many refusals across replicas cost one platform call."""
+        refused = self._refused.pop(kind, None)
+        if refused is not None:
+            await self.shared.invalidate(self.app.name, kind, refused)
+        grant = await self.shared.get_or_fetch(self.app.name, kind, lambda: self.fetch_sanitised(kind),
+                                               self.fresh_enough)
+        return TokenGrant(grant.value, grant.expires_at - self.clock.wall())
+
+    @property
+    def fresh_enough(self) -> float:
+        """A shared token with less left than this is what the background refresh is replacing: do not reuse it."""
+        return self.settings.refresh_margin + self.settings.refresh_jitter + EXPIRY_SKEW
+
+    async def fetch_sanitised(self, kind: str) -> TokenGrant:
+        grant = await self.fetch(kind)
+        return TokenGrant(grant.value, sanitise_lifetime(grant.expires_in))
 
     async def fetch(self, kind: str) -> TokenGrant:
         call = self.platform.token_call(kind)

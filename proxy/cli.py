@@ -62,6 +62,9 @@ def summary(c: Config) -> str:
         for e in app.expose:
             base = app.upstreams[e.upstream].base_url
             lines.append(f"  http://{e.listen}{e.prefix or ''}/... -> {base}")
+    if c.store.shared:   # the URL never holds the password; display_url shows that there is one
+        lines.append(f"store redis {c.store.display_url} (tls {'on' if c.store.tls else 'off'}, "
+                     f"fallback share {c.store.fallback_share:.0%})")
     return "\n".join(lines)
 
 

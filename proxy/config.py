@@ -20,6 +20,7 @@ from proxy.configtree import Address, Node, expand
 from proxy.events.settings import EventsSettings, parse_events
 from proxy.robots.settings import RobotsSettings, parse_robots
 from proxy.secret import Secret
+from proxy.store import StoreSettings, parse_store
 
 PLATFORM_UPSTREAMS: dict[str, dict[str, str]] = {
     "feishu": {"open": "https://open.feishu.cn"},
@@ -138,7 +139,8 @@ class Config:
     logging: LogSettings = LogSettings()
     events: EventsSettings | None = None
     robots: RobotsSettings | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (store)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (none at present)
+    store: StoreSettings = StoreSettings()                  # memory unless `store: {backend: redis, ...}`
 
     def listeners(self) -> list[Address]:
         seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
@@ -181,7 +183,7 @@ def parse(raw: Any, env: Mapping[str, str]) -> Config:
 # Sections
 
 # Sections parsed by the modules that own them; kept raw here and validated there.
-EXTRA_SECTIONS = ("store",)
+EXTRA_SECTIONS: tuple[str, ...] = ()
 RESERVED_PREFIXES = ("/robots", "/alerts")   # the robot and alert-bridge endpoints on the main listener
 
 
@@ -195,6 +197,7 @@ def _parse_config(root: Node) -> Config | None:
     apps = tuple(_parse_app(n, listen, default_retry) for n in root.children("apps"))
     events = parse_events(root.child("events")) if root.has("events") else None
     robots = parse_robots(root.child("robots")) if root.has("robots") else None
+    store = parse_store(root.child("store")) if root.has("store") else StoreSettings()
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
     if not apps and not extra and events is None and robots is None:
@@ -202,9 +205,9 @@ def _parse_config(root: Node) -> Config | None:
     _check_unique(root, apps, listen, admin)
     if events is not None and events.listen is not None and events.listen.port in {a.port for a in (listen, admin) if a}:
         root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
-    if listen is None or admin is None or any(a is None for a in apps):
+    if listen is None or admin is None or store is None or any(a is None for a in apps):
         return None
-    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra)  # type: ignore[arg-type]
+    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store)  # type: ignore[arg-type]
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:

@@ -28,6 +28,7 @@ FOREGROUND_TRIES = 3         # a request waiting for a token tries this often be
 
 Fetch = Callable[[], Awaitable[TokenGrant]]
 Observer = Callable[[str], None]   # called with "success" | "failure" | "rejected" after every fetch
+Refusal = Callable[[str], None]    # called with a token the platform refused (the shared store drops it too)
 
 
 class TokenUnavailable(Exception):
@@ -59,9 +60,10 @@ class TokenSource:
     """One token of one app: the cache, the single in-flight fetch, and the background refresher."""
 
     def __init__(self, fetch: Fetch, clock: Clock, settings: TokenSettings, *,
-                 observe: Observer = lambda result: None, rng: Callable[[], float] = random.random) -> None:
+                 observe: Observer = lambda result: None, rng: Callable[[], float] = random.random,
+                 on_invalid: Refusal = lambda value: None) -> None:
         self._fetch, self._clock, self._settings = fetch, clock, settings
-        self._observe, self._rng = observe, rng
+        self._observe, self._rng, self._on_invalid = observe, rng, on_invalid
         self._held: HeldToken | None = None
         self._inflight: asyncio.Task[HeldToken] | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -86,6 +88,7 @@ class TokenSource:
         """The platform refused `value`: forget it, unless a newer token has already replaced it."""
         if self._held is not None and self._held.value == value:
             self._held = None
+            self._on_invalid(value)
 
     async def refresh(self, tries: int = FOREGROUND_TRIES) -> HeldToken:
         """Fetch a new token; concurrent callers share one fetch."""

@@ -108,11 +108,21 @@ DEFAULT_RETRY = "{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}"
 
 def make_config(platforms: Platforms, extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
                 ratelimit: str = "{enabled: true}", **env: str) -> tuple[config.Config, dict[str, int]]:
-    ports = {"listen": unused_port(), "admin": unused_port(), "api_port": unused_port(), "feishu_port": unused_port()}
+    ports = dict(zip(("listen", "admin", "api_port", "feishu_port"), distinct_ports(4)))
     text = BASE_CONFIG.format(feishu=platforms.feishu_url, oapi=platforms.oapi_url, api=platforms.api_url,
                               limits=limits, retry=retry, ratelimit=ratelimit, **ports) + extra
     environment = {"FEISHU_SECRET": FEISHU_SECRET, "DING_SECRET": DING_SECRET, **env}
     return config.loads(text, env=environment), ports
+
+
+def distinct_ports(count: int) -> list[int]:
+    """Free ports, no two alike: unused_port() can hand out the same port twice in a row."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = unused_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 SidecarFactory = Callable[..., Awaitable[Running]]
