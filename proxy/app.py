@@ -61,7 +61,7 @@ class Sidecar:
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
         stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
-        limiters = AppLimiters(app_config, self.clock, self.metrics)
+        limiters = AppLimiters(app_config, self.clock, self.metrics, self.store.quota)
         for exposure in app_config.expose:
             up = exposure.upstream
             binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up], limiters)

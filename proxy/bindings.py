@@ -17,9 +17,10 @@ from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.outcome import Verdict
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.network import NetworkMonitor, NetworkState
-from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet
+from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
 from proxy.retry import RetryPolicy, adaptive_settings, refreshed
 from proxy.routing import RouteLabels
+from proxy.store import SharedQuota, SharedQuotaExceeded, UnsharedQuota
 from proxy.store import LocalTokens, SharedTokens
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
 from proxy.upstream import UpstreamClient
@@ -137,12 +138,24 @@ ADAPTIVE_GAUGES = {
 class AppLimiters:
     """The sidecar's own rate limits of one app: a limiter per route template, its rate exported as a gauge."""
 
-    def __init__(self, app: AppConfig, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, app: AppConfig, clock: Clock, metrics: Metrics, shared: SharedQuota | None = None) -> None:
         default = app.ratelimit.default or DEFAULT_QUOTAS["dingtalk" if app.platform == "dingtalk" else "feishu"]
         self.enabled = app.ratelimit.enabled
         self._set = RateLimiterSet(clock, default, app.ratelimit.routes)
+        self._shared = shared or UnsharedQuota()
         self._app, self._metrics = app.name, metrics
         self._exported: set[str] = set()
+
+    async def acquire(self, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
+        """This pod's slot first, then the cluster's (a no-op without a shared store); seconds waited.
+
+        Each pod passes its own current (possibly lowered) rate, so a throttle seen here slows the cluster's pace.
+        """
+        waited = await limiter.acquire(deadline)
+        try:
+            return waited + await self._shared.acquire(f"{self._app}:{template}", limiter.current_rate, 1, deadline)
+        except SharedQuotaExceeded as exc:
+            raise RateLimitExceeded(exc.retry_after) from exc
 
     def get(self, template: str, route_label: str) -> AdaptiveRateLimiter:
         limiter = self._set.get(self._app, template)

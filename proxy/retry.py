@@ -255,7 +255,7 @@ class RetryEngine:
         """Wait for the sidecar's own rate limit inside the deadline; fail fast with 429 when it would overrun."""
         b = exchange.binding
         try:
-            waited = await limiter.acquire(exchange.deadline)
+            waited = await b.limiters.acquire(limiter, exchange.template, exchange.deadline)
         except RateLimitExceeded as exc:
             self.metrics.ratelimit_rejections.labels(b.app.name, exchange.route).inc()
             raise LocallyRateLimited(f"app {b.app.name}: the sidecar's rate limit for this API has no slot before "

@@ -72,7 +72,7 @@ async def test_cold_start_of_five_replicas_makes_one_token_call_per_app(
         http: aiohttp.ClientSession) -> None:
     platforms.feishu.token_delay = platforms.dingtalk.token_delay = 0.05   # let the replicas pile up on the lock
     # A thousand requests in one process on a busy CI machine: deadlines long enough that load is not a failure.
-    sidecars = await replicas(start_sidecar, redis_server, limits="{deadline: 60s}",
+    sidecars = await replicas(start_sidecar, redis_server, limits="{deadline: 60s}", ratelimit="{enabled: false}",
                               retry="{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 60s}")
     codes = await asyncio.gather(*(send(http, running) for running in sidecars for send in [feishu_send, ding_get]
                                    for _ in range(100)))
@@ -94,7 +94,7 @@ async def test_without_the_store_each_replica_fetches_its_own(
 async def test_a_token_refused_on_every_replica_is_refreshed_once_cluster_wide(
         start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
         http: aiohttp.ClientSession) -> None:
-    sidecars = await replicas(start_sidecar, redis_server)
+    sidecars = await replicas(start_sidecar, redis_server, ratelimit="{enabled: false}")   # tokens only here
     assert set(await asyncio.gather(*(feishu_send(http, r) for r in sidecars))) == {0}
     assert platforms.feishu.token_calls == 1
     platforms.feishu.token_delay = 0.05
@@ -269,7 +269,8 @@ async def test_requests_keep_succeeding_while_redis_is_down_and_the_replicas_rej
         start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
         http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "imsidecar.store")
-    sidecars = await replicas(start_sidecar, redis_server, count=3, extra=FAST_PROBE)
+    sidecars = await replicas(start_sidecar, redis_server, count=3, extra=FAST_PROBE,
+                              ratelimit="{enabled: false}")   # token fallback here; quota fallback has its own test
     assert set(await asyncio.gather(*(feishu_send(http, r) for r in sidecars))) == {0}
     assert platforms.feishu.token_calls == 1
 
@@ -323,3 +324,22 @@ async def test_the_password_reaches_redis_and_no_log_line(
     logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
     assert password not in logged and password[::-1] not in logged
     assert "unreachable" in caplog.text
+
+
+async def test_replicas_share_one_quota_through_the_forwarding_path(
+        start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """Three sidecars, each allowing 5/s on their own, together send the platform no more than 5/s."""
+    sidecars = await replicas(start_sidecar, redis_server, count=3, ratelimit="{per_second: 5}",
+                              limits="{deadline: 1500ms}")
+
+    async def call(running: Running) -> int:
+        async with http.post(running.base + "/dingtalk/topapi/v2/user/get", json={"userid": "manager001"}) as r:
+            return r.status
+
+    started = asyncio.get_running_loop().time()
+    statuses = await asyncio.gather(*(call(s) for s in sidecars for _ in range(10)))
+    elapsed = asyncio.get_running_loop().time() - started
+    sent = len(platforms.dingtalk.calls)
+    assert sent == statuses.count(200) and 429 in statuses
+    assert sent <= 5 * elapsed + 3   # a shared 5/s (spaced 1/rate apart) over the burst, plus each pod's first slot
