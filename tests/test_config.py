@@ -143,7 +143,10 @@ def test_shipped_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     root = Path(__file__).parent.parent / "config"
     secret = tmp_path / "app_secret"
     secret.write_text("s3cret-from-a-mounted-file")
-    env = {"FEISHU_APP_ID": "cli_x", "FEISHU_APP_SECRET": "x" * 16, "DINGTALK_APP_KEY": "k", "DINGTALK_APP_SECRET": "y" * 16}
+    env = {"FEISHU_APP_ID": "cli_x", "FEISHU_APP_SECRET": "x" * 16, "DINGTALK_APP_KEY": "k", "DINGTALK_APP_SECRET": "y" * 16,
+           "DINGTALK_ROBOT_TOKEN": "t" * 16, "DINGTALK_ROBOT_SECRET": "SEC" + "s" * 16, "FEISHU_HOOK_TOKEN": "h" * 16,
+           "FEISHU_HOOK_SECRET": "f" * 16, "FEISHU_VERIFICATION_TOKEN": "v" * 16, "FEISHU_ENCRYPT_KEY": "e" * 16}
     for path in sorted(root.glob("*.yaml")):
         text = path.read_text().replace("/var/run/secrets/feishu/app_secret", str(secret))
-        assert config.loads(text, env=env).apps, path.name
+        loaded = config.loads(text, env=env)
+        assert loaded.apps or loaded.robots, path.name
