@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import asyncio
 import os
 import shutil
+import time
 
 import aiohttp
 import pytest
@@ -63,6 +65,24 @@ def require_binary(*names: str, package: str) -> str:
     if os.environ.get("IMSIDECAR_REQUIRE_E2E"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process,
+                     bound: float = 20.0) -> None:
+    """Poll `url` until it answers 200; fail at once, with the process's stderr, if it exits first."""
+    give_up = time.monotonic() + bound
+    while True:
+        if process.returncode is not None:
+            error = (await process.stderr.read()).decode()[-2000:] if process.stderr else ""
+            pytest.fail(f"the process exited: {error}")
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < give_up, f"{url} never became ready"
+        await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -11,23 +11,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp.test_utils import unused_port
 
-from tests.conftest import FEISHU_SECRET, Platforms
+from tests.conftest import FEISHU_SECRET, Platforms, wait_ready
 
 MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
-
-
-async def wait_ready(http: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
-    for _ in range(200):
-        if process.returncode is not None:
-            raise AssertionError(f"imsidecar exited with {process.returncode}")
-        try:
-            async with http.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} never became ready")
 
 
 async def spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:

@@ -29,7 +29,7 @@ from proxy.clock import SystemClock
 from proxy.fakes.events import FakeApplication, FeishuPusher
 from proxy.fakes.faults import Faults
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
-from tests.conftest import Platforms, Running, require_binary
+from tests.conftest import Platforms, Running, require_binary, wait_ready
 from tests.test_dashboards import RULES, grafana_alert_query, panel_queries, substitute
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,27 +116,11 @@ async def prometheus(tmp_path: Path, sidecar_under_faults) -> AsyncIterator[tupl
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, base, process)
+            await wait_ready(session, f"{base}/-/ready", process, BOUND)
             yield session, base
     finally:
         process.terminate()
         await process.wait()
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, process: asyncio.subprocess.Process) -> None:
-    give_up = time.monotonic() + BOUND
-    while True:
-        if process.returncode is not None:
-            assert process.stderr is not None
-            pytest.fail(f"prometheus exited: {(await process.stderr.read()).decode()[-2000:]}")
-        try:
-            async with session.get(f"{base}/-/ready") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < give_up, "prometheus did not become ready"
-        await asyncio.sleep(0.05)
 
 
 # Traffic ----------------------------------------------------------------------------------------------------------

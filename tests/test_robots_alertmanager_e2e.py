@@ -6,11 +6,11 @@ Needs the `prometheus-alertmanager` binary (Debian package `prometheus-alertmana
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp.test_utils import unused_port
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -21,16 +21,10 @@ from proxy.app import Sidecar
 from proxy.clock import SystemClock
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
 from proxy.robots.signing import dingtalk_sign
-from tests.conftest import require_binary
+from tests.conftest import require_binary, wait_ready
 
 DT_SECRET, FS_SECRET = "SECe2e-dingtalk", "e2e-feishu"
 BOUND = 20.0  # overall limit for any one wait; normally everything happens in well under a second
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def eventually(check, what: str, bound: float = BOUND) -> None:
@@ -52,7 +46,7 @@ async def robots(aiohttp_server):
 async def bridge(robots):
     """The real sidecar, with only its robot targets configured."""
     _, _, dt_server, fs_server = robots
-    listen, admin = free_port(), free_port()
+    listen, admin = unused_port(), unused_port()
     text = f"""
 listen: 127.0.0.1:{listen}
 admin_listen: 127.0.0.1:{admin}
@@ -71,7 +65,7 @@ robots:
 
 @pytest.fixture
 async def alertmanager(tmp_path: Path, bridge):
-    port = free_port()
+    port = unused_port()
     config = tmp_path / "alertmanager.yml"
     config.write_text(f"""
 route:
@@ -96,27 +90,11 @@ receivers:
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, base, process)
+            await wait_ready(session, f"{base}/-/ready", process, BOUND)
             yield session, base
     finally:
         process.terminate()
         await process.wait()
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, process: asyncio.subprocess.Process) -> None:
-    give_up = time.monotonic() + BOUND
-    while True:
-        if process.returncode is not None:
-            assert process.stderr is not None
-            pytest.fail(f"alertmanager exited: {(await process.stderr.read()).decode()[-2000:]}")
-        try:
-            async with session.get(f"{base}/-/ready") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < give_up, "alertmanager did not become ready"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_firing_alert_reaches_both_robots_once_signed_and_rendered(alertmanager, robots):

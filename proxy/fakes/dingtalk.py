@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -79,29 +79,29 @@ class FakeDingTalk:
         return errcode(0, "ok", access_token=self.issue(key or ""), expires_in=TOKEN_LIFETIME)
 
     def oapi_guarded(self, handler):  # type: ignore[no-untyped-def]
+        return self.guarded(handler, OAPI)
+
+    def guarded(self, handler, host: HostRules):  # type: ignore[no-untyped-def]
+        """Token check, faults and the per-app per-API quota, each answered the way `host` answers them."""
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            token = request.query.get("access_token")
-            if not token:
-                return errcode(41001, "缺少access_token参数")
-            ok = self.valid(token)
-            self.calls.append((request.path, ok))
-            if not ok:
-                return errcode(40014, "不合法的access_token")
+            token = host.token(request)
+            refused = host.check(self, token)
+            self.calls.append((request.path, refused is None and token is not None))
+            if refused is not None:
+                return refused
             fault = self.faults.pick(request.path)
-            if fault == "unavailable":
-                return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
-            if fault == "throttle" or self.over_quota(token, request.path):
+            if fault == "throttle" or self.over_quota(token or "", request.path):
                 self.throttled += 1
-                return errcode(90018, "当前企业调用该接口的QPS超过了上限，请稍后重试")
-            if fault == "busy":
-                return errcode(-1, "系统繁忙")
+                return host.answers["throttle"]()
+            if fault in ("unavailable", "busy"):
+                return host.answers[fault]()
             if fault == "reset_before":
                 return drop_connection(request)
             if fault == "hang":
                 await hang(self.faults)
             response = await handler(request)
             if fault in AFTER:
-                return drop_connection(request) if fault == "reset_after" else web.Response(status=500, text="error")
+                return drop_connection(request) if fault == "reset_after" else host.answers["error_after"]()
             return response
         return wrapped
 
@@ -139,29 +139,7 @@ class FakeDingTalk:
         return web.json_response({"accessToken": self.issue(key), "expireIn": TOKEN_LIFETIME})
 
     def api_guarded(self, handler):  # type: ignore[no-untyped-def]
-        async def wrapped(request: web.Request) -> web.StreamResponse:
-            token = request.headers.get(TOKEN_HEADER)
-            ok = self.valid(token) or (token or "").startswith("user-")
-            self.calls.append((request.path, ok))
-            if not ok:
-                return api_error(401, "InvalidAuthentication", "不合法的access_token")
-            fault = self.faults.pick(request.path)
-            if fault == "unavailable":
-                return api_error(503, "ServiceUnavailable", "服务暂不可用")
-            if fault == "throttle" or self.over_quota(token or "", request.path):
-                self.throttled += 1
-                return api_error(403, "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "调用频率超过限制")
-            if fault == "busy":
-                return api_error(429, "system.busy", "系统繁忙")
-            if fault == "reset_before":
-                return drop_connection(request)
-            if fault == "hang":
-                await hang(self.faults)
-            response = await handler(request)
-            if fault in AFTER:
-                return drop_connection(request) if fault == "reset_after" else api_error(500, "systemError", "系统错误")
-            return response
-        return wrapped
+        return self.guarded(handler, API)
 
     async def contact_user(self, request: web.Request) -> web.Response:
         union_id = request.match_info["union_id"]
@@ -191,3 +169,49 @@ def api_error(status: int, code: str, message: str) -> web.Response:
     body = json.dumps({"code": code, "message": message, "requestid": "FAKE-REQUEST-ID"}, ensure_ascii=False)
     return web.Response(status=status, text=body, content_type="application/json",
                         headers={"x-acs-request-id": "FAKE-REQUEST-ID"})
+
+
+@dataclass(frozen=True)
+class HostRules:
+    """How one DingTalk host reads the token and answers each refusal and fault."""
+
+    token: Callable[[web.Request], str | None]
+    check: Callable[[FakeDingTalk, str | None], web.Response | None]   # None: the token is good
+    answers: dict[str, Callable[[], web.Response]]
+
+
+def _oapi_check(fake: FakeDingTalk, token: str | None) -> web.Response | None:
+    if not token:
+        return errcode(41001, "缺少access_token参数")
+    return None if fake.valid(token) else errcode(40014, "不合法的access_token")
+
+
+def _api_check(fake: FakeDingTalk, token: str | None) -> web.Response | None:
+    if fake.valid(token) or (token or "").startswith("user-"):
+        return None
+    return api_error(401, "InvalidAuthentication", "不合法的access_token")
+
+
+# oapi: errors inside HTTP 200 (errcode), a gateway's HTML page when the backend is away.
+OAPI = HostRules(
+    token=lambda request: request.query.get("access_token"),
+    check=_oapi_check,
+    answers={
+        "unavailable": lambda: web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
+                                            content_type="text/html"),
+        "throttle": lambda: errcode(90018, "当前企业调用该接口的QPS超过了上限，请稍后重试"),
+        "busy": lambda: errcode(-1, "系统繁忙"),
+        "error_after": lambda: web.Response(status=500, text="error"),
+    },
+)
+# api: `{code, message}` with a 4xx/5xx status.
+API = HostRules(
+    token=lambda request: request.headers.get(TOKEN_HEADER),
+    check=_api_check,
+    answers={
+        "unavailable": lambda: api_error(503, "ServiceUnavailable", "服务暂不可用"),
+        "throttle": lambda: api_error(403, "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "调用频率超过限制"),
+        "busy": lambda: api_error(429, "system.busy", "系统繁忙"),
+        "error_after": lambda: api_error(500, "systemError", "系统错误"),
+    },
+)
