@@ -121,7 +121,7 @@ async def latency_spike(platform: Platform, duration: float) -> None:
 
 async def throttling(platform: Platform, duration: float) -> None:
     platform.fake.faults = Faults(latency=0.05)
-    platform.fake.quota_per_second = 25   # below the offered load; 429 + x-ogw-ratelimit-reset
+    platform.fake.quota_per_second = 20   # below the offered load; 429 + x-ogw-ratelimit-reset
 
 
 OUTAGE = 30.0
@@ -348,7 +348,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=40.0, help="offered requests per second")
+    parser.add_argument("--rate", type=float, default=30.0, help="offered requests per second")
     parser.add_argument("--scale", type=float, default=1.0, help="stretch or shrink scenarios 1-4")
     parser.add_argument("--only", help="run scenarios whose name starts with this (e.g. 3)")
     parser.add_argument("--policy", help="run policies whose name starts with this")

@@ -214,6 +214,10 @@ class RetryEngine:
         if verdict.processed and not self.idempotent(exchange):
             return Decision(False, "unsafe")   # it may have been applied: a retry could apply it twice
         wait = next(waits)
+        if verdict.signal is Signal.TIMEOUT:
+            # The attempt already waited its whole per-try timeout: that was the back-off. Retry promptly (the
+            # next try gets a longer timeout), or a platform that just slowed down costs a timeout plus a wait.
+            wait = min(wait, params.backoff_base)
         if verdict.retry_after is not None:
             if verdict.retry_after > policy.settings.max_retry_after:
                 return Decision(False, "retry_after_too_long")
