@@ -99,6 +99,7 @@ apps:
     app_secret: bench-secret
     upstreams: {{open: {{base_url: "http://127.0.0.1:{upstream_port}"}}}}
     expose: [{{upstream: open, listen: "127.0.0.1:{port}"}}]
+    ratelimit: {{per_second: 1000000}}   # armed, with a quota the load never reaches
 """)
     return conf
 

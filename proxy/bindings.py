@@ -152,6 +152,8 @@ class AppLimiters:
         Each pod passes its own current (possibly lowered) rate, so a throttle seen here slows the cluster's pace.
         """
         waited = await limiter.acquire(deadline)
+        if isinstance(self._shared, UnsharedQuota):
+            return waited   # one pod: nothing to ask a store
         try:
             return waited + await self._shared.acquire(f"{self._app}:{template}", limiter.current_rate, 1, deadline)
         except SharedQuotaExceeded as exc:

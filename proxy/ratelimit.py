@@ -125,6 +125,9 @@ class AdaptiveRateLimiter:
         """Wait for a slot and return the seconds waited; raise RateLimitExceeded at once if it would
         come after `deadline` (a `clock.now()` time)."""
         start = self._clock.now()
+        if not self._queue and self._earliest_slot(start) <= start:
+            self._grant(start)   # the common case: nobody waiting and a slot free now
+            return 0.0
         expected = self._predict(start, ahead=len(self._queue))
         if expected > start and expected > deadline:
             raise RateLimitExceeded(expected - start)

@@ -16,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import NETWORK_ERRORS, AttemptFailed, translate
+from proxy.watchdog import Watchdog
 
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -58,6 +59,7 @@ class UpstreamClient:
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._watchdog = Watchdog()   # the per-try timeouts of this upstream's attempts
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -77,17 +79,23 @@ class UpstreamClient:
     async def send(self, method: str, path_qs: str, headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None, timeout: float) -> Answer:
         """One attempt. Raises a translated AttemptFailed when the network fails it."""
+        task = self._watchdog.watch(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                response = await self.session.request(
-                    method, URL(self.base_url + path_qs, encoded=True), headers=headers, data=body, allow_redirects=False,
-                )
-                if not _should_read(response):
-                    return Answer(response.status, response.headers, None, response)
-                async with response:
-                    return Answer(response.status, response.headers, await response.read())
+            response = await self.session.request(
+                method, URL(self.base_url + path_qs, encoded=True), headers=headers, data=body, allow_redirects=False,
+            )
+            if not _should_read(response):
+                return Answer(response.status, response.headers, None, response)
+            async with response:
+                return Answer(response.status, response.headers, await response.read())
+        except asyncio.CancelledError as exc:
+            if self._watchdog.release(task):
+                raise translate(asyncio.TimeoutError()) from exc
+            raise
         except NETWORK_ERRORS as exc:
             raise translate(exc) from exc
+        finally:
+            self._watchdog.release(task)
 
 
 def _should_read(response: aiohttp.ClientResponse) -> bool:
