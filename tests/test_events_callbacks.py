@@ -2,62 +2,29 @@ import asyncio
 import json
 import random
 
-import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
-from proxy.clock import VirtualClock
 from proxy.events.callbacks import DingTalkCallback, FeishuCallback
-from proxy.events.delivery import Delivery
-from proxy.events.metrics import EventMetrics
-from proxy.events.settings import DeliverySettings, DingTalkEvents, FeishuEvents, Secret
-from proxy.fakes.events import DingTalkPusher, FakeApplication, FeishuPusher, wait_for
+from proxy.events.settings import DingTalkEvents, FeishuEvents, Secret
+from proxy.fakes.events import DingTalkPusher, FeishuPusher, wait_for
+from tests.events_support import (  # noqa: F401 (fixtures, used by name)
+    clock, fake_app, make_lane, metrics, registry, session, started)
 
 AES = "Nzk5ZjFiODIxMzkyNGMyNWIyMmFiZWZkNjIzNjIxYTg"
 
 
 @pytest.fixture
-def clock():
-    return VirtualClock()
-
-
-@pytest.fixture
-def registry():
-    return CollectorRegistry()
-
-
-@pytest.fixture
-async def fake_app(aiohttp_server):
-    fake = FakeApplication()
-    fake.url = str((await aiohttp_server(fake.app())).make_url("/events"))
-    return fake
-
-
-@pytest.fixture
-async def sidecar(aiohttp_client, fake_app, clock, registry):
+async def sidecar(aiohttp_client, make_lane, metrics, clock):
     """The sidecar's callback endpoints, mounted the way the app assembly will, in front of a fake application."""
-    session = aiohttp.ClientSession()
-    metrics = EventMetrics(registry)
-    lanes = {}
-
-    def lane(name, **overrides):
-        lanes[name] = Delivery(name, DeliverySettings(url=fake_app.url, **overrides), session, metrics, clock)
-        lanes[name].start()
-        return lanes[name]
-
     feishu = FeishuCallback("fs", FeishuEvents(app_id="cli_1", verification_token=Secret("vt"),
-                                               encrypt_key=Secret("ek")), lane("fs"), metrics, clock)
+                                               encrypt_key=Secret("ek")), make_lane("fs"), metrics, clock)
     ding = DingTalkCallback("dt", DingTalkEvents(app_key="dingapp", token=Secret("tok"), aes_key=Secret(AES)),
-                            lane("dt", queue_size=1), metrics, clock, random.Random(1))
+                            make_lane("dt", queue_size=1), metrics, clock, random.Random(1))
     web_app = web.Application()
     web_app.router.add_post("/events/fs", feishu.handle)
     web_app.router.add_post("/events/dt", ding.handle)
-    client = await aiohttp_client(web_app)
-    yield client
-    for each in lanes.values():
-        await each.close()
-    await session.close()
+    return await aiohttp_client(web_app)
 
 
 @pytest.fixture

@@ -1,60 +1,18 @@
 import asyncio
 import random
 
-import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 
-from proxy.clock import VirtualClock
-from proxy.events.delivery import Admission, Delivery, Event
-from proxy.events.metrics import EventMetrics
-from proxy.events.settings import DeliverySettings
-from proxy.fakes.events import FakeApplication, event_json, wait_for
-
-
-@pytest.fixture
-def clock():
-    return VirtualClock()
+from proxy.events.delivery import Admission, Event
+from proxy.fakes.events import event_json, wait_for
+from tests.events_support import advance_until
+from tests.events_support import (  # noqa: F401 (fixtures, used by name)
+    clock, fake_app, make_lane, metrics, registry, session, started)
 
 
 @pytest.fixture
-def registry():
-    return CollectorRegistry()
-
-
-@pytest.fixture
-async def fake_app(aiohttp_server):
-    fake = FakeApplication()
-    server = await aiohttp_server(fake.app())
-    fake.url = str(server.make_url("/events"))
-    return fake
-
-
-@pytest.fixture
-async def make_delivery(fake_app, clock, registry):
-    lanes = []
-    session = aiohttp.ClientSession()
-
-    def make(**overrides):
-        settings = DeliverySettings(url=fake_app.url, **overrides)
-        lane = Delivery("app1", settings, session, EventMetrics(registry), clock, random.Random(7))
-        lane.start()
-        lanes.append(lane)
-        return lane
-
-    yield make
-    for lane in lanes:
-        await lane.close()
-    await session.close()
-
-
-async def advance_until(clock, condition, step=0.5, rounds=100):
-    for _ in range(rounds):
-        if condition():
-            return
-        await clock.advance(step)
-        await asyncio.sleep(0.001)
-    raise AssertionError("not reached in virtual time")
+def make_delivery(make_lane):
+    return lambda **overrides: make_lane("app1", random.Random(7), **overrides)
 
 
 def sample(registry, name, **labels):
@@ -77,7 +35,7 @@ async def test_a_failing_application_is_retried_after_backoff_in_virtual_time(ma
     first, second = lane.submit(Event("a", event_json(n=1))), lane.submit(Event("b", event_json(n=2)))
     await wait_for(lambda: clock.sleepers == 1)
     assert fake_app.fail_next == 1 and fake_app.received == [] and not first.delivered.done()
-    await advance_until(clock, lambda: second.delivered.done())
+    await advance_until(clock, lambda: second.delivered.done(), step=0.5, rounds=100)
     assert await first.delivered and await second.delivered
     assert [e["n"] for e in fake_app.received] == [1, 2]   # the retried head did not let the next one overtake it
     assert sample(registry, "imsidecar_events_delivery_retries_total") == 2

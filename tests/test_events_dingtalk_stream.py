@@ -2,57 +2,31 @@ import asyncio
 import json
 import random
 
-import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 
-from proxy.clock import VirtualClock
-from proxy.events.delivery import Delivery
 from proxy.events.dingtalk_stream import DingTalkStream
-from proxy.events.metrics import EventMetrics
-from proxy.events.settings import DeliverySettings, DingTalkEvents, Secret, StreamSettings
-from proxy.fakes.events import FakeApplication, FakeDingTalkGateway, wait_for
-
-
-@pytest.fixture
-def clock():
-    return VirtualClock()
-
-
-@pytest.fixture
-def registry():
-    return CollectorRegistry()
-
-
-@pytest.fixture
-async def fake_app(aiohttp_server):
-    fake = FakeApplication()
-    fake.url = str((await aiohttp_server(fake.app())).make_url("/events"))
-    return fake
+from proxy.events.settings import DingTalkEvents, Secret, StreamSettings
+from proxy.fakes.events import FakeDingTalkGateway, wait_for
+from tests.events_support import advance_until, serve
+from tests.events_support import (  # noqa: F401 (fixtures, used by name)
+    clock, fake_app, make_lane, metrics, registry, session, started)
 
 
 @pytest.fixture
 async def gateway(aiohttp_server):
     fake = FakeDingTalkGateway("dingapp", "s3cret")
-    fake.api = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    fake.api = await serve(aiohttp_server, fake.app())
     return fake
 
 
 @pytest.fixture
-async def stream(gateway, fake_app, clock, registry):
-    session = aiohttp.ClientSession()
-    metrics = EventMetrics(registry)
-    lane = Delivery("dt", DeliverySettings(url=fake_app.url, backoff_base=1), session, metrics, clock,
-                    random.Random(1))
+async def stream(gateway, make_lane, session, metrics, clock, started):
+    lane = make_lane("dt", random.Random(1), backoff_base=1)
     settings = DingTalkEvents(app_key="dingapp", app_secret=Secret("s3cret"), api=gateway.api)
-    client = DingTalkStream("dt", settings, StreamSettings(), lane, session, metrics, clock, random.Random(2))
-    lane.start()
-    client.start()
+    client = started(DingTalkStream("dt", settings, StreamSettings(), lane, session, metrics, clock,
+                                    random.Random(2)))
     await wait_for(lambda: gateway.live is not None)
-    yield client
-    await client.close()
-    await lane.close()
-    await session.close()
+    return client
 
 
 def metric(registry, name, **labels):
@@ -60,12 +34,8 @@ def metric(registry, name, **labels):
 
 
 async def reconnect(gateway, clock, opened_before):
-    for _ in range(200):
-        if gateway.opened > opened_before and gateway.live is not None:
-            return
-        await clock.advance(1)
-        await asyncio.sleep(0.001)
-    raise AssertionError("did not reconnect")
+    await advance_until(clock, lambda: gateway.opened > opened_before and gateway.live is not None,
+                        what="did not reconnect")
 
 
 async def test_ping_is_echoed_and_the_connection_reported_up(stream, gateway, registry):
@@ -81,11 +51,7 @@ async def test_event_is_acked_only_after_the_application_accepted_it(stream, gat
     await gateway.push({"title": "new"})
     await wait_for(lambda: fake_app.fail_next == 0)
     assert gateway.acks == [] and len(gateway.unacked) == 1       # application failed once: no ACK yet
-    for _ in range(20):
-        if gateway.acks:
-            break
-        await clock.advance(1)
-        await asyncio.sleep(0.001)
+    await advance_until(clock, lambda: gateway.acks, rounds=21)
     assert json.loads(gateway.acks[0]["data"]) == {"status": "SUCCESS"}
     assert fake_app.received == [{"title": "new"}] and gateway.unacked == {}
 
@@ -104,11 +70,7 @@ async def test_every_event_arrives_once_and_in_order_across_a_dropped_connection
     await wait_for(lambda: metric(registry, "imsidecar_events_connection_up") == 0)
     fake_app.fail_next = 0
     await reconnect(gateway, clock, opened)     # the gateway redelivers 3, 4, 5 on the new connection
-    for _ in range(100):
-        if not gateway.unacked:
-            break
-        await clock.advance(1)
-        await asyncio.sleep(0.001)
+    await advance_until(clock, lambda: not gateway.unacked, rounds=101)
     assert [e["n"] for e in fake_app.received] == [0, 1, 2, 3, 4, 5]
     assert gateway.unacked == {}
     assert metric(registry, "imsidecar_events_duplicates_dropped_total") == 3
@@ -131,10 +93,9 @@ async def test_a_callback_refused_by_the_application_stays_unacked(stream, gatew
     assert gateway.acks == [] and len(gateway.unacked) == 1
 
 
-async def test_wrong_credentials_back_off_and_retry_without_crashing(gateway, fake_app, clock, registry):
-    session = aiohttp.ClientSession()
-    metrics = EventMetrics(registry)
-    lane = Delivery("dt", DeliverySettings(url=fake_app.url), session, metrics, clock)
+async def test_wrong_credentials_back_off_and_retry_without_crashing(gateway, make_lane, session, metrics, clock,
+                                                                    registry):
+    lane = make_lane("dt", start=False)
     settings = DingTalkEvents(app_key="dingapp", app_secret=Secret("wrong"), api=gateway.api)
     client = DingTalkStream("dt", settings, StreamSettings(reconnect_base=1, reconnect_cap=8), lane, session,
                             metrics, clock, random.Random(3))
@@ -147,4 +108,3 @@ async def test_wrong_credentials_back_off_and_retry_without_crashing(gateway, fa
         assert gateway.live is None and client._task is not None and not client._task.done()
     finally:
         await client.close()
-        await session.close()

@@ -1,78 +1,36 @@
-import asyncio
 import random
 
-import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 
-from proxy.clock import VirtualClock
-from proxy.events.delivery import Delivery
 from proxy.events.feishu_ws import FeishuLongConnection, Reassembly
-from proxy.events.metrics import EventMetrics
-from proxy.events.settings import DeliverySettings, FeishuEvents, Secret, StreamSettings
-from proxy.fakes.events import FakeApplication, FakeFeishuGateway, wait_for
-
-
-@pytest.fixture
-def clock():
-    return VirtualClock()
-
-
-@pytest.fixture
-def registry():
-    return CollectorRegistry()
-
-
-@pytest.fixture
-async def fake_app(aiohttp_server):
-    fake = FakeApplication()
-    fake.url = str((await aiohttp_server(fake.app())).make_url("/events"))
-    return fake
+from proxy.events.settings import FeishuEvents, Secret, StreamSettings
+from proxy.fakes.events import FakeFeishuGateway, wait_for
+from tests.events_support import advance_until, serve
+from tests.events_support import (  # noqa: F401 (fixtures, used by name)
+    clock, fake_app, make_lane, metrics, registry, session, started)
 
 
 @pytest.fixture
 async def gateway(aiohttp_server):
     fake = FakeFeishuGateway("cli_1", "sec")
-    fake.domain = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    fake.domain = await serve(aiohttp_server, fake.app())
     return fake
 
 
 @pytest.fixture
-async def make_client(gateway, fake_app, clock, registry):
-    session = aiohttp.ClientSession()
-    metrics = EventMetrics(registry)
-    made = []
-
+def make_client(gateway, make_lane, session, metrics, clock, started):
     def make(secret="sec"):
-        lane = Delivery("fs", DeliverySettings(url=fake_app.url, backoff_base=1), session, metrics, clock,
-                        random.Random(1))
-        client = FeishuLongConnection("fs", FeishuEvents(app_id="cli_1", app_secret=Secret(secret),
-                                                         domain=gateway.domain),
-                                      StreamSettings(), lane, session, metrics, clock, random.Random(2))
-        lane.start()
-        client.start()
-        made.append((client, lane))
-        return client
+        lane = make_lane("fs", random.Random(1), backoff_base=1)
+        return started(FeishuLongConnection("fs", FeishuEvents(app_id="cli_1", app_secret=Secret(secret),
+                                                               domain=gateway.domain),
+                                            StreamSettings(), lane, session, metrics, clock, random.Random(2)))
 
-    yield make
-    for client, lane in made:
-        await client.close()
-        await lane.close()
-    await session.close()
+    return make
 
 
 def envelope(n, event_id=None):
     return {"schema": "2.0", "header": {"event_id": event_id or f"e{n}", "event_type": "im.message.receive_v1"},
             "event": {"n": n}}
-
-
-async def advance_until(clock, condition, step=1.0, rounds=200):
-    for _ in range(rounds):
-        if condition():
-            return
-        await clock.advance(step)
-        await asyncio.sleep(0.001)
-    raise AssertionError("not reached in virtual time")
 
 
 async def test_pings_at_the_server_interval_and_takes_new_settings_from_pong(make_client, gateway, clock):

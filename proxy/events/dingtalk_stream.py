@@ -21,6 +21,7 @@ from proxy.events.delivery import Delivery, Event
 from proxy.events.jitter import Backoff
 from proxy.events.metrics import EventMetrics
 from proxy.events.settings import DingTalkEvents, StreamSettings
+from proxy.events.stream_client import StreamClient
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +39,18 @@ def ack_frame(message_id: str, data: str, code: int = 200, message: str = "OK") 
                        "message": message, "data": data})
 
 
-class DingTalkStream:
+class DingTalkStream(StreamClient):
     """One app's Stream connection. Events are ACKed only once the application accepted them; an event the
     application could not take is answered {"status": "LATER"} so the gateway redelivers it later."""
+
+    task_prefix = "events-dingtalk-stream"
 
     def __init__(self, name: str, settings: DingTalkEvents, stream: StreamSettings, delivery: Delivery,
                  session: aiohttp.ClientSession, metrics: EventMetrics, clock: Clock,
                  rng: random.Random | None = None) -> None:
-        self.name, self._settings, self._stream = name, settings, stream
-        self._delivery, self._session, self._metrics, self._clock = delivery, session, metrics, clock
-        self._rng = rng or random.Random()
+        super().__init__(name, stream, delivery, session, metrics, clock, rng)
+        self._settings = settings
         self._backoff = Backoff(stream.reconnect_base, stream.reconnect_cap)
-        self._task: asyncio.Task[None] | None = None
-        self._acks: set[asyncio.Task[None]] = set()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name=f"events-dingtalk-stream-{self.name}")
-
-    async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._acks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._task = None
-        self._metrics.connected.labels(self.name).set(0)
 
     async def run(self) -> None:
         """Connect, serve, and on any drop reconnect after a jittered back-off (1 s → 60 s, as the SDKs do)."""
@@ -143,9 +129,7 @@ class DingTalkStream:
         # eventId survives a LATER redelivery; messageId identifies a single push. Prefer the stabler one.
         key = str(headers.get("eventId") or message_id)
         ticket = self._delivery.submit(Event(key, data.encode()))
-        task = asyncio.create_task(self._ack_when_delivered(ws, kind, message_id, ticket.delivered))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+        self._spawn(self._ack_when_delivered(ws, kind, message_id, ticket.delivered))
 
     async def _ack_when_delivered(self, ws: aiohttp.ClientWebSocketResponse, kind: str, message_id: str,
                                   delivered: asyncio.Future[bool]) -> None:

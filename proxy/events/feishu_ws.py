@@ -22,6 +22,7 @@ from proxy.events.delivery import Delivery, Event
 from proxy.events.metrics import EventMetrics
 from proxy.events.pbbp2 import METHOD_CONTROL, METHOD_DATA, Frame, FrameError, decode_frame, encode_frame
 from proxy.events.settings import FeishuEvents, StreamSettings
+from proxy.events.stream_client import StreamClient
 
 log = logging.getLogger(__name__)
 
@@ -73,35 +74,20 @@ class Reassembly:
         return b"".join(part or b"" for part in parts)
 
 
-class FeishuLongConnection:
+class FeishuLongConnection(StreamClient):
     """One app's long connection. An event is answered code 200 once the application accepted it, 500 otherwise
     (Feishu then pushes it again); Feishu allows 3 s, and a late answer only costs a redelivery dedupe drops."""
+
+    task_prefix = "events-feishu-ws"
 
     def __init__(self, name: str, settings: FeishuEvents, stream: StreamSettings, delivery: Delivery,
                  session: aiohttp.ClientSession, metrics: EventMetrics, clock: Clock,
                  rng: random.Random | None = None) -> None:
-        self.name, self._settings, self._stream = name, settings, stream
-        self._delivery, self._session, self._metrics, self._clock = delivery, session, metrics, clock
-        self._rng = rng or random.Random()
+        super().__init__(name, stream, delivery, session, metrics, clock, rng)
+        self._settings = settings
         self.config = ClientConfig()
         self._reassembly = Reassembly(stream.reassembly_ttl, clock)
-        self._task: asyncio.Task[None] | None = None
-        self._children: set[asyncio.Task[None]] = set()
         self.gave_up = False
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name=f"events-feishu-ws-{self.name}")
-
-    async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._children) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._task = None
-        self._metrics.connected.labels(self.name).set(0)
 
     async def run(self) -> None:
         """Connect; after a drop wait a random part of ReconnectNonce, then retry every ReconnectInterval,
@@ -199,9 +185,7 @@ class FeishuLongConnection:
             return
         self._metrics.received.labels(self.name, "stream").inc()
         ticket = self._delivery.submit(Event(_event_key(payload, message_id), payload))
-        task = asyncio.create_task(self._answer_when_delivered(ws, frame, ticket.delivered))
-        self._children.add(task)
-        task.add_done_callback(self._children.discard)
+        self._spawn(self._answer_when_delivered(ws, frame, ticket.delivered))
 
     async def _answer_when_delivered(self, ws: aiohttp.ClientWebSocketResponse, frame: Frame,
                                      delivered: asyncio.Future[bool]) -> None:
