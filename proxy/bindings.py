@@ -6,6 +6,7 @@ Owns the per-app token sources and the per-upstream client; the pipeline only re
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from dataclasses import dataclass
 
 
@@ -116,11 +117,12 @@ class UpstreamStages:
         """Gauges read at scrape time, so the request path pays nothing for them."""
         metrics.circuit_state.labels(app, upstream).set_function(lambda: CIRCUIT_VALUES[self.breaker.state])
         for state in NetworkState:
-            metrics.network_state.labels(app, upstream, state.value).set_function(
-                lambda state=state: float(self.monitor.state is state))
+            metrics.network_state.labels(app, upstream, state.value).set_function(partial(self.state_value, state))
         for name, field_name in ADAPTIVE_GAUGES.items():
-            metrics.adaptive[name].labels(app, upstream).set_function(
-                lambda field_name=field_name: self.snapshot_value(field_name))
+            metrics.adaptive[name].labels(app, upstream).set_function(partial(self.snapshot_value, field_name))
+
+    def state_value(self, state: NetworkState) -> float:
+        return float(self.monitor.state is state)
 
     def snapshot_value(self, field_name: str) -> float:
         value = getattr(self.monitor.snapshot(), field_name)

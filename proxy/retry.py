@@ -174,16 +174,17 @@ class RetryEngine:
                       send: Send) -> tuple[Answer | None, Verdict, AttemptFailed | None]:
         b = exchange.binding
         started = self.clock.now()
+        answer: Answer | None = None
+        failure: AttemptFailed | None = None
         try:
             answer = await send(exchange, body, attempt)
         except AttemptFailed as exc:
-            answer, verdict, failure = None, exc.verdict, exc
+            verdict, failure = exc.verdict, exc
         except BaseException:
             b.breaker.release_probe()   # it never reached the upstream (no token, cancelled): give the slot back
             raise
         else:
             verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
-            failure = None
         self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
         self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
         b.observe(verdict, self.clock.now() - started)

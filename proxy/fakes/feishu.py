@@ -101,7 +101,7 @@ class FakeFeishu:
             if self.apps[app_id] != secret:
                 return answer(10014, "app secret invalid")
             token, expire = self.issue(app_id, "tenant")
-            result = {"tenant_access_token": token, "expire": expire}
+            result: dict[str, Any] = {"tenant_access_token": token, "expire": expire}
             if kind == "app":
                 app_token, expire = self.issue(app_id, "app")
                 result.update(app_access_token=app_token, expire=expire)
