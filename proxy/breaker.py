@@ -114,7 +114,8 @@ class CircuitBreaker:
     def _count(self, signal: Signal, failed: bool) -> None:
         self._window.add(self._clock.now(), _FAILED if failed else _PASSED)
         self._connect_run = self._connect_run + 1 if signal is Signal.CONNECT_FAILURE else 0
-        if self._connect_run >= self._settings.connect_failures or self._ratio_tripped():
+        # Only a failure can trip the circuit, so a success skips the ratio (it is on every request's path).
+        if failed and (self._connect_run >= self._settings.connect_failures or self._ratio_tripped()):
             self._open()
 
     def _ratio_tripped(self) -> bool:
