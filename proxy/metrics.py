@@ -5,6 +5,8 @@ Owns names, labels and buckets (label values bounded by configuration); the stag
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -41,6 +43,87 @@ class Capped:
         return value
 
 
+class _Value:
+    """A sample's value without prometheus_client's per-value lock (`MutexValue`): the sidecar updates and scrapes
+    its metrics on one event-loop thread, so nothing races. Not for multiprocess mode, which the sidecar never uses."""
+
+    __slots__ = ("value", "exemplar")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value = value
+
+    def get(self) -> float:
+        return self.value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self.exemplar = exemplar
+
+    def get_exemplar(self) -> Any:
+        return self.exemplar
+
+
+# The three lock-free kinds below replace only how a child holds and updates its values: prometheus_client still
+# builds the children (`labels()`), validates names and labels, and renders every sample (`_child_samples`), so
+# what /metrics serves is the library's own output. They are for the metrics the forwarding path touches on
+# every request, where the locks and the linear bucket scan were ~12% of the sidecar's Python time.
+
+class FastCounter(Counter):
+    def _metric_init(self) -> None:
+        self._value = _Value()   # type: ignore[assignment]
+        self._created = time.time()
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount < 0 or exemplar:   # the library's own checks and errors, off the common path
+            super().inc(amount, exemplar)
+            return
+        try:
+            self._value.value += amount   # type: ignore[attr-defined]
+        except AttributeError:   # a parent without label values has no value: the library says so
+            super().inc(amount)
+
+
+class FastGauge(Gauge):
+    def _metric_init(self) -> None:
+        self._value = _Value()   # type: ignore[assignment]
+
+    def inc(self, amount: float = 1) -> None:
+        try:
+            self._value.value += amount   # type: ignore[attr-defined]
+        except AttributeError:   # as for FastCounter
+            super().inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        try:
+            self._value.value -= amount   # type: ignore[attr-defined]
+        except AttributeError:
+            super().dec(amount)
+
+
+class FastHistogram(Histogram):
+    def _metric_init(self) -> None:
+        self._created = time.time()
+        self._sum = _Value()   # type: ignore[assignment]
+        self._buckets = [_Value() for _ in self._upper_bounds]   # type: ignore[misc]
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar or amount != amount:   # NaN falls in no bucket in the library; keep that, off the common path
+            super().observe(amount, exemplar)
+            return
+        try:
+            self._sum.value += amount   # type: ignore[attr-defined]
+        except AttributeError:   # as for FastCounter
+            super().observe(amount)
+        # The first bucket whose upper bound is >= amount, as the library's `amount <= bound` scan finds it.
+        self._buckets[bisect_left(self._upper_bounds, amount)].value += 1   # type: ignore[attr-defined]
+
+
 class Children:
     """A metric's children by label values, for the hot path: `.labels()` validates and locks on every call.
 
@@ -71,21 +154,21 @@ class Metrics:
         r = self.registry
         Info("imsidecar_build", "Version of the running sidecar.", registry=r).info({"version": __version__})
         # What clients saw ("effective") ...
-        self.requests = Counter(
+        self.requests = FastCounter(
             "imsidecar_requests", "Client requests answered, by final status class and outcome.", REQUEST_LABELS, registry=r)
-        self.request_duration = Histogram(
+        self.request_duration = FastHistogram(
             "imsidecar_request_duration_seconds", "End-to-end time of a client request, retries and waits included.",
             ("app", "upstream", "route"), buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("imsidecar_in_flight_requests", "Client requests being handled.", ("app",), registry=r)
+        self.in_flight = FastGauge("imsidecar_in_flight_requests", "Client requests being handled.", ("app",), registry=r)
         # ... and what the platform saw ("actual").
-        self.attempts = Counter(
+        self.attempts = FastCounter(
             "imsidecar_upstream_attempts", "Attempts sent to the platform, by classified result.",
             ("app", "upstream", "route", "outcome", "reason"), registry=r)
-        self.attempt_duration = Histogram(
+        self.attempt_duration = FastHistogram(
             "imsidecar_upstream_attempt_duration_seconds", "Time of one attempt to the platform.",
             ("app", "upstream"), buckets=LATENCY_BUCKETS, registry=r)
         # Retries.
-        self.retries = Counter("imsidecar_retries", "Retries sent, by reason.", ("app", "upstream", "reason"), registry=r)
+        self.retries = FastCounter("imsidecar_retries", "Retries sent, by reason.", ("app", "upstream", "reason"), registry=r)
         self.retry_budget_exhausted = Counter(
             "imsidecar_retry_budget_exhausted", "Retries not sent because the retry budget was spent.",
             ("app", "upstream"), registry=r)
