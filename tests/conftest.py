@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -83,6 +84,20 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, process: asyncio.
             pass
         assert time.monotonic() < give_up, f"{url} never became ready"
         await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def served(argv: list[str], base: str, ready_path: str, bound: float = 20.0) -> AsyncIterator[aiohttp.ClientSession]:
+    """A real server process (Prometheus, Alertmanager...) started for one test and stopped after it."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, base + ready_path, process, bound)
+            yield session
+    finally:
+        process.terminate()
+        await process.wait()
 
 
 @dataclass

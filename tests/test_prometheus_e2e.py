@@ -29,7 +29,7 @@ from proxy.clock import SystemClock
 from proxy.fakes.events import FakeApplication, FeishuPusher
 from proxy.fakes.faults import Faults
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
-from tests.conftest import Platforms, Running, require_binary, wait_ready
+from tests.conftest import Platforms, Running, require_binary, served
 from tests.test_dashboards import RULES, grafana_alert_query, panel_queries, substitute
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,18 +109,11 @@ async def prometheus(tmp_path: Path, sidecar_under_faults) -> AsyncIterator[tupl
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = unused_port()
-    process = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    argv = [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"{base}/-/ready", process, BOUND)
-            yield session, base
-    finally:
-        process.terminate()
-        await process.wait()
+    async with served(argv, base, "/-/ready", BOUND) as session:
+        yield session, base
 
 
 # Traffic ----------------------------------------------------------------------------------------------------------

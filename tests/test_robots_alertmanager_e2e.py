@@ -9,7 +9,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp.test_utils import unused_port
 import pytest
 from prometheus_client import CollectorRegistry
@@ -21,7 +20,7 @@ from proxy.app import Sidecar
 from proxy.clock import SystemClock
 from proxy.fakes.robots import FakeDingTalkRobot, FakeFeishuRobot
 from proxy.robots.signing import dingtalk_sign
-from tests.conftest import require_binary, wait_ready
+from tests.conftest import require_binary, served
 
 DT_SECRET, FS_SECRET = "SECe2e-dingtalk", "e2e-feishu"
 BOUND = 20.0  # overall limit for any one wait; normally everything happens in well under a second
@@ -83,18 +82,11 @@ receivers:
         send_resolved: false
 """)
     binary = require_binary("prometheus-alertmanager", "alertmanager", package="prometheus-alertmanager")
-    process = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    argv = [binary, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"]
     base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            await wait_ready(session, f"{base}/-/ready", process, BOUND)
-            yield session, base
-    finally:
-        process.terminate()
-        await process.wait()
+    async with served(argv, base, "/-/ready", BOUND) as session:
+        yield session, base
 
 
 async def test_a_firing_alert_reaches_both_robots_once_signed_and_rendered(alertmanager, robots):
