@@ -120,17 +120,9 @@ class RetryEngine:
         limiter = b.limiters.get(exchange.template, exchange.route) if b.limiters.enabled else None
         while True:
             params = policy.params()
-            # The breaker first: a request it refuses must not use up a slot of the platform's quota.
-            if not b.breaker.allow():
-                return self.circuit_open(exchange, last_answer)
-            if limiter is not None:
-                try:
-                    await self.pace(exchange, limiter)
-                except LocallyRateLimited:
-                    b.breaker.release_probe()
-                    if last_answer is None:
-                        raise
-                    return last_answer
+            stop = await self.admit(exchange, limiter, last_answer)
+            if stop is not None:
+                return stop
             attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
             exchange.attempts += 1
             answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
@@ -255,6 +247,24 @@ class RetryEngine:
         if isinstance(failure, AttemptTimeout) and self.clock.now() >= exchange.deadline - 0.001:
             raise DeadlineExceeded("the request's deadline passed with no answer from the platform") from failure
         raise failure
+
+    async def admit(self, exchange: Exchange, limiter: AdaptiveRateLimiter | None,
+                    last_answer: Answer | None) -> Answer | None:
+        """The breaker, then the sidecar's own rate limit. None: send the attempt; an answer: stop with it."""
+        b = exchange.binding
+        # The breaker first: a request it refuses must not use up a slot of the platform's quota.
+        if not b.breaker.allow():
+            return self.circuit_open(exchange, last_answer)
+        if limiter is None:
+            return None
+        try:
+            await self.pace(exchange, limiter)
+        except LocallyRateLimited:
+            b.breaker.release_probe()
+            if last_answer is None:
+                raise
+            return last_answer
+        return None
 
     async def pace(self, exchange: Exchange, limiter: AdaptiveRateLimiter) -> None:
         """Wait for the sidecar's own rate limit inside the deadline; fail fast with 429 when it would overrun."""
