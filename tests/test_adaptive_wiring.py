@@ -57,6 +57,22 @@ class TestBreaker:
             assert running.metric("imsidecar_circuit_transitions_total", app="sales-bot", upstream="open",
                                   state=state) == 1
 
+    async def test_requests_refused_by_the_breaker_use_no_rate_limit_slot(
+            self, start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+        running = await start_sidecar(retry="{backoff_base: 1ms, backoff_cap: 5ms}", ratelimit="{per_second: 30}")
+        platforms.feishu.faults = Faults(rates={"unavailable": 1.0})
+        url = f"{running.base}/sales-bot/open-apis/bitable/v1/apps/bascnX/tables/tblY/records"
+        for _ in range(20):
+            async with http.get(url) as r:
+                await r.read()
+            if running.metric("imsidecar_circuit_state", app="sales-bot", upstream="open") == 2:
+                break
+        refusals = []
+        for _ in range(40):   # more than the quota allows in a second: only the breaker may answer them
+            async with http.get(url) as r:
+                refusals.append(r.headers.get("X-Imsidecar-Error"))
+        assert set(refusals) == {"CircuitOpen"}
+
     async def test_circuit_breaker_counts_only_network_and_server_failures(
             self, start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
         running = await start_sidecar()
