@@ -69,7 +69,7 @@ class TestBreaker:
                 break
         refusals = []
         for _ in range(40):   # more than the quota allows in a second: only the breaker may answer them
-            async with http.get(url) as r:
+            async with http.get(url, headers={"X-Imsidecar-Timeout": "200ms"}) as r:
                 refusals.append(r.headers.get("X-Imsidecar-Error"))
         assert set(refusals) == {"CircuitOpen"}
 
