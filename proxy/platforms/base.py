@@ -204,6 +204,11 @@ def with_query_param(query: str, name: str, value: str) -> str:
     return "&".join(kept)
 
 
+def number(value: object) -> float:
+    """A numeric field of a platform's answer (`expire`, `expireIn`, `wait`), or 0 when absent or not a number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 def code_text(value: Any) -> str | None:
     """Platform codes arrive as ints or strings ("0" on some DingTalk APIs); compare them as text."""
     if value is None or isinstance(value, bool):

@@ -12,8 +12,8 @@ from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Signal, Verdict
 from proxy.platforms.base import (
-    PLACEHOLDER, CODE_NAMES, LocalAnswer, with_query_param, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
-    load_json, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
+    PLACEHOLDER, CODE_NAMES, SUCCESS, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
+    load_json, number, parse_retry_after, verdict_for, verdict_for_status, with_query_param,
 )
 
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
@@ -45,7 +45,7 @@ class DingTalk(Platform):
         answer = load_json(body) or {}
         token = answer.get("accessToken")
         if status == 200 and isinstance(token, str) and token:
-            return TokenGrant(token, _number(answer.get("expireIn")))
+            return TokenGrant(token, number(answer.get("expireIn")))
         code = str(answer.get("code", f"HTTP {status}"))
         message = str(answer.get("message", ""))[:200]
         if code in BAD_CREDENTIALS:
@@ -89,7 +89,7 @@ class DingTalk(Platform):
         if status < 300:
             return SUCCESS
         if answer.get("status") == 1111:   # the per-IP flood ban: {"status":1111,"wait":5,...}
-            return verdict_for(Outcome.THROTTLED, "ip_ban", retry_after=_number(answer.get("wait")) or retry_after)
+            return verdict_for(Outcome.THROTTLED, "ip_ban", retry_after=number(answer.get("wait")) or retry_after)
         return self._classify_api(code_text(answer.get("code")) or "", status, retry_after)
 
     def _classify_oapi(self, answer: Mapping[str, object], status: int, retry_after: float | None) -> Verdict:
@@ -141,7 +141,3 @@ def _api_reason(code: str, status: int) -> str:
     if code in known or API_THROTTLED.match(code):
         return f"code_{code}"
     return f"http_{status}" if status in (400, 401, 403, 404, 409, 429, 500, 502, 503, 504) else "http_other"
-
-
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from proxy.outcome import Outcome, Verdict
 from proxy.platforms.base import (
     PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
-    parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
+    number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
 )
 
 TOKEN_PATHS = {
@@ -68,7 +68,7 @@ class Feishu(Platform):
         value = answer.get(f"{kind}_access_token")
         if not isinstance(value, str) or not value:
             raise TokenFetchError("token endpoint answered code 0 without a token", permanent=False)
-        return TokenGrant(value, _number(answer.get("expire")))
+        return TokenGrant(value, number(answer.get("expire")))
 
     def token_kind(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
         auth = headers.get("Authorization", "")
@@ -134,7 +134,3 @@ class Feishu(Platform):
 def _reset_after(headers: Mapping[str, str]) -> float | None:
     """x-ogw-ratelimit-reset is the number of seconds until the API's window resets."""
     return parse_retry_after(headers.get("x-ogw-ratelimit-reset")) or parse_retry_after(headers.get("Retry-After"))
-
-
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
