@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import unused_port
 
 from proxy.fakes.faults import Faults
 from proxy.fakes.feishu import FakeFeishu
@@ -42,12 +42,6 @@ POLICIES = {
                     "{enabled: false}"),
     "imsidecar adaptive": ("{adaptive: true}", "{per_second: 50}"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -173,7 +167,7 @@ async def scrape_attempts(http: aiohttp.ClientSession, admin: int) -> float:
 
 async def start_sidecar(workdir: Path, policy: tuple[str, str],
                         platform_port: int) -> tuple[asyncio.subprocess.Process, int, int]:
-    listen, admin = free_port(), free_port()
+    listen, admin = unused_port(), unused_port()
     path = workdir / "imsidecar.yaml"
     path.write_text(sidecar_config(listen, admin, platform_port, *policy))
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", str(path),
@@ -216,7 +210,7 @@ async def drive(url: str, rate: float, duration: float, run: Run) -> None:
 async def one_run(policy: str, scenario: str, rate: float, scale: float) -> Run:
     timeline, duration = SCENARIOS[scenario]
     duration = duration if scenario.startswith("5") else duration * scale
-    platform = Platform(FakeFeishu(apps={"cli_bench": SECRET}), free_port())
+    platform = Platform(FakeFeishu(apps={"cli_bench": SECRET}), unused_port())
     await platform.up()
     workdir = Path(tempfile.mkdtemp(prefix="imsidecar-faults-"))
     process, listen, admin = await start_sidecar(workdir, POLICIES[policy], platform.port)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp.test_utils import unused_port
+
 TOKEN_BODY = '{"code":0,"msg":"ok","tenant_access_token":"t-bench-token","expire":7200}'
 API_BODY = '{"code":0,"msg":"success","data":{"message_id":"om_bench","msg_type":"text"}}'
 PATH = "/open-apis/im/v1/messages/om_12345678"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -232,7 +227,7 @@ def main() -> None:
     if not shutil.which("nginx"):
         raise SystemExit("bench.overhead needs nginx: apt-get install nginx-light")
     work = Path(tempfile.mkdtemp(prefix="imsidecar-bench-"))
-    upstream, nginx_proxy, naive, naive_uv, side, admin = (free_port() for _ in range(6))
+    upstream, nginx_proxy, naive, naive_uv, side, admin = (unused_port() for _ in range(6))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(start(["nginx", "-c", str(nginx_conf(work, upstream, nginx_proxy)), "-p", str(work)], 1))
