@@ -1,28 +1,33 @@
 """A binding is everything one (app, upstream) pair needs at run time, assembled once from config.
 
-Owns the per-app token sources and the per-upstream client; the pipeline only reads bindings.
+Owns the per-app token sources and rate limiters and the per-upstream stages (monitor, breaker, retry policy);
+the pipeline and the retry engine only read bindings.
 """
 
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
-
+from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.clock import Clock
 from proxy.config import AppConfig, TokenSettings
 from proxy.errors import NETWORK_ERRORS
 from proxy.metrics import Metrics
-from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
-from proxy.outcome import Verdict
-from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.network import NetworkMonitor, NetworkState
+from proxy.outcome import Verdict
+from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
 from proxy.retry import RetryPolicy, adaptive_settings, refreshed
 from proxy.routing import RouteLabels
-from proxy.store import SharedQuota, SharedQuotaExceeded, UnsharedQuota
-from proxy.store import LocalTokens, SharedTokens
+from proxy.store import (
+    LocalTokens,
+    SharedQuota,
+    SharedQuotaExceeded,
+    SharedTokens,
+    UnsharedQuota,
+)
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
 from proxy.upstream import UpstreamClient
 
@@ -194,4 +199,4 @@ class Binding:
         self.stages.breaker.record(verdict)
 
 
-__all__ = ["AppTokens", "Binding"]
+__all__ = ["AppLimiters", "AppTokens", "Binding", "UpstreamStages"]
