@@ -21,13 +21,7 @@ from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
 from proxy.retry import RetryPolicy, adaptive_settings, refreshed
 from proxy.routing import RouteLabels
-from proxy.store import (
-    LocalTokens,
-    SharedQuota,
-    SharedQuotaExceeded,
-    SharedTokens,
-    UnsharedQuota,
-)
+from proxy.store import LocalTokens, SharedQuota, SharedQuotaExceeded, SharedTokens, UnsharedQuota
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
 from proxy.upstream import UpstreamClient
 
