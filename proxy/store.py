@@ -308,6 +308,18 @@ class LocalQuota:
             await self._clock.sleep(wait)
         return wait
 
+    def take_backlog(self, key: str) -> tuple[float, float | None]:
+        """Seconds of the full-rate schedule that slots reserved here and not yet due still take up, handed over
+        (forgotten here); and what to `restore` should the hand-over fail."""
+        tat = self._tat.pop(key, None)
+        return (0.0 if tat is None else max(0.0, tat - self._clock.now()) * self._share), tat
+
+    def restore(self, key: str, tat: float | None) -> None:
+        if tat is not None:
+            self._tat[key] = max(tat, self._tat.get(key, tat))
+
+
+
 
 @dataclass
 class MemoryStore:

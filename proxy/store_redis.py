@@ -80,6 +80,17 @@ redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_
 return {1, wait}
 """
 
+# Back from an outage: the part of the shared schedule this replica still holds in local reservations (ARGV[2], in
+# microseconds) is added to the quota's theoretical arrival time, unconditionally and once.
+CARRY = """
+local now = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+tat = tat + tonumber(ARGV[2])
+redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+return 1
+"""
+
 
 class StoreDown(Exception):
     """Redis did not answer; the caller falls back to local state."""
@@ -291,7 +302,10 @@ class RedisQuota:
                  metrics: StoreMetrics) -> None:
         self._health, self._clock, self._settings, self._metrics = health, clock, settings, metrics
         self._gcra = client.register_script(GCRA)
+        self._carry = client.register_script(CARRY)
         self._local = LocalQuota(clock, settings.fallback_share)
+        self._rejoining: dict[str, asyncio.Future[None]] = {}
+        self._local_until: dict[str, float] = {}   # key -> when this replica's outage-time local slots end
 
     async def acquire(self, key: str, rate: float, burst: int, deadline: float) -> float:
         if rate <= 0 or burst < 1:
@@ -308,17 +322,53 @@ class RedisQuota:
 
     async def _shared(self, key: str, rate: float, burst: int, deadline: float) -> float:
         start, wall = self._clock.now(), self._clock.wall()
+        redis_key = f"{self._settings.key_prefix}quota:{key}"
+        await self._rejoin(key, redis_key, wall)
+        # No shared slot before this replica's own local ones from the outage are all sent: the two never overlap.
+        ahead = self._sending_locally(key, start)
+        if ahead > deadline - start:
+            raise SharedQuotaExceeded(ahead)
         # Wall time, not monotonic: it is the one clock replicas share (NTP keeps nodes within milliseconds).
-        args = [round(wall * 1e6), math.ceil(1e6 / rate), burst, math.floor(max(0.0, deadline - start) * 1e6)]
-        allowed, wait_us = await self._health.call(self._gcra(keys=[f"{self._settings.key_prefix}quota:{key}"],
-                                                              args=args))
-        wait = int(wait_us) / 1e6
+        args = [round((wall + ahead) * 1e6), math.ceil(1e6 / rate), burst,
+                math.floor(max(0.0, deadline - start - ahead) * 1e6)]
+        allowed, wait_us = await self._health.call(self._gcra(keys=[redis_key], args=args))
+        wait = ahead + int(wait_us) / 1e6
         if not int(allowed):
             raise SharedQuotaExceeded(wait)
         remaining = wall + wait - self._clock.wall()   # the slot is an instant; the round trip already took time
         if remaining > 0:
             await self._clock.sleep(remaining)
         return self._clock.now() - start
+
+    def _sending_locally(self, key: str, now: float) -> float:
+        """Seconds until the slots this replica reserved locally during an outage have all been sent."""
+        until = self._local_until.get(key)
+        if until is None or until <= now:
+            self._local_until.pop(key, None)
+            return 0.0
+        return until - now
+
+    async def _rejoin(self, key: str, redis_key: str, wall: float) -> None:
+        """Back from a Redis outage, the slots this replica reserved locally are still being sent: they join the
+        shared schedule first (their share of it added to its arrival time), or the cluster would send its local
+        shares and the shared quota at once (2x) for up to one deadline."""
+        handing_over = self._rejoining.get(key)
+        if handing_over is not None:
+            await asyncio.shield(handing_over)   # another request of this replica is handing the slots over
+            return
+        carry, held = self._local.take_backlog(key)
+        if carry <= 0 or held is None:
+            return
+        self._rejoining[key] = done = asyncio.get_running_loop().create_future()
+        try:
+            await self._health.call(self._carry(keys=[redis_key], args=[round(wall * 1e6), math.ceil(carry * 1e6)]))
+            self._local_until[key] = held
+        except StoreDown:
+            self._local.restore(key, held)
+            raise
+        finally:
+            del self._rejoining[key]
+            done.set_result(None)
 
 
 class RedisStore:
