@@ -33,6 +33,8 @@ class FakeDingTalk:
     token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
     calls: list[tuple[str, bool]] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
+    notable: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # sheet -> inserted records
+    client_tokens: set[str] = field(default_factory=set)
     throttled: int = 0
     requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -90,7 +92,7 @@ class FakeDingTalk:
             if refused is not None:
                 return refused
             fault = self.faults.pick(request.path)
-            if fault == "throttle" or self.over_quota(token or "", request.path):
+            if fault in ("throttle", "throttle_400") or self.over_quota(token or "", request.path):
                 self.throttled += 1
                 return host.answers["throttle"]()
             if fault in ("unavailable", "busy"):
@@ -101,7 +103,7 @@ class FakeDingTalk:
                 await hang(self.faults)
             response = await handler(request)
             if fault in AFTER:
-                return drop_connection(request) if fault == "reset_after" else host.answers["error_after"]()
+                return drop_connection(request) if fault == "reset_after" else host.answers[fault]()
             return response
         return wrapped
 
@@ -124,6 +126,7 @@ class FakeDingTalk:
         app.router.add_post("/v1.0/oauth2/accessToken", self.api_access_token)
         app.router.add_get("/v1.0/contact/users/{union_id}", self.api_guarded(self.contact_user))
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self.api_guarded(self.batch_send))
+        app.router.add_post("/v1.0/notable/bases/{base_id}/sheets/{sheet}/records", self.api_guarded(self.insert_records))
         return app
 
     async def api_access_token(self, request: web.Request) -> web.Response:
@@ -151,6 +154,18 @@ class FakeDingTalk:
         body = await request.json()
         self.sent.append(body)
         return web.json_response({"processQueryKey": f"pqk{next(self._seq)}", "invalidStaffIdList": []})
+
+    async def insert_records(self, request: web.Request) -> web.Response:
+        """Notable (AI table) record insert: a clientToken already used is refused with 409, as DingTalk does."""
+        client_token = request.query.get("clientToken")
+        if client_token and client_token in self.client_tokens:
+            return api_error(409, "invalidRequest.duplicateClientToken", "clientToken重复")
+        body = await request.json()
+        created = [{"id": f"rec{next(self._seq)}", **r} for r in body.get("records", [])]
+        self.notable.setdefault(request.match_info["sheet"], []).extend(created)
+        if client_token:
+            self.client_tokens.add(client_token)
+        return web.json_response({"value": [{"id": r["id"]} for r in created]})
 
     def over_quota(self, token: str, path: str) -> bool:
         if self.quota_per_second is None:
@@ -202,6 +217,8 @@ OAPI = HostRules(
         "throttle": lambda: errcode(90018, "当前企业调用该接口的QPS超过了上限，请稍后重试"),
         "busy": lambda: errcode(-1, "系统繁忙"),
         "error_after": lambda: web.Response(status=500, text="error"),
+        "gateway_after": lambda: web.Response(status=504, text="<html><body>504 Gateway Time-out</body></html>",
+                                              content_type="text/html"),
     },
 )
 # api: `{code, message}` with a 4xx/5xx status.
@@ -213,5 +230,6 @@ API = HostRules(
         "throttle": lambda: api_error(403, "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "调用频率超过限制"),
         "busy": lambda: api_error(429, "system.busy", "系统繁忙"),
         "error_after": lambda: api_error(500, "systemError", "系统错误"),
+        "gateway_after": lambda: api_error(504, "ServiceTimeout", "服务超时"),
     },
 )
