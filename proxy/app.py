@@ -19,6 +19,7 @@ from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
 from proxy.events.runtime import EventsRuntime
 from proxy.events.settings import EventsSettings
+from proxy.exactly_once import ExactlyOnce
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
@@ -37,13 +38,16 @@ class Sidecar:
         self.config = config
         self.clock = clock or SystemClock()
         self.metrics = Metrics(registry)
-        self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
+        # shared tokens, quotas and exactly-once keys
+        self.store = open_store(config.store, self.clock, self.metrics.registry, config.idempotency)
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
         self.router: Router[Binding] = Router()
         for app in config.apps:
             self._bind(app)
-        self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits, self.metrics)
+        once = ExactlyOnce(self.store.once, self.clock, self.metrics)
+        self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits,
+                                 self.metrics, once)
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
         self.events: EventsRuntime | None = None

@@ -107,7 +107,7 @@ class UpstreamStages:
         transitions = metrics.circuit_transitions
         breaker = CircuitBreaker(clock, app.breaker, on_transition=lambda old, new: transitions.labels(
             app.name, upstream, new.value).inc())
-        source = refreshed(monitor.retry_params, clock) if app.retry.adaptive else None
+        source = refreshed(monitor.retry_params, clock, changes=monitor.changes) if app.retry.adaptive else None
         stages = cls(monitor, breaker, RetryPolicy(app.retry, clock, source))
         stages.export(metrics, app.name, upstream)
         return stages
@@ -191,6 +191,11 @@ class Binding:
         """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""
         self.stages.monitor.record(verdict, latency)
         self.stages.breaker.record(verdict)
+
+    def observe_late(self, latency: float) -> None:
+        """A timed-out attempt's answer that arrived after its cut-off, `latency` seconds after it was sent."""
+        self.stages.monitor.record_late(latency)
+        self.stages.breaker.record_late()
 
 
 __all__ = ["AppLimiters", "AppTokens", "Binding", "UpstreamStages"]

@@ -18,6 +18,7 @@ from proxy.breaker import BreakerSettings
 from proxy.ratelimit import Quota
 from proxy.configtree import Address, Node, expand
 from proxy.events.settings import EventsSettings, parse_events
+from proxy.exactly_once_config import OnceSettings, parse_idempotency
 from proxy.robots.settings import RobotsSettings, parse_robots
 from proxy.secret import Secret
 from proxy.store import StoreSettings, parse_store
@@ -141,6 +142,7 @@ class Config:
     robots: RobotsSettings | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (none at present)
     store: StoreSettings = StoreSettings()                  # memory unless `store: {backend: redis, ...}`
+    idempotency: OnceSettings = OnceSettings()              # the sidecar's own exactly-once store (Idempotency-Key)
 
     def listeners(self) -> list[Address]:
         seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
@@ -198,6 +200,7 @@ def _parse_config(root: Node) -> Config | None:
     events = parse_events(root.child("events")) if root.has("events") else None
     robots = parse_robots(root.child("robots")) if root.has("robots") else None
     store = parse_store(root.child("store")) if root.has("store") else StoreSettings()
+    idempotency = parse_idempotency(root.child("idempotency")) if root.has("idempotency") else OnceSettings()
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
     if not apps and not extra and events is None and robots is None:
@@ -207,7 +210,8 @@ def _parse_config(root: Node) -> Config | None:
         root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
     if listen is None or admin is None or store is None or any(a is None for a in apps):
         return None
-    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store)  # type: ignore[arg-type]
+    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store,  # type: ignore[arg-type]
+                  idempotency)
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:

@@ -233,3 +233,31 @@ class Metrics:
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)
+        self._exactly_once(r)
+
+    def _exactly_once(self, r: CollectorRegistry) -> None:
+        """Honest final answers, keys the client sends, late answers and the sidecar's own exactly-once store."""
+        self.request_outcomes = Counter(
+            "imsidecar_request_outcomes",
+            "Requests sent to the platform at least once, by what their final answer says was done "
+            "(applied, not-applied, unknown: the X-Imsidecar-Outcome header).", ("app", "upstream", "outcome"),
+            registry=r)
+        self.idempotency_mapped = Counter(
+            "imsidecar_idempotency_keys_mapped",
+            "Idempotency-Key headers from clients put in place as the platform's own key.", ("app", "route"),
+            registry=r)
+        self.late_answers = Counter(
+            "imsidecar_upstream_late_answers",
+            "Attempts cut off by their per-try timeout whose answer arrived afterwards (the platform is slow, not "
+            "gone).", ("app", "upstream"), registry=r)
+        self.once_requests = Counter(
+            "imsidecar_idempotency_store_requests",
+            "Requests carrying Idempotency-Key, by what the sidecar's exactly-once store did: executed, replayed "
+            "(a stored answer), conflict (409: still in flight), mismatch (422: another request with that key).",
+            ("app", "result"), registry=r)
+        self.once_entries = Gauge(
+            "imsidecar_idempotency_store_entries", "Keys held by this process's exactly-once store (memory).",
+            registry=r)
+        self.once_bytes = Gauge(
+            "imsidecar_idempotency_store_bytes", "Bytes of stored answers held by this process's exactly-once store.",
+            registry=r)

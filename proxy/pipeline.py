@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -16,6 +16,8 @@ from proxy.bindings import Binding
 from proxy.clock import Clock
 from proxy.config import Address, Limits
 from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailableError
+from proxy.exactly_once import ExactlyOnce, MemoryOnce, Stored
+from proxy.idempotency import ECHO_HEADER
 from proxy.metrics import Metrics
 from proxy.platforms.base import dump
 from proxy.retry import Attempt, RetryEngine
@@ -46,7 +48,12 @@ class Exchange:
     token_kind: str | None = None   # decided once, from what the client sent (None: its own user token)
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
-    has_idempotency_key: bool = False
+    has_idempotency_key: bool = False   # the platform's own key is in the request (the client's, or ours)
+    client_key: str | None = None       # the client's Idempotency-Key
+    idempotency_key: str | None = None  # the key to send back as Idempotency-Key to rerun this request (echoed)
+    outcome: str = "not-applied"        # X-Imsidecar-Outcome: applied | not-applied | unknown
+    retry_safe: bool = True             # the final answer says the platform did not act: resending is safe
+    replayed: Stored | None = None      # the stored answer given again to a repeat of an Idempotency-Key
 
 
 @dataclass(slots=True)
@@ -69,8 +76,11 @@ class RequestBody:
 
 
 class Pipeline:
-    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics,
+                 once: ExactlyOnce | None = None) -> None:
         self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
+        self.once = once or ExactlyOnce(MemoryOnce(clock), clock, metrics)
+        self._late: dict[Binding, Callable[[float], None]] = {}
 
     async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
@@ -95,7 +105,8 @@ class Pipeline:
         if local is not None:
             return local
         body = await self.read_body(request)
-        answer = await self.retry.run(exchange, body, self.send_attempt)
+        answer = await self.once.run(exchange, body, lambda: self.retry.run(exchange, body, self.send_attempt),
+                                     self.error_response)
         return await self.relay(request, exchange, answer)
 
     # Stages ---------------------------------------------------------------------------------------------------
@@ -123,7 +134,7 @@ class Pipeline:
             return None
         source = b.tokens.source(kind)
         try:
-            await source.get()
+            await source.get(exchange.deadline)
         except TokenUnavailable as exc:
             raise TokenUnavailableError(f"app {b.app.name}: no token: {exc}") from exc
         answer = b.platform.token_endpoint_answer(kind, source.seconds_to_expiry())
@@ -155,7 +166,7 @@ class Pipeline:
         attempt.token = None
         if kind is not None:
             try:
-                attempt.token = await b.tokens.source(kind).get()
+                attempt.token = await b.tokens.source(kind).get(exchange.deadline)
             except TokenUnavailable as exc:
                 raise TokenUnavailableError(f"app {b.app.name}: no token: {exc}") from exc
             attempt.token_kind = kind
@@ -164,7 +175,20 @@ class Pipeline:
         if body.length is not None and not body.replayable:
             headers["Content-Length"] = str(body.length)
         path_qs = exchange.path + (f"?{query}" if query else "")
-        return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout)
+        on_late = self.late_answers(b) if body.replayable else None   # a one-shot stream is not heard out
+        return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late)
+
+    def late_answers(self, b: Binding) -> Callable[[float], None]:
+        """What hears a timed-out attempt's late answer: the binding's monitor and breaker, and a counter."""
+        heard = self._late.get(b)
+        if heard is None:
+            counter = self.metrics.late_answers.labels(b.app.name, b.upstream)
+
+            def heard(latency: float) -> None:
+                counter.inc()
+                b.observe_late(latency)
+            self._late[b] = heard
+        return heard
 
     async def relay(self, request: web.BaseRequest, exchange: Exchange, answer: Answer) -> web.StreamResponse:
         # The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those).
@@ -178,7 +202,7 @@ class Pipeline:
             response.content_length = answer.stream.content_length
         try:
             await response.prepare(request)
-            async for chunk in answer.stream.content.iter_chunked(CHUNK):
+            async for chunk in answer.chunks(CHUNK):
                 await response.write(chunk)
             await response.write_eof()
         finally:
@@ -207,6 +231,13 @@ class Pipeline:
         headers["X-Imsidecar-Attempts"] = str(exchange.attempts)
         if exchange.retry_reasons:
             headers["X-Imsidecar-Retry-Reasons"] = ",".join(exchange.retry_reasons)
+        headers["X-Imsidecar-Outcome"] = exchange.outcome
+        if exchange.idempotency_key is not None:
+            headers[ECHO_HEADER] = exchange.idempotency_key
+        if exchange.replayed is not None:
+            headers["X-Imsidecar-Replayed"] = "true" if exchange.replayed.body is not None else "true; body not kept"
+            if exchange.replayed.error:
+                headers["X-Imsidecar-Error"] = exchange.replayed.error
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
         b = exchange.binding

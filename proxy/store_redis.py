@@ -12,7 +12,7 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, TypeVar
 
 import backoff
 import redis.asyncio as aioredis
@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.clock import Clock
+from proxy.exactly_once_config import OnceSettings
 from proxy.store import (
     Fetch,
     LocalQuota,
@@ -32,6 +33,9 @@ from proxy.store import (
     StoreSettings,
 )
 
+if TYPE_CHECKING:
+    from proxy.exactly_once import OnceBackend
+
 log = logging.getLogger("imsidecar.store")
 
 T = TypeVar("T")
@@ -39,7 +43,7 @@ T = TypeVar("T")
 # Connection refused, timeouts, authentication, a replica that became read-only in a failover: all mean
 # "no shared state now", never "fail the request".
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-OPS = ("tokens", "invalidate", "quota")
+OPS = ("tokens", "invalidate", "quota", "idempotency")
 
 # Release the fetch lock only if we still hold it: a holder slower than the lock's expiry must not delete the
 # lock another replica has taken since.
@@ -374,13 +378,17 @@ class RedisQuota:
 class RedisStore:
     """`backend: redis`: the client, its health, and the shared tokens and quotas built on it."""
 
-    def __init__(self, settings: StoreSettings, clock: Clock, registry: CollectorRegistry) -> None:
+    def __init__(self, settings: StoreSettings, clock: Clock, registry: CollectorRegistry,
+                 once: OnceSettings = OnceSettings()) -> None:
+        from proxy.exactly_once_redis import RedisOnce   # it builds on this module's Health
+
         self.settings = settings
         self._client = connect(settings)
         metrics = StoreMetrics(registry)
         self.health = Health(self._client.ping, self._client.connection_pool.disconnect, clock, settings, metrics)
         self.tokens: SharedTokens = RedisTokens(self._client, self.health, clock, settings, metrics)
         self.quota: SharedQuota = RedisQuota(self._client, self.health, clock, settings, metrics)
+        self.once: OnceBackend = RedisOnce(self._client, self.health, clock, settings, once, metrics)
 
     async def start(self) -> None:
         """Say at start-up whether Redis answers; never refuse to start because it does not."""

@@ -26,10 +26,14 @@ TOKEN_UNAVAILABLE = 9_990_503
 CIRCUIT_OPEN = 9_990_513
 DEADLINE_EXCEEDED = 9_990_504
 BAD_REQUEST = 9_990_400
+OUTCOME_UNKNOWN = 9_990_512
+KEY_IN_FLIGHT = 9_990_409
+KEY_REUSED = 9_990_422
 CODE_NAMES = {
     NO_ROUTE: "noRoute", TOO_LARGE: "requestTooLarge", RATE_LIMITED: "rateLimited",
     UPSTREAM_UNREACHABLE: "upstreamUnreachable", TOKEN_UNAVAILABLE: "tokenUnavailable",
     CIRCUIT_OPEN: "circuitOpen", DEADLINE_EXCEEDED: "deadlineExceeded", BAD_REQUEST: "badRequest",
+    OUTCOME_UNKNOWN: "outcomeUnknown", KEY_IN_FLIGHT: "idempotencyKeyInFlight", KEY_REUSED: "idempotencyKeyReused",
 }
 
 PLACEHOLDER = "imsidecar-managed"   # what the sidecar hands out instead of a real token
