@@ -192,7 +192,7 @@ class ExactlyOnce:
         except KeyProblem as exc:
             raise BadRequest(str(exc)) from exc
         exchange.headers.popall(HEADER, None)
-        exchange.client_key = key
+        exchange.client_key = exchange.idempotency_key = key
         return key
 
     async def claim(self, exchange: Exchange, scope: str, fingerprint: str, owner: str) -> Stored | None:

@@ -217,8 +217,8 @@ class RetryEngine:
         throttled = verdict.outcome is Outcome.THROTTLED
         if verdict.outcome not in RETRIED_OUTCOMES:
             return Decision(False, "final")
-        if history.counted >= params.max_attempts and (not throttled or params.max_attempts <= 1):
-            return Decision(False, "attempts")   # throttles never count here (1 attempt still means no retry)
+        if params.max_attempts <= 1 or (not throttled and history.counted >= params.max_attempts):
+            return Decision(False, "attempts")   # throttles never count here (but 1 attempt means no retry at all)
         if not body.replayable:
             return Decision(False, "body_too_large")
         if verdict.processed and not self.idempotent(exchange):

@@ -234,7 +234,7 @@ async def test_throttles_mixed_with_loss_never_shrink_the_attempts_the_loss_need
     await drive(clock, monitor, 20, attempt)
     params = monitor.retry_params()
     loss = 0.25 / 0.85   # lost among the attempts that were not throttled
-    assert params.max_attempts >= math.ceil(math.log(1e-4) / math.log(loss))   # 8, where `throttled` gave 2
+    assert params.max_attempts >= math.ceil(math.log(1e-4) / math.log(loss))   # 8 or more, where `throttled` gave 2
     assert params.budget_ratio is not None and params.budget_ratio >= loss / (1 - loss)
 
 
@@ -242,7 +242,7 @@ async def test_the_first_failures_raise_the_attempts_before_there_is_volume_for_
     monitor = NetworkMonitor(clock)
     monitor.record(verdict(Signal.RESET), 0.05)
     assert monitor.state is NetworkState.HEALTHY          # one failure names no state...
-    assert monitor.retry_params().max_attempts == 12      # ...but nothing yet rules out heavy loss
+    assert monitor.retry_params().max_attempts == 14      # ...but nothing yet rules out heavy loss
     await drive(clock, monitor, 30, steady(0.05))
     assert monitor.retry_params().max_attempts == 3       # gone with the window, back to healthy's own
 
@@ -344,7 +344,7 @@ async def _replay(events: list[tuple[str, Signal, float]]) -> None:
             silent_since, silent_run, answer_run = min(silent_since, clock.now()), silent_run + 1, 0
         after, params, snapshot = monitor.state, monitor.retry_params(), monitor.snapshot()
         assert s.min_timeout <= params.per_try_timeout <= s.max_timeout
-        assert 1 <= params.max_attempts <= 12
+        assert 1 <= params.max_attempts <= 14
         assert 0 < params.backoff_base <= params.backoff_cap
         assert params.budget_ratio is None or 0 <= params.budget_ratio <= 1.5
         assert 0.0 <= snapshot.loss_ratio <= 1.0 and 0.0 <= snapshot.throttle_ratio <= 1.0
