@@ -23,6 +23,8 @@ from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
 log = logging.getLogger("imsidecar.guard")
 
 MAX_REPORTED = 256   # distinct (stage, exception, place) log lines; the counter goes on counting past it
+# The sidecar's own code has no advice to skip: the request it was handling got a 500 in the platform's shape.
+CONSEQUENCES = {"pipeline": "the request was answered 500", "handler": "the request was answered 500"}
 
 
 class Guard:
@@ -42,8 +44,8 @@ class Guard:
         if key in self._reported or len(self._reported) >= MAX_REPORTED:
             return
         self._reported.add(key)
-        log.error("%s failed and is bypassed, requests are still forwarded: %s: %s (at %s)",
-                  stage, type(exc).__name__, exc, place)
+        consequence = CONSEQUENCES.get(stage, "it is bypassed and requests are still forwarded")
+        log.error("%s failed; %s: %s: %s (at %s)", stage, consequence, type(exc).__name__, exc, place)
 
 
 def origin(exc: BaseException) -> str:
