@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 from typing import Sequence
 
@@ -62,6 +63,7 @@ class Sidecar:
         self.pipeline = Pipeline(self.router, retry, self.clock, config.limits, self.metrics, guard=self.guard,
                                  drain=self.drain)
         self._runners: list[web.BaseRunner] = []
+        self._stopping: asyncio.Future[None] | None = None
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
         self.events: EventsRuntime | None = None
         self.robots: RobotService | None = None
@@ -148,7 +150,8 @@ class Sidecar:
         try:
             await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise StartupError(f"cannot listen on {address}: {reason}") from exc
 
     @property
     def closing_time(self) -> float:
@@ -172,7 +175,12 @@ class Sidecar:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, answer the rest, close everything: all within
         `limits.drain_timeout`. Requests waiting in back-off or for a rate-limit slot are answered at once
-        (with the platform's last answer when they had one)."""
+        (with the platform's last answer when they had one). A second call waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         await self._stop_accepting()
         self.drain.begin()
         cut = await self.drain.settle(self.clock, max(0.0, self.config.limits.drain_timeout - 2 * self.closing_time))
