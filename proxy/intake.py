@@ -17,7 +17,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.clock import Clock
 from proxy.config import Limits
 from proxy.errors import BadRequest, ClientFault, ClientGone, ExpectationFailed, RequestTimeout, RequestTooLarge
-from proxy.watchdog import Watchdog
 
 CHUNK = 64 * 1024
 # CONNECT would make the sidecar a tunnel, TRACE would echo the request (and the token the sidecar added) back.
@@ -70,7 +69,6 @@ class BodyReader:
 
     def __init__(self, limits: Limits, clock: Clock) -> None:
         self.limits, self.clock = limits, clock
-        self._watchdog = Watchdog()   # the idle timeouts of buffered reads, which run on the request's own task
 
     async def read(self, request: web.BaseRequest, deadline: float) -> RequestBody:
         limit, replay = self.limits.max_request_bytes, self.limits.replay_buffer_bytes
@@ -92,31 +90,30 @@ class BodyReader:
         return RequestBody(bytes(prefix), length=len(prefix))
 
     async def chunk(self, request: web.BaseRequest, deadline: float) -> bytes:
-        """The next chunk (b"" at the end); the watchdog cancels this task if the client goes quiet."""
-        task = self._watchdog.watch(self.patience(deadline))
+        """The next chunk (b"" at the end), waiting at most the idle timeout (or what is left of the deadline).
+
+        What has already arrived is taken without a timer: on loopback a body is usually there with its headers.
+        """
+        arrived = _buffered(request)
+        if arrived or request.content.at_eof():
+            return arrived
         try:
-            return await _read(request)
-        except asyncio.CancelledError:
-            if self._watchdog.release(task):
-                raise self.stalled() from None
-            raise
-        finally:
-            self._watchdog.release(task)
+            async with asyncio.timeout(self.patience(deadline)):
+                return await _read(request)
+        except TimeoutError:
+            raise self.stalled() from None
 
     async def rest(self, prefix: bytes, request: web.BaseRequest, deadline: float,
                    body: RequestBody) -> AsyncIterator[bytes]:
         """A body too large to buffer: what was read so far, then the rest as it arrives, still within the limits.
 
-        This runs inside the upstream client's writer task, so the idle timeout is a plain `asyncio.timeout`.
+        This runs inside the upstream client's writer task: a fault is noted on `body` for the pipeline to see.
         """
         total, limit = len(prefix), self.limits.max_request_bytes
         yield prefix
         while True:
             try:
-                async with asyncio.timeout(self.patience(deadline)):
-                    chunk = await _read(request)
-            except TimeoutError:
-                body.fault = self.stalled()
+                chunk = await self.chunk(request, deadline)
             except ClientFault as fault:
                 body.fault = fault
             else:
@@ -140,10 +137,22 @@ class BodyReader:
 async def _read(request: web.BaseRequest) -> bytes:
     try:
         return await request.content.read(CHUNK)
-    except ConnectionError as exc:
-        raise ClientGone("the client disconnected while sending its body") from exc
-    except HttpProcessingError as exc:   # a chunked encoding or length the parser could not follow
-        raise BadRequest(f"the request body is malformed ({type(exc).__name__})") from exc
+    except (ConnectionError, HttpProcessingError) as exc:
+        raise _client_fault(exc) from exc
+
+
+def _buffered(request: web.BaseRequest) -> bytes:
+    try:
+        return request.content.read_nowait(CHUNK)
+    except (ConnectionError, HttpProcessingError) as exc:
+        raise _client_fault(exc) from exc
+
+
+def _client_fault(exc: Exception) -> ClientFault:
+    if isinstance(exc, ConnectionError):
+        return ClientGone("the client disconnected while sending its body")
+    # a chunked encoding or length the parser could not follow
+    return BadRequest(f"the request body is malformed ({type(exc).__name__})")
 
 
 async def expect(request: web.BaseRequest) -> None:
