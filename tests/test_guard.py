@@ -49,11 +49,11 @@ async def test_three_timeouts_then_quiet_the_app_still_forwards(start_sidecar: S
                                                                 clock: AutoClock, http: aiohttp.ClientSession) -> None:
     # The reproduction: a timeout run outlives the window's timeouts. Whatever the monitor makes of
     # that, the next request must reach the platform.
-    running = await start_sidecar()
+    running = await start_sidecar(limits="{deadline: 50ms}", retry="{per_try_timeout: 50ms}")
     platforms.feishu.faults.hang_seconds = 1.0
     for _ in range(3):
         platforms.feishu.faults.script.append("hang")
-        async with http.post(running.base + MESSAGES, json=MESSAGE, headers={"X-Imsidecar-Timeout": "50ms"}) as r:
+        async with http.post(running.base + MESSAGES, json=MESSAGE) as r:
             assert r.status == 504
     await clock.advance(31)
     status, body = await send(http, running)

@@ -325,3 +325,17 @@ async def test_past_the_connection_cap_the_idle_go_first_then_new_ones_are_refus
     assert running.metric("imsidecar_client_faults_total", listen=listen, kind="over_capacity") == 1
     for connection in busy + [refused]:
         connection.close()
+
+
+async def test_a_client_deadline_shorter_than_the_platform_needs_is_not_held_against_it(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 10s}")
+    platforms.feishu.faults.hang_seconds = 0.1
+    for _ in range(25):
+        platforms.feishu.faults.script.append("hang")
+        async with http.get(f"{running.base}/sales-bot/open-apis/im/v1/messages/om_1",
+                            headers={"X-Imsidecar-Timeout": "10ms"}) as r:
+            assert r.status == 504 and r.headers["X-Imsidecar-Error"] == "DeadlineExceeded"
+    assert health(running) == (BreakerState.CLOSED, 1.0)
+    assert running.metric("imsidecar_upstream_attempts_total", app="sales-bot", upstream="open",
+                          route="/open-apis/im/v1/messages/:message_id", outcome="retryable", reason="timeout") == 0
