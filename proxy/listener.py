@@ -39,6 +39,8 @@ class Listener(web.Server):
         self._inner = handler
         self._faults = metrics.client_faults
         self._protocol_kwargs = {"keepalive_timeout": limits.keepalive_timeout, **kwargs}
+        self._reading: set[GuardedProtocol] = set()   # connections part-way through a request's headers
+        self._sweeper: asyncio.Task[None] | None = None
 
     def __call__(self) -> GuardedProtocol:
         return GuardedProtocol(self, loop=asyncio.get_running_loop(), **self._protocol_kwargs)
@@ -72,56 +74,72 @@ class Listener(web.Server):
     def fault(self, kind: str) -> None:
         self._faults.labels(str(self.address), kind).inc()
 
+    def reading(self, protocol: GuardedProtocol) -> None:
+        """`protocol` has started receiving a request: its headers are now on the clock."""
+        self._reading.add(protocol)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """One ticking sweep instead of a timer per request (a timer-heap insert and removal each, as the
+        watchdog avoids for attempts): a connection is cut within a quarter of the header timeout, at most 1 s."""
+        timeout = self.limits.header_timeout
+        loop = asyncio.get_running_loop()
+        while self._reading:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            for protocol in list(self._reading):
+                started = protocol.first_byte_at
+                if started is None:
+                    self._reading.discard(protocol)
+                elif now - started >= timeout:
+                    self._reading.discard(protocol)
+                    protocol.headers_too_slow()
+
 
 class GuardedProtocol(web.RequestHandler):
-    """One connection: the header-read timer runs from a request's first byte until the handler is called."""
+    """One connection: the header clock runs from a request's first byte until its handler is called."""
 
     def __init__(self, listener: Listener, **kwargs: Any) -> None:
         super().__init__(listener, **kwargs)
         self.listener = listener
         self.busy = False
-        self._header_timer: asyncio.TimerHandle | None = None
+        self.first_byte_at: float | None = None   # loop time of the first byte of a request still being read
 
     @property
     def idle(self) -> bool:
         """Between requests with nothing of the next one received yet."""
-        return not self.busy and self._header_timer is None
+        return not self.busy and self.first_byte_at is None
 
     def data_received(self, data: bytes) -> None:
-        if data and not self.busy and self._header_timer is None:
-            timeout = self.listener.limits.header_timeout
-            self._header_timer = asyncio.get_running_loop().call_later(timeout, self._headers_too_slow)
+        if data and not self.busy and self.first_byte_at is None:
+            self.first_byte_at = asyncio.get_running_loop().time()
+            self.listener.reading(self)
         super().data_received(data)
 
     def request_started(self) -> None:
         self.busy = True
-        self._stop_timer()
+        self.first_byte_at = None
 
     def request_ended(self) -> None:
         self.busy = False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
+        self.first_byte_at = None
         super().connection_lost(exc)
 
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self.busy:
+    def headers_too_slow(self) -> None:
+        self.first_byte_at = None
+        if self.busy or self.transport is None:
             return
         self.listener.fault("header_timeout")
-        if self.transport is not None:
-            self.transport.write(REQUEST_TIMEOUT)
+        self.transport.write(REQUEST_TIMEOUT)
         self.force_close()
-
-    def _stop_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """aiohttp's answer to what its parser refused (or a handler raised), as JSON in the listener's shape."""
-        self._stop_timer()
+        self.first_byte_at = None
         if request.writer.output_size > 0:
             raise ConnectionError("the answer had started; the connection is dropped instead")
         if status >= 500:
