@@ -68,7 +68,7 @@ class Pipeline:
             return await self.dispatch(request, listen)
         except Exception as exc:   # last resort: a bug still gets an answer in the platform's shape, and is counted
             self.guard.failed("pipeline", exc)
-            return self.crashed(listen, request)
+            return unrouted(request, self.crashed(listen, request))
 
     async def dispatch(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
@@ -76,7 +76,7 @@ class Pipeline:
         refused = target_problem(request.method, request.raw_path)
         match = self.router.resolve(listen, path if path.startswith("/") and refused is None else "/")
         if match is None:
-            return self.no_route(listen, path) if refused is None else self.refuse(listen, refused)
+            return self.no_route(listen, path) if refused is None else unrouted(request, self.refuse(listen, refused))
         exchange = self.start(request, match.target, match.path, query)
         if refused is not None:
             return self.answer(exchange, self.error_response(exchange, refused))
@@ -270,6 +270,16 @@ class Pipeline:
                    "status": response.status, "attempts": exchange.attempts, "duration_ms": round(elapsed * 1000, 1),
                    "retry_reasons": exchange.retry_reasons},
         )
+
+
+def unrouted(request: web.BaseRequest, response: web.Response) -> web.Response:
+    """The access line of an answer given before any app could be told from the request (no app, no route)."""
+    if access_log.isEnabledFor(logging.INFO):
+        method = request.method if len(request.method) <= 10 else "other"
+        access_log.info("- - %s - %s attempts=0", method, response.status,
+                        extra={"app": "-", "upstream": "-", "route": "-", "method": method, "status": response.status,
+                               "attempts": 0, "duration_ms": 0.0, "retry_reasons": []})
+    return response
 
 
 __all__ = ["Exchange", "Pipeline", "RequestBody"]

@@ -142,9 +142,12 @@ async def test_a_target_that_is_not_origin_form_is_refused_and_no_other_host_is_
 
 
 async def test_on_a_shared_listener_a_hostile_target_gets_both_shapes(start_sidecar: SidecarFactory,
-                                                                     platforms: Platforms) -> None:
+                                                                     platforms: Platforms,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     running = await start_sidecar()
+    caplog.set_level(logging.INFO, logger="imsidecar.access")
     status, headers, body = await exchange(running.base, HOSTILE_TARGETS[0])
+    assert [r.getMessage() for r in caplog.records if r.name == "imsidecar.access"] == ["- - CONNECT - 400 attempts=0"]
     answer = json.loads(body)
     assert status == 400 and answer["code"] == answer["errcode"] == 9990400
     assert running.metric("imsidecar_client_faults_total", listen=str(running.sidecar.config.listen),
