@@ -118,6 +118,11 @@ class Platform(ABC):
         """Where this route takes an idempotency key, if it takes one."""
         return None
 
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        """Every `reason` a retry to `upstream` can carry that is known before it happens (metric series at 0)."""
+        added = self.codes.retryable | self.codes.throttled
+        return GENERIC_RETRY_REASONS + tuple(f"code_{code}" for code in sorted(added))
+
     # Shared helpers ------------------------------------------------------------------------------------------
 
     def override(self, code: str) -> Outcome | None:
@@ -138,6 +143,9 @@ def lookup_override(codes: CodeOverrides, code: str) -> Outcome | None:
 
 
 SUCCESS = Verdict(Outcome.SUCCESS, "ok", Signal.OK)   # the common answer, built once
+# The reasons of retried verdicts on every platform: proxy/errors.py's network failures, then verdict_for_status.
+GENERIC_RETRY_REASONS = ("connect_error", "timeout", "reset", "http_429", "http_500", "http_502", "http_503",
+                         "http_504", "http_5xx")
 _DEFAULT_SIGNAL = {Outcome.THROTTLED: Signal.THROTTLED, Outcome.RETRYABLE: Signal.SERVER_ERROR}
 
 

@@ -130,6 +130,10 @@ class Feishu(Platform):
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         return IDEMPOTENCY.get(route)
 
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        retried = THROTTLED | BUSY_NOT_PROCESSED | BUSY_MAYBE_PROCESSED
+        return super().retry_reasons(upstream) + tuple(f"code_{code}" for code in sorted(retried))
+
 
 def _reset_after(headers: Mapping[str, str]) -> float | None:
     """x-ogw-ratelimit-reset is the number of seconds until the API's window resets."""
