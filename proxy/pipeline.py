@@ -113,7 +113,7 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        template = binding.routes.template(path)
+        template = binding.platform.route_template(binding.upstream, path)
         route = binding.routes.label(template)
         kind = binding.platform.token_kind(binding.upstream, headers)
         return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind)

@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from proxy.config import AppConfig, CodeOverrides
 from proxy.outcome import Outcome, Signal, Verdict
+from proxy.routing import RouteShapes
 
 # Sidecar error codes, in every platform's error shape. Chosen far from both platforms' ranges.
 NO_ROUTE = 9_990_404
@@ -113,6 +114,14 @@ class Platform(ABC):
     @abstractmethod
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         """A sidecar error in this platform's own shape."""
+
+    @abstractmethod
+    def routes(self, upstream: str) -> RouteShapes:
+        """The route templates of one of this platform's upstreams."""
+
+    def route_template(self, upstream: str, path: str) -> str:
+        """The path with its IDs replaced by the template's names: a bounded metric label, never an ID."""
+        return self.routes(upstream).template(path)
 
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         """Where this route takes an idempotency key, if it takes one."""

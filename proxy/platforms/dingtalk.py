@@ -11,6 +11,8 @@ from typing import Mapping
 from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Signal, Verdict
+from proxy.platforms.routes import shapes
+from proxy.routing import RouteShapes
 from proxy.platforms.base import (
     PLACEHOLDER, CODE_NAMES, SUCCESS, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
     load_json, number, parse_retry_after, verdict_for, verdict_for_status, with_query_param,
@@ -133,6 +135,9 @@ class DingTalk(Platform):
             verdict = verdict_for_status(status, retry_after)
             return Verdict(verdict.outcome, reason, verdict.signal, verdict.processed, verdict.retry_after)
         return verdict_for(Outcome.PERMANENT, reason)
+
+    def routes(self, upstream: str) -> RouteShapes:
+        return shapes("dingtalk_api" if upstream == "api" else "dingtalk_oapi")
 
     def retry_reasons(self, upstream: str) -> tuple[str, ...]:
         own = API_RETRY_REASONS if upstream == "api" else tuple(f"code_{c}" for c in sorted(OAPI_RETRIED))

@@ -10,6 +10,8 @@ from typing import Mapping
 from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Verdict
+from proxy.platforms.routes import shapes
+from proxy.routing import RouteShapes
 from proxy.platforms.base import (
     PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
     number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
@@ -126,6 +128,9 @@ class Feishu(Platform):
 
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         return dump({"code": code, "msg": message})
+
+    def routes(self, upstream: str) -> RouteShapes:
+        return shapes("feishu")   # lark-oapi's templates; Lark's are the same
 
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         return IDEMPOTENCY.get(route)
