@@ -35,9 +35,8 @@ API_THROTTLED = re.compile(r"^Forbidden\.AccessDenied\.(Qps|Qpm)Limit|^system\.?
 BAD_CREDENTIALS = frozenset({"invalidClientIdOrSecret", "40089", "40096"})
 # The retried reasons known up front (for metric series at 0): what the classification below names them.
 OAPI_RETRIED = THROTTLED | BUSY_NOT_PROCESSED | {"15"}
-API_RETRY_REASONS = ("ip_ban", "code_systemError", "code_system.busy", "code_systemBusy",
-                     *(f"code_Forbidden.AccessDenied.{c}" for c in ("QpsLimitForAppkeyAndApi", "QpmLimitForAppkeyAndApi",
-                                                                   "QpsLimitForApi")))
+API_RETRY_REASONS = ("ip_ban", "code_systemError", "code_system.busy", "code_systemBusy", *(
+    f"code_Forbidden.AccessDenied.{c}" for c in ("QpsLimitForAppkeyAndApi", "QpmLimitForAppkeyAndApi", "QpsLimitForApi")))
 
 
 class DingTalk(Platform):

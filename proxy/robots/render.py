@@ -160,7 +160,8 @@ def duration(starts_at: str, ends_at: str) -> str:
     seconds = int((end - start).total_seconds())
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{seconds}s" if seconds and not hours else ""]
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "",
+             f"{seconds}s" if seconds and not hours else ""]   # seconds do not matter after an hour
     return " ".join(p for p in parts if p) or "0s"
 
 
@@ -256,8 +257,9 @@ def _blocks(note: Notification, target: RobotTarget) -> list[str]:
 def default_block(f: dict[str, str], platform: str) -> str:
     """What happened, what it means (the description, when it says more than the summary), when, where, links."""
     quote = "> " if platform == "dingtalk" else ""
+    lasted = f" (after {f['duration']})" if f["duration"] else ""
     times = [f"- Started: {f['starts_at']}" if f["starts_at"] else "",
-             f"- Ended: {f['ends_at']}" + (f" (after {f['duration']})" if f["duration"] else "") if f["ends_at"] else "",
+             f"- Ended: {f['ends_at']}{lasted}" if f["ends_at"] else "",
              f"- Labels: {f['labels']}" if f["labels"] else ""]
     paragraphs = [f"**{f['alertname']}** · {f['severity']} · {f['STATUS']}",
                   f"{quote}{f['summary']}" if f["summary"] else "",

@@ -33,7 +33,8 @@ def feishu_templates() -> set[str]:
 
 
 def dingtalk_api_templates() -> set[str]:
-    found = {m for path in sources("alibabacloud_dingtalk") for m in DINGTALK_API.findall(path.read_text(encoding="utf-8"))}
+    found = {m for path in sources("alibabacloud_dingtalk")
+             for m in DINGTALK_API.findall(path.read_text(encoding="utf-8"))}
     return {BRACED.sub(r":\1", template) for template in found}
 
 
