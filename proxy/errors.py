@@ -1,11 +1,12 @@
 """The sidecar's own failures, each knowing the HTTP status and code a client should see.
 
-Owns the exception tree and the translation of aiohttp/asyncio errors (at the upstream boundary, once);
-it does not own the error *shape*, which belongs to each platform.
+Owns the exception tree, the outcome class each error is counted under (proxy/metrics.py's classes), and the
+translation of aiohttp/asyncio errors (at the upstream boundary, once); it does not own the error *shape*, which
+belongs to each platform.
 
-    SidecarError
-    ├── NoRoute                  404  nothing configured under this path
-    ├── ClientFault                   the client's doing: never counted against the platform
+    SidecarError                      counted as sidecar_error unless said
+    ├── NoRoute                  404  nothing configured under this path (no app: not counted)
+    ├── ClientFault                   the client's doing, never held against the platform           client_error
     │   ├── RequestTooLarge      413  body over limits.max_request_bytes
     │   ├── BadRequest           400  a request target or header the sidecar will not forward
     │   ├── RequestTimeout       408  the body stalled (limits.body_timeout) or outran the deadline
@@ -15,7 +16,7 @@ it does not own the error *shape*, which belongs to each platform.
     ├── ShuttingDown             503  the drain ended before the request could be sent or answered
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
-    ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline
+    ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
     ├── CircuitOpen              503  the upstream is known to be down
     └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
         ├── ConnectFailure            never reached the platform
@@ -29,6 +30,7 @@ import asyncio
 
 import aiohttp
 
+from proxy.metrics import CLIENT_ERROR, SIDECAR_ERROR, THROTTLED
 from proxy.outcome import Outcome, Signal, Verdict
 from proxy.platforms import base as codes
 
@@ -36,6 +38,7 @@ from proxy.platforms import base as codes
 class SidecarError(Exception):
     status = 502
     code = codes.UPSTREAM_UNREACHABLE
+    counted_as = SIDECAR_ERROR   # the outcome class of a request answered with this error
     retry_after: float | None = None
 
 
@@ -45,6 +48,8 @@ class NoRoute(SidecarError):
 
 class ClientFault(SidecarError):
     """A fault of the client's (its body, its target, its patience): the platform and the network are not to blame."""
+
+    counted_as = CLIENT_ERROR
 
 
 class RequestTooLarge(ClientFault):
@@ -85,7 +90,7 @@ class DeadlineExceeded(SidecarError):
 
 
 class LocallyRateLimited(SidecarError):
-    status, code = 429, codes.RATE_LIMITED
+    status, code, counted_as = 429, codes.RATE_LIMITED, THROTTLED
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
@@ -124,6 +129,18 @@ def translate(exc: BaseException) -> AttemptFailed:
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return AttemptTimeout("the platform did not answer in time")
     return ConnectionReset(f"the connection to the platform broke ({type(exc).__name__})")
+
+
+def client_facing_kinds() -> tuple[str, ...]:
+    """The X-Imsidecar-Error values a client of an app can get: every error but NoRoute and the two bases."""
+    found: list[str] = []
+    pending = list(SidecarError.__subclasses__())
+    while pending:
+        kind = pending.pop(0)
+        pending.extend(kind.__subclasses__())
+        if kind not in (NoRoute, AttemptFailed, ClientFault):
+            found.append(kind.__name__)
+    return tuple(sorted(found))
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)

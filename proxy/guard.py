@@ -209,7 +209,8 @@ class GuardedBudget(RetryBudget):
 HOT_CHILDREN = ("hot_requests", "hot_request_duration", "hot_in_flight", "hot_attempts", "hot_attempt_duration",
                 "capped_retries")
 REQUEST_FAMILIES = ("idempotency_keys", "token_replays", "retry_budget_exhausted", "deadline_exceeded",
-                    "not_retried", "ratelimit_rejections", "ratelimit_wait", "local_answers", "token_refreshes")
+                    "not_retried", "ratelimit_rejections", "ratelimit_wait", "local_answers", "token_refreshes",
+                    "sidecar_errors")
 
 
 class GuardedChild:

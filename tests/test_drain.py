@@ -87,8 +87,9 @@ async def test_a_request_still_at_the_platform_is_answered_before_the_drain_ends
     await asyncio.wait_for(stop, BOUND)
     outcome = running.metric("imsidecar_requests_total", app="sales-bot", upstream="open",
                              route="/open-apis/im/v1/messages", method="POST", status_class="5xx",
-                             outcome="ShuttingDown")
+                             outcome="sidecar_error")
     assert outcome == 1
+    assert running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open", error="ShuttingDown") == 1
 
 
 async def test_a_request_that_finishes_within_the_drain_gets_its_answer(

@@ -123,7 +123,8 @@ async def test_a_bug_inside_a_request_gets_a_platform_shaped_500_counted_and_log
         body = await r.json()
     assert body["errcode"] == 9990500 and "failure is logged" in body["errmsg"]
     assert running.metric("imsidecar_requests_total", app="ops-ding", upstream="oapi", route="/topapi/v2/user/get",
-                          method="POST", status_class="5xx", outcome="InternalError") == 1
+                          method="POST", status_class="5xx", outcome="sidecar_error") == 1
+    assert running.metric("imsidecar_sidecar_errors_total", app="ops-ding", upstream="oapi", error="InternalError") == 1
     assert failures(running, "pipeline") == 1
     access = [r for r in caplog.records if r.name == "imsidecar.access"]
     assert access and " 500 " in access[-1].getMessage()

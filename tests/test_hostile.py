@@ -102,6 +102,10 @@ def sidecar_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR and not from_fake(r)]
 
 
+def errors(running: Running, kind: str) -> float:
+    return running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open", error=kind)
+
+
 def health(running: Running, app: str = "sales-bot", upstream: str = "open") -> tuple[BreakerState, float]:
     binding = next(b for _, b in running.sidecar.router._tables[running.sidecar.config.listen]
                    if b.app.name == app and b.upstream == upstream)
@@ -184,7 +188,8 @@ async def test_oversized_chunked_bodies_never_open_the_breaker(start_sidecar: Si
             assert (await r.json())["code"] == 9990413
     assert health(running) == (BreakerState.CLOSED, 1.0)
     assert running.metric("imsidecar_requests_total", app="sales-bot", upstream="open", route="/open-apis/im/v1/files",
-                          method="POST", status_class="4xx", outcome="RequestTooLarge") == 25
+                          method="POST", status_class="4xx", outcome="client_error") == 25
+    assert errors(running, "RequestTooLarge") == 25
     assert running.metric("imsidecar_upstream_attempts_total", app="sales-bot", upstream="open",
                           route="/open-apis/im/v1/files", outcome="retryable", reason="reset") == 0
     assert platforms.feishu.faults.script == type(platforms.feishu.faults.script)()   # nothing scripted: no faults
@@ -202,7 +207,7 @@ async def test_client_faults_are_the_clients_and_leave_the_upstream_healthy(
         assert status == 408 and headers["x-imsidecar-error"] == "RequestTimeout"
         # A chunked encoding the parser cannot follow.
         status, headers, _ = await exchange(running.base, head + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
-        assert status == 400
+        assert status == 400 and headers["x-imsidecar-error"] == "MalformedRequest"
         # The client leaves mid-body.
         raw = await Raw.open(running.base)
         await raw.send(head + b"Content-Length: 100\r\n\r\n" + MESSAGE[:10])
@@ -216,8 +221,13 @@ async def test_client_faults_are_the_clients_and_leave_the_upstream_healthy(
         raw.close()
         await asyncio.sleep(0.3)
     labels = dict(app="sales-bot", upstream="open", route="/open-apis/im/v1/messages", method="POST", status_class="4xx")
-    await wait_for_metric(running, "imsidecar_requests_total", 14, outcome="ClientGone", **labels)
-    assert running.metric("imsidecar_requests_total", outcome="RequestTimeout", **labels) == 7
+    await wait_for_metric(running, "imsidecar_sidecar_errors_total", 14, app="sales-bot", upstream="open",
+                          error="ClientGone")
+    assert errors(running, "RequestTimeout") == 7
+    assert running.metric("imsidecar_requests_total", outcome="client_error", **labels) == 21
+    # The bad chunk arrived with the headers: aiohttp's parser refused the request before any handler saw it.
+    assert running.metric("imsidecar_client_faults_total", listen=str(running.sidecar.config.listen),
+                          kind="malformed") == 7
     assert health(running) == (BreakerState.CLOSED, 1.0)
     attempts = running.sidecar.metrics.registry.get_sample_value
     assert not attempts("imsidecar_upstream_attempts_total", dict(app="sales-bot", upstream="open",
@@ -238,8 +248,9 @@ async def test_every_abandoned_download_is_counted_and_logged(start_sidecar: Sid
         await asyncio.wait_for(raw.reader.readexactly(100_000), 5)   # part of it, then gone
         raw.close()
     labels = dict(app="sales-bot", upstream="open", route="/open-apis/im/v1/files/:file_key", method="GET")
-    await wait_for_metric(running, "imsidecar_requests_total", 21, status_class="4xx", outcome="ClientGone", **labels)
-    assert running.metric("imsidecar_requests_total", status_class="2xx", outcome="ok", **labels) == 0
+    await wait_for_metric(running, "imsidecar_requests_total", 21, status_class="4xx", outcome="client_error", **labels)
+    assert errors(running, "ClientGone") == 21
+    assert running.metric("imsidecar_requests_total", status_class="2xx", outcome="success", **labels) == 0
     assert len([r for r in caplog.records if r.name == "imsidecar.access" and " 499 " in r.getMessage()]) == 21
     assert not sidecar_errors(caplog)
 

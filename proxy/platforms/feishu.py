@@ -10,6 +10,8 @@ from typing import Mapping
 from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Verdict
+from proxy.platforms.routes import shapes
+from proxy.routing import RouteShapes
 from proxy.platforms.base import (
     PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
     number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
@@ -127,8 +129,15 @@ class Feishu(Platform):
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         return dump({"code": code, "msg": message})
 
+    def routes(self, upstream: str) -> RouteShapes:
+        return shapes("feishu")   # lark-oapi's templates; Lark's are the same
+
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         return IDEMPOTENCY.get(route)
+
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        retried = THROTTLED | BUSY_NOT_PROCESSED | BUSY_MAYBE_PROCESSED
+        return super().retry_reasons(upstream) + tuple(f"code_{code}" for code in sorted(retried))
 
 
 def _reset_after(headers: Mapping[str, str]) -> float | None:
