@@ -32,6 +32,7 @@ class FakeFeishu:
     apps: dict[str, str] = field(default_factory=lambda: {"cli_demo": "demo-secret-feishu"})
     clock: Clock = field(default_factory=SystemClock)
     faults: Faults = field(default_factory=Faults)
+    token_faults: Faults = field(default_factory=Faults)   # the token endpoint's own (an outage of the platform)
     quota_per_second: int | None = None          # per app per API, like the platform's frequency control
     tokens: dict[str, IssuedToken] = field(default_factory=dict)
     current: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -94,6 +95,9 @@ class FakeFeishu:
         async def handler(request: web.Request) -> web.Response:
             self.token_calls += 1
             await asyncio.sleep(self.token_delay)
+            early = await self.fault_before(request, self.token_faults.pick(request.path))
+            if early is not None:
+                return early
             body = await request.json()
             app_id, secret = body.get("app_id"), body.get("app_secret")
             if app_id not in self.apps:
