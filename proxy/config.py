@@ -351,6 +351,11 @@ def _parse_codes(node: Node) -> CodeOverrides:
     return codes
 
 
+# Feishu hands out a new tenant/app token only once the current one has under 30 minutes left; a refresh earlier
+# than that gets the same token back, and the held one expires anyway.
+FEISHU_NEW_TOKEN_BELOW = 1800.0
+
+
 def _parse_tokens(node: Node) -> TokenSettings:
     d = TokenSettings()
     settings = TokenSettings(
@@ -359,19 +364,28 @@ def _parse_tokens(node: Node) -> TokenSettings:
         fetch_timeout=node.seconds("fetch_timeout", d.fetch_timeout),
     )
     node.finish()
+    if settings.refresh_margin >= FEISHU_NEW_TOKEN_BELOW:
+        node.problem("must be under 30m: Feishu and Lark give a new token only when the held one has less than "
+                     "30 minutes left, so an earlier refresh gets the same token back", "refresh_margin")
     return settings
 
 
 def _parse_limits(node: Node) -> Limits:
     d = Limits()
+    max_request = node.bytes("max_request_bytes", d.max_request_bytes)
     limits = Limits(
-        max_request_bytes=node.bytes("max_request_bytes", d.max_request_bytes),
-        replay_buffer_bytes=node.bytes("replay_buffer_bytes", d.replay_buffer_bytes),
+        max_request_bytes=max_request,
+        replay_buffer_bytes=node.bytes("replay_buffer_bytes", min(d.replay_buffer_bytes, max_request)),
         deadline=node.seconds("deadline", d.deadline),
         connect_timeout=node.seconds("connect_timeout", d.connect_timeout),
         drain_timeout=node.seconds("drain_timeout", d.drain_timeout),
     )
     node.finish()
+    if limits.deadline <= 0:
+        node.problem("must be more than zero (every request would fail at once)", "deadline")
+    if limits.replay_buffer_bytes > limits.max_request_bytes:
+        node.problem(f"is larger than max_request_bytes ({limits.max_request_bytes} bytes): a body that fits the "
+                     "buffer is already refused as too large", "replay_buffer_bytes")
     return limits
 
 

@@ -73,6 +73,7 @@ def test_loose_units_are_normalised() -> None:
     c = config.loads("limits: {deadline: 2500ms, max_request_bytes: 2MiB}\n"
                      "apps: [{name: l, platform: lark, app_id: i, app_secret: s, retry: {per_try_timeout: 2}}]", env={})
     assert c.limits.deadline == 2.5 and c.limits.max_request_bytes == 2 * 1024 * 1024
+    assert c.limits.replay_buffer_bytes == 2 * 1024 * 1024   # the default buffer never exceeds the limit
     assert c.apps[0].retry.per_try_timeout == 2.0
 
 
@@ -97,10 +98,26 @@ def test_loose_units_are_normalised() -> None:
     ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s, expose: [{upstream: open, listen: 0.0.0.0:9464}]}]",
      "apps[0].expose: port 9464 is the admin port"),
     ("bogus: 1\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]", "bogus: unknown key"),
+    ("limits: {deadline: 0}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "limits.deadline: must be more than zero"),
+    ("tokens: {refresh_margin: 3h}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "tokens.refresh_margin: must be under 30m"),
+    ("tokens: {refresh_margin: 30m}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "tokens.refresh_margin: must be under 30m"),
+    ("limits: {max_request_bytes: 1MiB, replay_buffer_bytes: 4MiB}\n"
+     "apps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "limits.replay_buffer_bytes: is larger than max_request_bytes (1048576 bytes)"),
 ])
 def test_each_problem_is_named_by_its_path(text: str, expected: str) -> None:
     found = problems(text, env={})
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_the_limits_at_their_edges_are_accepted() -> None:
+    c = config.loads("limits: {deadline: 1ms, max_request_bytes: 4MiB, replay_buffer_bytes: 4MiB}\n"
+                     "tokens: {refresh_margin: 29m}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+                     env={})
+    assert c.limits.deadline == 0.001 and c.tokens.refresh_margin == 29 * 60
 
 
 def test_all_problems_are_reported_at_once() -> None:
@@ -150,3 +167,14 @@ def test_shipped_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         text = path.read_text().replace("/var/run/secrets/feishu/app_secret", str(secret))
         loaded = config.loads(text, env=env)
         assert loaded.apps or loaded.robots, path.name
+
+
+def test_the_full_example_pins_no_adaptive_parameter(tmp_path: Path) -> None:
+    """config/imsidecar.yaml lists every key; one set there would be pinned and stop adapting for every app."""
+    secret = tmp_path / "app_secret"
+    secret.write_text("s3cret-from-a-mounted-file")
+    text = (Path(__file__).parent.parent / "config" / "imsidecar.yaml").read_text()
+    loaded = config.loads(text.replace("/var/run/secrets/feishu/app_secret", str(secret)),
+                          env={"FEISHU_APP_ID": "cli_x", "DINGTALK_APP_KEY": "k", "DINGTALK_APP_SECRET": "y" * 16})
+    assert [(app.name, app.retry.adaptive, app.retry.pinned) for app in loaded.apps] == [
+        ("sales-bot", True, frozenset()), ("ops-ding", True, frozenset())]
