@@ -135,7 +135,45 @@ def test_check_config_masks_secrets_and_exits_0(tmp_path: Path, secret_file: Pat
     out = capsys.readouterr().out
     assert "sales-bot" in out and "http://127.0.0.1:8082/... -> https://gw.example.internal/dingtalk" in out
     assert "feishu-secret-from-file-9876" not in out and ENV["DINGTALK_APP_SECRET"] not in out
-    assert "fe****76" in out
+    assert "secret=**** " in out and "fe" not in out.split("secret=")[1][:6]   # not a character of it
+
+
+SECRETS = {name: f"Zq{i}Xw{i}Vk{i}Jp{i}" for i, name in enumerate(
+    ("FEISHU_SECRET", "ROBOT_TOKEN", "ROBOT_SECRET", "HOOK_TOKEN", "VERIFY", "ENCRYPT", "PROXY_PASSWORD", "STREAM_SECRET"))}
+EVERYTHING = """
+listen: 127.0.0.1:8080
+admin_listen: 0.0.0.0:9464
+readiness: {wait_for_tokens: true}
+egress: {proxy: "http://proxy.corp.example:3128", username: svc, password: "${PROXY_PASSWORD}", no_proxy: [.corp]}
+apps: [{name: lark-bot, platform: lark, app_id: cli_l, app_secret: "${FEISHU_SECRET}"}]
+robots:
+  targets:
+    - {name: ops, platform: dingtalk, token: "${ROBOT_TOKEN}", secret: "${ROBOT_SECRET}", keyword: alert}
+    - {name: dev, platform: feishu, webhook: "https://open.feishu.cn/open-apis/bot/v2/hook/${HOOK_TOKEN}"}
+events:
+  listen: 0.0.0.0:8090
+  apps:
+    - {name: fs-cb, platform: feishu, app_id: cli_e, verification_token: "${VERIFY}", encrypt_key: "${ENCRYPT}",
+       deliver_to: "http://127.0.0.1:3000/events"}
+    - {name: lark-stream, platform: lark, mode: stream, app_id: cli_s, app_secret: "${STREAM_SECRET}",
+       deliver_to: "http://127.0.0.1:3000/events"}
+"""
+
+
+def test_the_summary_covers_robots_events_and_egress_and_shows_no_character_of_a_secret() -> None:
+    from proxy.cli import summary
+
+    text = summary(config.loads(EVERYTHING, env=SECRETS))
+    assert "then waits for every app's first token (readiness.wait_for_tokens)" in text
+    assert "egress https/wss via http://proxy.corp.example:3128 as svc (password ****), http/ws via" in text
+    assert "app lark-bot (lark) id=cli_l secret=**** token=tenant" in text
+    assert "-> https://open.larksuite.com" in text
+    assert "robot ops (dingtalk) -> https://oapi.dingtalk.com/**** (signed, keyword 'alert')" in text
+    assert "robot dev (feishu) -> https://open.feishu.cn/**** (unsigned)" in text
+    assert "events fs-cb (feishu) callback /events/fs-cb -> http://127.0.0.1:3000/events" in text
+    assert "events lark-stream (feishu) stream from https://open.larksuite.com -> http://127.0.0.1:3000/events" in text
+    for value in SECRETS.values():
+        assert not any(value[i:i + 3] in text for i in range(len(value) - 2)), value   # not three characters
 
 
 def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path: Path,

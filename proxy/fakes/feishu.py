@@ -92,7 +92,7 @@ class FakeFeishu:
         return app
 
     def token_endpoint(self, kind: str):  # type: ignore[no-untyped-def]
-        async def handler(request: web.Request) -> web.Response:
+        async def handler(request: web.Request) -> web.StreamResponse:
             self.token_calls += 1
             await asyncio.sleep(self.token_delay)
             early = await self.fault_before(request, self.token_faults.pick(request.path))
