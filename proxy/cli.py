@@ -30,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run against simulated Feishu and DingTalk, no credentials needed")
     demo.add_argument("--listen", default="127.0.0.1:8080")
     demo.add_argument("--admin-listen", default="127.0.0.1:9464")
-    demo.add_argument("--faults", nargs="?", const=0.2, type=float, default=0.0, metavar="SHARE",
-                      help="make this share of platform calls fail in mixed ways (default 0.2 when given)")
+    demo.add_argument("--faults", nargs="?", const=0.2, type=fault_share, default=0.0, metavar="SHARE",
+                      help="make this share of platform calls fail in mixed ways: 0.05 or 5%% (0.2 when bare)")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.path)
@@ -39,7 +39,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_or_report(args.config)
         return 2 if loaded is None else serve(loaded)
     from proxy.demo import run_demo
+    install_fast_loop()   # the demo runs on what `run` runs on
     return run_demo(args.listen, args.admin_listen, args.faults)
+
+
+def fault_share(text: str) -> float:
+    """`--faults 0.05` or `--faults 5%`; a bare `5` is refused rather than read as 500%."""
+    percent = text.strip().endswith("%")
+    try:
+        share = float(text.strip().removesuffix("%")) / (100 if percent else 1)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (0.05) or a percentage (5%)")
+    return share
 
 
 def load_or_report(path: str) -> Config | None:
@@ -139,6 +152,7 @@ def serve(loaded: Config) -> int:
 
 
 def install_fast_loop() -> None:
+    """uvloop when installed (the image and `pip install 'imsidecar[fast]'` have it); /healthz says which runs."""
     try:
         import uvloop
     except ImportError:

@@ -59,7 +59,7 @@ async def test_unknown_prefix_is_404_and_never_forwarded(sidecar: Running, platf
                                                         http: aiohttp.ClientSession) -> None:
     async with http.get(f"{sidecar.base}/elsewhere/open-apis/im/v1/messages") as r:
         body = await r.json()
-        assert r.status == 404
+        assert r.status == 404 and r.headers["X-Imsidecar-Error"] == "NoRoute"
     assert body["error"] == "imsidecar.noRoute"
     assert "/sales-bot" in body["prefixes"]
     # a prefix must match on a segment boundary
