@@ -100,8 +100,10 @@ class FakeFeishu:
                 return early
             body = await request.json()
             app_id, secret = body.get("app_id"), body.get("app_secret")
-            if app_id not in self.apps:
-                return answer(10003, "invalid param: app_id")
+            if not isinstance(app_id, str) or not app_id.startswith("cli_") or not isinstance(secret, str):
+                return answer(10003, "invalid param")
+            if app_id not in self.apps:   # a well-formed id of no app here (a Lark app sent to Feishu, the reverse)
+                return answer(10014, "app id not exists")
             if self.apps[app_id] != secret:
                 return answer(10014, "app secret invalid")
             token, expire = self.issue(app_id, "tenant")
