@@ -36,5 +36,5 @@ def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Applicat
 
 
 def event_loop_name() -> str:
-    """"uvloop" or "asyncio": what the process runs on (the image check asserts uvloop)."""
+    """Which event loop runs the process: uvloop or asyncio (the image check asserts uvloop)."""
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
