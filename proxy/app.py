@@ -181,6 +181,7 @@ class Sidecar:
                      for up, stages in self.stages.get(name, {}).items()}
         return AppHealth(token, name in self._warmed, source.seconds_to_expiry(), upstreams)
 
+
 def delivery_urls(config: Config) -> list[str]:
     """Where events go to the application: never through the egress proxy, whatever `no_proxy` says."""
     return [app.delivery.url for app in config.events.apps] if config.events is not None else []
