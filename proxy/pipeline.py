@@ -204,7 +204,8 @@ class Pipeline:
         known = self.router.prefixes(listen)
         message = f"imsidecar: no app is configured under this path on {listen}; configured prefixes: {', '.join(known) or 'none'}"
         body = dump({"code": NoRoute.code, "msg": message, "error": "imsidecar.noRoute", "prefixes": known})
-        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8")
+        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8",
+                            headers={"X-Imsidecar-Error": NoRoute.__name__})
 
     @staticmethod
     def tag(exchange: Exchange, headers: CIMultiDict[str]) -> None:
