@@ -56,7 +56,7 @@ class AppTokens:
         self.metrics.prepare_token(self.app.name, kind)
         source = TokenSource(lambda: self.fetch_shared(kind), self.clock, self.settings,
                              observe=lambda result: refreshes.labels(self.app.name, kind, result).inc(),
-                             on_invalid=lambda value: self._refused.__setitem__(kind, value))
+                             on_invalid=lambda value: self._refused.__setitem__(kind, value), app=self.app.name)
         self.metrics.token_expiry.labels(self.app.name, kind).set_function(source.seconds_to_expiry)
         source.start()
         return source

@@ -124,6 +124,11 @@ class ConnectionReset(AttemptFailed):
 
 def translate(exc: BaseException) -> AttemptFailed:
     """One aiohttp/asyncio failure of an attempt, as the sidecar's own error (message without URL or query)."""
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return ConnectFailure("could not connect to the egress proxy (egress.proxy)")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):   # the proxy refused the CONNECT: nothing reached the platform
+        hint = ": check egress.username and egress.password" if exc.status in (401, 407) else ""
+        return ConnectFailure(f"the egress proxy refused the tunnel with HTTP {exc.status}{hint}")
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
         return ConnectFailure(f"could not connect to the platform ({type(exc).__name__})")
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):

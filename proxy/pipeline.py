@@ -229,7 +229,8 @@ class Pipeline:
         known = self.router.prefixes(listen)
         message = f"imsidecar: no app is configured under this path on {listen}; configured prefixes: {', '.join(known) or 'none'}"
         body = dump({"code": NoRoute.code, "msg": message, "error": "imsidecar.noRoute", "prefixes": known})
-        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8")
+        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8",
+                            headers={"X-Imsidecar-Error": NoRoute.__name__})
 
     def refuse(self, listen: Address, exc: SidecarError) -> web.Response:
         """A target refused where no app can be told from it (a shared listener): 400 in both error shapes."""

@@ -16,6 +16,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.egress import Egress, EgressSettings
 from proxy.errors import NETWORK_ERRORS, AttemptFailed, BadRequest, translate
 from proxy.watchdog import Watchdog
 
@@ -61,11 +62,12 @@ class MisdirectedRequest(BadRequest):
 
 class UpstreamClient:
     def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256,
-                 trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> None:
+                 egress: Egress | None = None, trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> None:
         self.base_url = base_url
         self._base = URL(base_url)
         self._origin = (self._base.scheme, self._base.raw_host, self._base.port)
         self._prefix = self._base.raw_path.rstrip("/")
+        self._egress = egress or Egress(EgressSettings())   # the proxy (or none) every connection goes through
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
         self._trace_configs = list(trace_configs)
@@ -75,9 +77,9 @@ class UpstreamClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+            self._session = self._egress.session(
+                limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
+                auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
                 trace_configs=self._trace_configs or None,
             )

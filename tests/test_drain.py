@@ -39,7 +39,7 @@ async def test_a_request_in_back_off_is_answered_with_its_last_real_answer(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
     running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 15s}")
-    await until(lambda: running.sidecar.readiness()["sales-bot"] == "ok", "a token")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
     platforms.feishu.faults.script.append("throttle")   # 429, "come back in 1 s": the retry waits in back-off
     request = asyncio.create_task(post(http, running))
     await until(lambda: platforms.feishu.throttled == 1 and running.sidecar.drain._waiting, "the back-off")
@@ -55,7 +55,7 @@ async def test_a_request_queued_for_a_rate_limit_slot_is_answered_at_once(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
     running = await start_sidecar(limits="{deadline: 60s}", ratelimit="{per_minute: 1}")
-    await until(lambda: running.sidecar.readiness()["sales-bot"] == "ok", "a token")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
     assert (await post(http, running))[0] == 200
     queued = asyncio.create_task(post(http, running))   # the next slot is a minute away
     await until(lambda: running.sidecar.drain._waiting, "the queue")
@@ -71,7 +71,7 @@ async def test_a_request_still_at_the_platform_is_answered_before_the_drain_ends
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
     running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
-    await until(lambda: running.sidecar.readiness()["sales-bot"] == "ok", "a token")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
     platforms.feishu.faults.hang_seconds = 3 * BOUND   # longer than this test may take
     platforms.feishu.faults.script.append("hang")
     request = asyncio.create_task(post(http, running))
@@ -96,7 +96,7 @@ async def test_a_request_that_finishes_within_the_drain_gets_its_answer(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
     running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}")
-    await until(lambda: running.sidecar.readiness()["sales-bot"] == "ok", "a token")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
     platforms.feishu.faults.hang_seconds = 0.2
     platforms.feishu.faults.script.append("hang")
     request = asyncio.create_task(post(http, running))
