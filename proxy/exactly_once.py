@@ -29,7 +29,8 @@ from proxy.upstream import CLASSIFY_LIMIT, HOP_BY_HOP, Answer
 __all__ = ["ExactlyOnce", "MemoryOnce", "OnceBackend", "OnceSettings", "Stored"]
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Exchange, RequestBody
+    from proxy.intake import RequestBody
+    from proxy.pipeline import Exchange
 
 METHODS = frozenset({"POST", "PATCH"})   # the draft's non-idempotent methods
 LEASE_MARGIN = 5.0   # a key in flight is held this long past its request's deadline (a crashed holder frees it)

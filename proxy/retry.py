@@ -18,7 +18,9 @@ from multidict import CIMultiDict
 from proxy.budget import RetryBudget
 from proxy.clock import Clock
 from proxy.config import RetrySettings
-from proxy.errors import AttemptFailed, BadRequest, CircuitOpen, LocallyRateLimited, SidecarError
+from proxy.drain import Drain
+from proxy.errors import (AttemptFailed, BadRequest, CircuitOpen, DeadlineExceeded, LocallyRateLimited, ShuttingDown,
+                          SidecarError, TokenUnavailableError)
 from proxy.history import READS, History, Tried
 from proxy.idempotency import KeyProblem, apply_key
 from proxy.metrics import Metrics
@@ -69,6 +71,7 @@ class Attempt:
     number: int
     timeout: float
     timeouts: int = 0            # attempts of this request that timed out so far (each grows the next cut-off)
+    retrying: str | None = None  # the reason of the retry about to be sent (counted once it is)
     extra_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     query: str | None = None     # set when an idempotency key goes into the query
     body: bytes | None = None    # set when an idempotency key goes into the body
@@ -111,8 +114,9 @@ class RetryPolicy:
 
 
 class RetryEngine:
-    def __init__(self, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, clock: Clock, metrics: Metrics, drain: Drain | None = None) -> None:
         self.clock, self.metrics = clock, metrics
+        self.drain = drain or Drain()   # on SIGTERM, a request waiting in back-off is answered at once
 
     async def run(self, exchange: Exchange, body: RequestBody, send: Send) -> Answer:
         b = exchange.binding
@@ -125,6 +129,7 @@ class RetryEngine:
         while True:
             if not await self.admit(exchange, limiter, history):
                 return self.settle(exchange, history)
+            self.count_retry(exchange, attempt)   # a retry is counted once it is sent
             # Read after the limiter's wait: the state may have changed while this request queued.
             attempt.timeout = self.per_try_timeout(exchange, b.policy.params(), attempt.timeouts)
             tried = await self.attempt(exchange, body, attempt, send, history)
@@ -143,7 +148,8 @@ class RetryEngine:
                 self.withheld(exchange, tried.verdict, decision)
                 return self.settle(exchange, history)
             self.retrying(exchange, tried, attempt, history)
-            await self.wait(exchange, decision.wait)
+            if not await self.wait(exchange, decision.wait):
+                return self.settle(exchange, history)   # draining: the last real answer now
 
     # Steps ------------------------------------------------------------------------------------------------------
 
@@ -178,17 +184,23 @@ class RetryEngine:
             answer = await send(exchange, body, attempt)
         except AttemptFailed as exc:
             tried = Tried(None, exc.verdict, exc)
-        except SidecarError:
+        except TokenUnavailableError:
             b.breaker.release_probe()   # it never reached the upstream: give the slot back
             exchange.attempts -= 1
             if history.last is None:
                 raise
             return None
+        except SidecarError as exc:   # the client's doing while it was sent (its body, its own shorter deadline)
+            b.breaker.release_probe()
+            self.cut_by_client(exchange, history, exc)
+            raise
         except BaseException:
             b.breaker.release_probe()   # it never reached the upstream (cancelled): give the slot back
             raise
         else:
-            tried = Tried(answer, b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body()))
+            verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
+            exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
+            tried = Tried(answer, verdict)
         verdict = tried.verdict
         self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
         self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
@@ -262,18 +274,34 @@ class RetryEngine:
         if verdict.outcome in RETRIED_OUTCOMES and decision.why != "final":
             self.metrics.not_retried.labels(b.app.name, b.upstream, decision.why).inc()
 
+    def cut_by_client(self, exchange: Exchange, history: History, exc: SidecarError) -> None:
+        """An attempt the client ended (its own deadline passed, its body broke): what may have happened, for the
+        X-Imsidecar-Outcome of the error that follows. A write cut off by the deadline may have been applied."""
+        if history.write and isinstance(exc, DeadlineExceeded):
+            history.maybe_applied.append("timeout")
+        if history.last is not None or history.maybe_applied:
+            exchange.outcome = history.applied().value
+            exchange.retry_safe = False
+
     def retrying(self, exchange: Exchange, tried: Tried, attempt: Attempt, history: History) -> None:
-        b, verdict = exchange.binding, tried.verdict
+        verdict = tried.verdict
         if tried.answer is not None and tried.answer is not history.last_answer:
             tried.answer.release()   # a streamed answer that will not be the final one
         attempt.timeouts += verdict.signal is Signal.TIMEOUT
         attempt.number += 1
+        attempt.retrying = verdict.reason
         exchange.retry_reasons.append(verdict.reason)
-        self.metrics.capped_retries(b.app.name, b.upstream, verdict.reason).inc()
 
-    async def wait(self, exchange: Exchange, seconds: float) -> None:
-        """The one place the loop waits between attempts (back-off and the platform's own waits)."""
-        await self.clock.sleep(seconds)
+    def count_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+        if attempt.retrying is not None:
+            b = exchange.binding
+            self.metrics.capped_retries(b.app.name, b.upstream, attempt.retrying).inc()
+            attempt.retrying = None
+
+    async def wait(self, exchange: Exchange, seconds: float) -> bool:
+        """The one place the loop waits between attempts (back-off and the platform's own waits). False: the
+        sidecar is draining, and the request ends now with what its attempts said."""
+        return await self.drain.sleep(self.clock, seconds)
 
     def settle(self, exchange: Exchange, history: History) -> Answer:
         """The honest final answer of a request that was sent at least once, with what the client may assume
@@ -297,7 +325,7 @@ class RetryEngine:
             return True
         try:
             await self.pace(exchange, limiter)
-        except LocallyRateLimited:
+        except (LocallyRateLimited, ShuttingDown):   # ShuttingDown: the drain ended the wait for a slot
             b.breaker.release_probe()
             if history.last is None:
                 raise

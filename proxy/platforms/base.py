@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from proxy.config import AppConfig, CodeOverrides
 from proxy.outcome import Outcome, Signal, Verdict
+from proxy.routing import RouteShapes
 
 # Sidecar error codes, in every platform's error shape. Chosen far from both platforms' ranges.
 NO_ROUTE = 9_990_404
@@ -26,6 +27,11 @@ TOKEN_UNAVAILABLE = 9_990_503
 CIRCUIT_OPEN = 9_990_513
 DEADLINE_EXCEEDED = 9_990_504
 BAD_REQUEST = 9_990_400
+REQUEST_TIMEOUT = 9_990_408
+EXPECTATION_FAILED = 9_990_417
+CLIENT_GONE = 9_990_499
+INTERNAL_ERROR = 9_990_500
+SHUTTING_DOWN = 9_990_515
 OUTCOME_UNKNOWN = 9_990_512
 KEY_IN_FLIGHT = 9_990_409
 KEY_REUSED = 9_990_422
@@ -33,6 +39,8 @@ CODE_NAMES = {
     NO_ROUTE: "noRoute", TOO_LARGE: "requestTooLarge", RATE_LIMITED: "rateLimited",
     UPSTREAM_UNREACHABLE: "upstreamUnreachable", TOKEN_UNAVAILABLE: "tokenUnavailable",
     CIRCUIT_OPEN: "circuitOpen", DEADLINE_EXCEEDED: "deadlineExceeded", BAD_REQUEST: "badRequest",
+    REQUEST_TIMEOUT: "requestTimeout", EXPECTATION_FAILED: "expectationFailed", CLIENT_GONE: "clientGone",
+    INTERNAL_ERROR: "internalError", SHUTTING_DOWN: "shuttingDown",
     OUTCOME_UNKNOWN: "outcomeUnknown", KEY_IN_FLIGHT: "idempotencyKeyInFlight", KEY_REUSED: "idempotencyKeyReused",
 }
 
@@ -118,9 +126,22 @@ class Platform(ABC):
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         """A sidecar error in this platform's own shape."""
 
+    @abstractmethod
+    def routes(self, upstream: str) -> RouteShapes:
+        """The route templates of one of this platform's upstreams."""
+
+    def route_template(self, upstream: str, path: str) -> str:
+        """The path with its IDs replaced by the template's names: a bounded metric label, never an ID."""
+        return self.routes(upstream).template(path)
+
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         """Where this route takes an idempotency key, if it takes one."""
         return None
+
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        """Every `reason` a retry to `upstream` can carry that is known before it happens (metric series at 0)."""
+        added = self.codes.retryable | self.codes.throttled
+        return GENERIC_RETRY_REASONS + tuple(f"code_{code}" for code in sorted(added))
 
     # Shared helpers ------------------------------------------------------------------------------------------
 
@@ -142,6 +163,9 @@ def lookup_override(codes: CodeOverrides, code: str) -> Outcome | None:
 
 
 SUCCESS = Verdict(Outcome.SUCCESS, "ok", Signal.OK)   # the common answer, built once
+# The reasons of retried verdicts on every platform: proxy/errors.py's network failures, then verdict_for_status.
+GENERIC_RETRY_REASONS = ("connect_error", "timeout", "reset", "http_429", "http_500", "http_502", "http_503",
+                         "http_504", "http_5xx")
 _DEFAULT_SIGNAL = {Outcome.THROTTLED: Signal.THROTTLED, Outcome.RETRYABLE: Signal.SERVER_ERROR}
 
 
