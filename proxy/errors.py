@@ -10,6 +10,7 @@ it does not own the error *shape*, which belongs to each platform.
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
     ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline
+    ├── QuotaReserved            429  a bulk call past the monthly allowance's reserve threshold (proxy/saving/)
     ├── CircuitOpen              503  the upstream is known to be down
     └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
         ├── ConnectFailure            never reached the platform
@@ -55,6 +56,14 @@ class DeadlineExceeded(SidecarError):
 
 class LocallyRateLimited(SidecarError):
     status, code = 429, codes.RATE_LIMITED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaReserved(SidecarError):
+    status, code = 429, codes.QUOTA_RESERVED
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
