@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import admin_app
-from proxy.bindings import AppLimiters, AppTokens, Binding, UpstreamStages
+from proxy.bindings import AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
 from proxy.events.runtime import EventsRuntime
@@ -26,6 +26,8 @@ from proxy.retry import RetryEngine
 from proxy.robots.handlers import RobotService
 from proxy.robots.handlers import dispatch as robot_dispatch
 from proxy.routing import RouteLabels, Router
+from proxy.saving.lanes import LanedLimiters
+from proxy.saving.stages import SavingStages
 from proxy.store import open_store
 from proxy.upstream import UpstreamClient
 
@@ -38,12 +40,14 @@ class Sidecar:
         self.clock = clock or SystemClock()
         self.metrics = Metrics(registry)
         self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
+        self.saving = SavingStages.build(config.apps, self.store.values, self.clock, self.metrics.registry)
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
         self.router: Router[Binding] = Router()
         for app in config.apps:
             self._bind(app)
-        self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits, self.metrics)
+        self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits, self.metrics,
+                                 self.saving)
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
         self.events: EventsRuntime | None = None
@@ -61,7 +65,8 @@ class Sidecar:
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
         stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
-        limiters = AppLimiters(app_config, self.clock, self.metrics, self.store.quota)
+        limiters = LanedLimiters(app_config, self.clock, self.metrics, self.store.quota, app_config.priority,
+                                 self.saving.metrics)
         for exposure in app_config.expose:
             up = exposure.upstream
             binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up], limiters)
@@ -71,6 +76,7 @@ class Sidecar:
 
     async def start(self) -> None:
         await self.store.start()
+        await self.saving.start()
         if self.config.robots is not None:
             self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
         for tokens in self.tokens.values():
@@ -138,6 +144,7 @@ class Sidecar:
             await self._session.close()
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
         await asyncio.gather(*(client.close() for client in self.clients))
+        await self.saving.stop()
         await self.store.close()
 
     async def run_until_signal(self) -> None:

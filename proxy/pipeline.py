@@ -20,6 +20,7 @@ from proxy.metrics import Metrics
 from proxy.platforms.base import dump
 from proxy.retry import Attempt, RetryEngine
 from proxy.routing import Router
+from proxy.saving.stages import SavingStages
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
@@ -47,6 +48,8 @@ class Exchange:
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     has_idempotency_key: bool = False
+    priority: str = "interactive"                          # its lane (proxy/saving/lanes.py)
+    marks: dict[str, str] = field(default_factory=dict)    # X-Imsidecar-* and Age headers the stages add to the answer
 
 
 @dataclass(slots=True)
@@ -69,8 +72,11 @@ class RequestBody:
 
 
 class Pipeline:
-    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics,
+                 saving: SavingStages) -> None:
         self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
+        self.saving = saving
+        self.metered_attempt = saving.meter.counting(self.send_attempt)
 
     async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
@@ -94,9 +100,26 @@ class Pipeline:
         local = await self.answer_token_endpoint(exchange)
         if local is not None:
             return local
+        self.saving.lanes.assign(exchange, request.headers)   # interactive or bulk, before anything waits
         body = await self.read_body(request)
-        answer = await self.retry.run(exchange, body, self.send_attempt)
+        answer = await self.saving.cache.through(exchange, body, self.coalesced)
         return await self.relay(request, exchange, answer)
+
+    # The quota-saving stages (proxy/saving/), outermost first; each may answer without calling the next --------
+
+    async def coalesced(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Identical concurrent reads share one platform call."""
+        return await self.saving.coalescer.through(exchange, body, self.merged)
+
+    async def merged(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """One card's updates go in order, the newest of a run replacing the ones before it."""
+        return await self.saving.cards.through(exchange, body, self.call_platform)
+
+    async def call_platform(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Past the month's reserve a bulk call stops here; otherwise the retry loop, every attempt counted."""
+        self.saving.meter.admit(exchange)
+        self.saving.lanes.enter(exchange)
+        return await self.retry.run(exchange, body, self.metered_attempt)
 
     # Stages ---------------------------------------------------------------------------------------------------
 
@@ -207,6 +230,7 @@ class Pipeline:
         headers["X-Imsidecar-Attempts"] = str(exchange.attempts)
         if exchange.retry_reasons:
             headers["X-Imsidecar-Retry-Reasons"] = ",".join(exchange.retry_reasons)
+        headers.update(exchange.marks)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
         b = exchange.binding

@@ -1,0 +1,56 @@
+"""The quota-saving stages of one sidecar, built once from config: what the pipeline calls, in one bundle.
+
+Owns building them (on the store's shared values when there is Redis) and their start and stop; each stage's
+rules are its own module's, and their order is the pipeline's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from proxy.clock import Clock
+from proxy.config import AppConfig
+from proxy.metrics import SavingsMetrics
+from proxy.saving.cache import ReadCache
+from proxy.saving.cards import CardMerger
+from proxy.saving.coalesce import Coalescer
+from proxy.saving.lanes import PriorityLanes
+from proxy.saving.meter import QuotaMeter
+from proxy.saving.reads import ReadRoutes
+from proxy.store import SharedValues
+
+
+@dataclass(eq=False)
+class SavingStages:
+    metrics: SavingsMetrics
+    lanes: PriorityLanes
+    cache: ReadCache
+    coalescer: Coalescer
+    cards: CardMerger
+    meter: QuotaMeter
+
+    @classmethod
+    def build(cls, apps: Sequence[AppConfig], values: SharedValues | None, clock: Clock,
+              registry: CollectorRegistry) -> SavingStages:
+        metrics = SavingsMetrics(registry)
+        reads = ReadRoutes({app.name: app.cache for app in apps})
+        return cls(
+            metrics,
+            PriorityLanes({app.name: app.priority for app in apps}, metrics),
+            ReadCache({app.name: app.cache for app in apps}, reads, values, clock, metrics),
+            Coalescer({app.name: app.coalesce for app in apps}, reads, metrics),
+            CardMerger({app.name: app.cards for app in apps}, clock, metrics),
+            QuotaMeter({app.name: app.quota for app in apps}, values, clock, metrics),
+        )
+
+    async def start(self) -> None:
+        await self.meter.start()
+
+    async def stop(self) -> None:
+        await self.meter.stop()
+
+
+__all__ = ["SavingStages"]
