@@ -53,6 +53,7 @@ def test_quota_reserve_as_calls_or_a_share(tmp_path: Path) -> None:
     ("priority: {default: urgent}", "apps[0].priority.default: 'urgent' is not one of interactive, bulk"),
     ("priority: {routes: {/open-apis/im/v1/messages: later}}",
      "apps[0].priority.routes./open-apis/im/v1/messages: 'later' is not one of"),
+    ("priority: {bulk_share: 0}", "apps[0].priority.bulk_share: expected a share in (0, 1]"),
     ("quota: {allowance: 1.5}", "apps[0].quota.allowance: expected a whole number"),
     ("quota: {allowance: 100, reserve: 100}", "apps[0].quota.reserve: must be less than the allowance"),
     ("quota: {reserve: 10%}", "apps[0].quota.reserve: '10%': a share needs an allowance"),

@@ -98,7 +98,7 @@ class FakeDingTalk:
             if refused is not None:
                 return refused
             fault = self.faults.pick(request.path)
-            if fault == "throttle" or self.over_quota(token or "", request.path):
+            if fault == "throttle" or self.over_quota(token or "", api_of(request)):
                 self.throttled += 1
                 return host.answers["throttle"]()
             if fault in ("unavailable", "busy"):
@@ -198,6 +198,12 @@ class FakeDingTalk:
         key = (self.tokens.get(token, (token, 0))[0], path, int(self.clock.wall()))
         self._windows[key] = self._windows.get(key, 0) + 1
         return self._windows[key] > self.quota_per_second
+
+
+def api_of(request: web.Request) -> str:
+    """The API a request calls (its route pattern, IDs left out): the 20 QPS limit is per app per API."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
 
 
 def metered(path: str) -> bool:

@@ -105,6 +105,8 @@ class FakeFeishu:
         r.add_post("/open-apis/cardkit/v1/cards", self.guarded(self.create_card))
         r.add_put("/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content",
                   self.guarded(self.stream_content))
+        r.add_patch("/open-apis/cardkit/v1/cards/{card_id}/settings", self.guarded(self.card_settings))
+        r.add_get("/open-apis/contact/v3/departments/{department_id}", self.guarded(self.get_department))
         return app
 
     def token_endpoint(self, kind: str):  # type: ignore[no-untyped-def]
@@ -142,7 +144,7 @@ class FakeFeishu:
             early = await self.fault_before(request, fault)
             if early is not None:
                 return early
-            limited = self.rate_limit(token, request.path)
+            limited = self.rate_limit(token, api_of(request))
             if limited is not None:
                 return limited
             if self.month_spent(request.path):
@@ -259,7 +261,15 @@ class FakeFeishu:
         return answer(0, "success", data={"card_id": card_id})
 
     async def stream_content(self, request: web.Request) -> web.Response:
-        """PUT an element's full text: `sequence` must grow per card; 10 operations a second per card at most."""
+        """PUT an element's full text (the client types out what is new)."""
+        return await self.card_operation(request, lambda body: body.get("content"))
+
+    async def card_settings(self, request: web.Request) -> web.Response:
+        """PATCH the card's settings: `{"config": {"streaming_mode": false}}` ends its streaming."""
+        return await self.card_operation(request, lambda body: {"settings": body.get("settings")})
+
+    async def card_operation(self, request: web.Request, shown: Any) -> web.Response:
+        """Every cardkit operation on a card: `sequence` must grow; 10 operations a second per card at most."""
         card_id = request.match_info["card_id"]
         if card_id not in self.card_updates:
             return answer(200740, "The card entity does not exist", status=400)
@@ -273,8 +283,12 @@ class FakeFeishu:
             return answer(300317, "The sequence number for operating on the card did not increment consecutively",
                           status=400)
         self.card_sequences[card_id] = sequence
-        self.card_updates[card_id].append(body.get("content"))
+        self.card_updates[card_id].append(shown(body))
         return answer(0, "success", data={})
+
+    async def get_department(self, request: web.Request) -> web.Response:
+        department = request.match_info["department_id"]
+        return answer(0, "success", data={"department": {"department_id": department, "name": f"dept {department}"}})
 
     def over(self, what: tuple[str, str], per_second: int) -> bool:
         key = (what[0], what[1], int(self.clock.wall()))
@@ -297,6 +311,12 @@ class FakeFeishu:
             await response.write(block[: min(len(block), size - start)])
         await response.write_eof()
         return response
+
+
+def api_of(request: web.Request) -> str:
+    """The API a request calls (its route pattern, IDs left out): frequency limits count per app per API."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
 
 
 def metered(path: str) -> bool:

@@ -1,6 +1,7 @@
 """Priority lanes: when interactive requests (a reply someone waits for) and bulk ones (a nightly sync) wait for
 the same send slot, interactive goes first; a bulk request stands aside at most `max_bulk_wait` (and never past
-its deadline), then takes its turn like any other.
+its deadline), then takes its turn like any other. Bulk is also paced to `bulk_share` of the route's sustained rate,
+so a sync never spends a whole quota window in a burst and leaves an interactive request nothing to wait for.
 
 Owns each request's lane — `X-Imsidecar-Priority`, else the app's `priority.routes`, else the platform's bulk
 routes, else the app's default — and the wait around the rate limiter's acquire (`LanedLimiters`); the slots
@@ -10,6 +11,7 @@ themselves, and their order within a lane, are proxy/ratelimit.py's.
 from __future__ import annotations
 
 import asyncio
+import math
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from proxy.clock import Clock
 from proxy.config import AppConfig
 from proxy.errors import BadRequest
 from proxy.metrics import Metrics, SavingsMetrics
-from proxy.ratelimit import AdaptiveRateLimiter
+from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
 from proxy.saving.settings import BULK, INTERACTIVE, LANES, PrioritySettings
 from proxy.store import SharedQuota
 
@@ -68,6 +70,7 @@ class Lane:
     bulk: set[asyncio.Task[float]] = field(default_factory=set)   # bulk acquires waiting in the limiter's line
     cut: set[asyncio.Task[float]] = field(default_factory=set)    # ...of which these were cut short
     aside: list[asyncio.Future[None]] = field(default_factory=list)   # bulk requests waiting for quiet
+    next_bulk: float = -math.inf   # the next bulk request's paced turn
 
     def preempt(self) -> int:
         waiting = [task for task in self.bulk if not task.done() and task not in self.cut]
@@ -100,7 +103,8 @@ class LanedLimiters(AppLimiters):
             return AppLimiters.acquire(self, limiter, template, deadline)
 
         if lane_name == BULK:
-            await self._bulk(lane, take, min(start + self._settings.max_bulk_wait, deadline - MIN_USEFUL))
+            await self._pace(lane, limiter, deadline)
+            await self._bulk(lane, take, min(self._clock.now() + self._settings.max_bulk_wait, deadline - MIN_USEFUL))
         else:
             await self._interactive(lane, take)
         waited = self._clock.now() - start
@@ -117,6 +121,19 @@ class LanedLimiters(AppLimiters):
             lane.interactive -= 1
             if not lane.interactive:
                 lane.wake()
+
+    async def _pace(self, lane: Lane, limiter: AdaptiveRateLimiter, deadline: float) -> None:
+        """Bulk turns `1 / (bulk_share × rate)` apart; a turn past the deadline fails at once, like the limiter's."""
+        rate = limiter.current_rate * self._settings.bulk_share
+        if not math.isfinite(rate):
+            return
+        now = self._clock.now()
+        turn = max(now, lane.next_bulk)
+        if turn > now and turn > deadline - MIN_USEFUL:
+            raise RateLimitExceeded(turn - now)
+        lane.next_bulk = turn + 1.0 / rate
+        if turn > now:
+            await self._clock.sleep(turn - now)
 
     async def _bulk(self, lane: Lane, take: Callable[[], Awaitable[float]], give_up: float) -> float:
         stood_aside = False

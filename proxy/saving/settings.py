@@ -55,6 +55,7 @@ class PrioritySettings:
     default: str = INTERACTIVE
     routes: Mapping[str, str] = field(default_factory=dict)   # template → lane, over the platform's bulk routes
     max_bulk_wait: float = 5.0   # a bulk request stands aside for interactive ones at most this long
+    bulk_share: float = 0.8      # bulk is paced to this share of a route's sustained rate: the rest stays free
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +140,13 @@ def parse_priority(node: Node) -> PrioritySettings:
         if not template.startswith("/"):
             table.problem("a route template starts with /", template)
     table.finish()
+    d = PrioritySettings()
+    share = node.number("bulk_share", d.bulk_share)
+    if not 0 < share <= 1:
+        node.problem(f"expected a share in (0, 1], got {share!r}", "bulk_share")
+        share = d.bulk_share
     settings = PrioritySettings(default, {t: lane for t, lane in routes.items() if lane},
-                                node.seconds("max_bulk_wait", PrioritySettings().max_bulk_wait))
+                                node.seconds("max_bulk_wait", d.max_bulk_wait), share)
     node.finish()
     return settings
 
