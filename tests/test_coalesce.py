@@ -111,6 +111,29 @@ async def test_a_failure_is_shared_like_an_answer() -> None:
     assert call.calls == 1 and all(isinstance(r, DeadlineExceeded) for r in results)
 
 
+async def test_an_interactive_read_never_waits_on_a_bulk_flight_but_bulk_may_join_an_interactive_one() -> None:
+    app = app_config()
+    stage, _ = coalescer(app)
+    call, gate = gated()
+
+    def read(lane: str):  # type: ignore[no-untyped-def]
+        e = exchange(binding(app), "GET", USER)
+        e.priority = lane
+        return e
+
+    readers = [read("bulk"), read("interactive"), read("bulk"), read("interactive")]
+    tasks = []
+    for e in readers:
+        tasks.append(asyncio.ensure_future(stage.through(e, body(), call)))
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*tasks)
+    # The sync's read leads; the reply's read does not wait behind it and leads its own flight, which the later
+    # bulk and interactive reads join.
+    assert call.calls == 2
+    assert [e.marks.get("X-Imsidecar-Coalesced") for e in readers] == [None, None, "read", "read"]
+
+
 async def test_no_cache_starts_a_flight_of_its_own() -> None:
     app = app_config()
     stage, _ = coalescer(app)

@@ -2,7 +2,8 @@
 platform call whose answer all of them get.
 
 Owns the flights in progress and who shares them; what makes two reads identical is proxy/saving/reads.py's.
-A flight runs in a task of its own, so the client that started it may vanish without failing the others.
+A flight runs in a task of its own, so the client that started it may vanish without failing the others. An
+interactive read never waits on a bulk one's flight (which stands aside for interactive traffic): it starts its own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 from proxy.metrics import SavingsMetrics
 from proxy.saving.reads import ReadRoutes, read_key
-from proxy.saving.settings import CoalesceSettings
+from proxy.saving.settings import BULK, CoalesceSettings
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ COALESCED_HEADER = "X-Imsidecar-Coalesced"
 @dataclass(eq=False)
 class Flight:
     task: asyncio.Task[Answer]
+    lane: str
     orphaned: bool = False   # the client that started it is gone; a streamed body of its answer has no reader
 
     def release_unread(self) -> None:
@@ -44,7 +46,7 @@ class Coalescer:
         if key is None:
             return await call(exchange, body)
         flight = self._flights.get(key)
-        if flight is None or no_cache(exchange):
+        if flight is None or no_cache(exchange) or (flight.lane == BULK and exchange.priority != BULK):
             return await self._lead(key, exchange, body, call)
         return await self._follow(flight, exchange, body, call)
 
@@ -55,7 +57,7 @@ class Coalescer:
         return read_key(exchange, body)
 
     async def _lead(self, key: str, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
-        flight = self._flights[key] = Flight(asyncio.ensure_future(call(exchange, body)))
+        flight = self._flights[key] = Flight(asyncio.ensure_future(call(exchange, body)), exchange.priority)
         flight.task.add_done_callback(lambda _: self._land(key, flight))
         try:
             return await asyncio.shield(flight.task)
