@@ -279,3 +279,8 @@ class SavingsMetrics:
         self.quota_exhausted = Counter("imsidecar_quota_exhausted_answers", "Platform answers saying the month's "
                                        "allowance is spent (Feishu 99991403, DingTalk 90020 / ApiCountLimitForOrg).",
                                        ("account",), registry=r)
+        # The children touched per request or attempt (labels bounded by config, the capped route and fixed words).
+        self.hot_cache_lookups = Children(self.cache_lookups)
+        self.hot_lane_requests = Children(self.lane_requests)
+        self.hot_lane_wait = Children(self.lane_wait)
+        self.hot_quota_counted = Children(self.quota_counted)

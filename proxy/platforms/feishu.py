@@ -149,6 +149,8 @@ class Feishu(Platform):
         return POST_READS
 
     def card_update(self, upstream: str, method: str, path: str, body: bytes | None) -> CardUpdate | None:
+        if method == "GET" or not path.startswith(CARD_PREFIXES):
+            return None   # most requests: no pattern to try
         for pattern, methods, merge in CARD_ROUTES:
             found = pattern.match(path)
             if found and method in methods:
@@ -187,6 +189,7 @@ POST_READS = frozenset({"/open-apis/contact/v3/users/batch_get_id"})   # IDs by 
 # attributes), element create/delete, settings and batch_update change parts: kept in order, never skipped.
 # Every cardkit operation on one card carries a `sequence` that must grow, so one order per card.
 _CARD = r"^/open-apis/cardkit/v1/cards/([^/]+)"
+CARD_PREFIXES = ("/open-apis/im/v1/messages/", "/open-apis/cardkit/v1/cards/")
 CARD_ROUTES: tuple[tuple[re.Pattern[str], frozenset[str], str | None], ...] = (
     (re.compile(r"^/open-apis/im/v1/messages/([^/]+)$"), frozenset({"PATCH"}), "message"),
     (re.compile(_CARD + r"$"), frozenset({"PUT"}), "card"),

@@ -101,7 +101,7 @@ class ReadCache:
 
     def _count(self, exchange: Exchange, result: str) -> None:
         exchange.marks[CACHE_HEADER] = result
-        self._metrics.cache_lookups.labels(exchange.binding.app.name, exchange.route, result).inc()
+        self._metrics.hot_cache_lookups(exchange.binding.app.name, exchange.route, result).inc()
 
     @staticmethod
     def _verdict(exchange: Exchange, answer: Answer) -> Verdict:

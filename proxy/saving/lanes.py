@@ -1,7 +1,8 @@
 """Priority lanes: when interactive requests (a reply someone waits for) and bulk ones (a nightly sync) wait for
 the same send slot, interactive goes first; a bulk request stands aside at most `max_bulk_wait` (and never past
-its deadline), then takes its turn like any other. Bulk is also paced to `bulk_share` of the route's sustained rate,
-so a sync never spends a whole quota window in a burst and leaves an interactive request nothing to wait for.
+its deadline), then takes its turn like any other. Bulk is also paced to `bulk_share` of the route's sustained rate
+(when its deadline leaves time for that), so a sync never spends a whole quota window in a burst and leaves an
+interactive request arriving later no slot for the rest of the window.
 
 Owns each request's lane — `X-Imsidecar-Priority`, else the app's `priority.routes`, else the platform's bulk
 routes, else the app's default — and the wait around the rate limiter's acquire (`LanedLimiters`); the slots
@@ -22,7 +23,7 @@ from proxy.clock import Clock
 from proxy.config import AppConfig
 from proxy.errors import BadRequest
 from proxy.metrics import Metrics, SavingsMetrics
-from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
+from proxy.ratelimit import AdaptiveRateLimiter
 from proxy.saving.settings import BULK, INTERACTIVE, LANES, PrioritySettings
 from proxy.store import SharedQuota
 
@@ -47,7 +48,7 @@ class PriorityLanes:
         if lane not in LANES:
             raise BadRequest(f"{PRIORITY_HEADER} must be {' or '.join(LANES)}")
         exchange.priority = lane
-        self._metrics.lane_requests.labels(exchange.binding.app.name, lane).inc()
+        self._metrics.hot_lane_requests(exchange.binding.app.name, lane).inc()
 
     def _default(self, exchange: Exchange) -> str:
         b = exchange.binding
@@ -108,7 +109,7 @@ class LanedLimiters(AppLimiters):
         else:
             await self._interactive(lane, take)
         waited = self._clock.now() - start
-        self._savings.lane_wait.labels(self._name, lane_name).observe(waited)
+        self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
         return waited
 
     async def _interactive(self, lane: Lane, take: Callable[[], Awaitable[float]]) -> float:
@@ -123,14 +124,15 @@ class LanedLimiters(AppLimiters):
                 lane.wake()
 
     async def _pace(self, lane: Lane, limiter: AdaptiveRateLimiter, deadline: float) -> None:
-        """Bulk turns `1 / (bulk_share × rate)` apart; a turn past the deadline fails at once, like the limiter's."""
+        """Bulk turns `1 / (bulk_share × rate)` apart. Pacing is a courtesy, not a limit: a request whose turn would
+        come too close to its deadline skips it and asks the limiter, which enforces the quota and the deadline."""
         rate = limiter.current_rate * self._settings.bulk_share
         if not math.isfinite(rate):
             return
         now = self._clock.now()
         turn = max(now, lane.next_bulk)
-        if turn > now and turn > deadline - MIN_USEFUL:
-            raise RateLimitExceeded(turn - now)
+        if turn > deadline - MIN_USEFUL:
+            return
         lane.next_bulk = turn + 1.0 / rate
         if turn > now:
             await self._clock.sleep(turn - now)

@@ -188,7 +188,7 @@ class QuotaMeter:
             self._metrics.quota_exhausted.labels(meter.settings.account).inc()
         elif b.platform.counted(answer.status, verdict):
             meter.record()
-            self._metrics.quota_counted.labels(meter.settings.account).inc()
+            self._metrics.hot_quota_counted(meter.settings.account).inc()
 
     async def start(self) -> None:
         await asyncio.gather(*(meter.start() for meter in self.accounts.values()))

@@ -55,7 +55,7 @@ class PrioritySettings:
     default: str = INTERACTIVE
     routes: Mapping[str, str] = field(default_factory=dict)   # template → lane, over the platform's bulk routes
     max_bulk_wait: float = 5.0   # a bulk request stands aside for interactive ones at most this long
-    bulk_share: float = 0.8      # bulk is paced to this share of a route's sustained rate: the rest stays free
+    bulk_share: float = 1.0      # bulk is paced to this share of a route's sustained rate (below 1: kept free)
 
 
 @dataclass(frozen=True, slots=True)
