@@ -16,7 +16,6 @@ from proxy import config
 from proxy.metrics import SavingsMetrics
 from proxy.pipeline import Exchange, RequestBody
 from proxy.platforms import platform_for
-from proxy.routing import route_template
 from proxy.upstream import Answer
 
 FEISHU_APP = "{name: bot, platform: feishu, app_id: cli_x, app_secret: s}"
@@ -36,7 +35,7 @@ def binding(app: Any, upstream: str | None = None) -> Any:
 
 def exchange(bound: Any, method: str, path: str, query: str = "", headers: dict[str, str] | None = None,
              token_kind: str | None = "tenant") -> Exchange:
-    template = route_template(path)
+    template = bound.platform.route_template(bound.upstream, path)
     return Exchange(bound, method, path, query, CIMultiDict(headers or {}), template, template, 0.0, 30.0, token_kind)
 
 

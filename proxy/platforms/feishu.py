@@ -11,6 +11,8 @@ from typing import Mapping
 from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Verdict
+from proxy.platforms.routes import shapes
+from proxy.routing import RouteShapes
 from proxy.platforms.base import (
     PLACEHOLDER, CardUpdate, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
     load_json, number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
@@ -133,8 +135,15 @@ class Feishu(Platform):
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         return dump({"code": code, "msg": message})
 
+    def routes(self, upstream: str) -> RouteShapes:
+        return shapes("feishu")   # lark-oapi's templates; Lark's are the same
+
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         return IDEMPOTENCY.get(route)
+
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        retried = THROTTLED | BUSY_NOT_PROCESSED | BUSY_MAYBE_PROCESSED
+        return super().retry_reasons(upstream) + tuple(f"code_{code}" for code in sorted(retried))
 
     # Quota saving: the route tables below -------------------------------------------------------------------------
 
@@ -210,7 +219,6 @@ BULK_ROUTES = frozenset({
     "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_create",
     "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_update",
     "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_delete",
-    "/open-apis/message/v4/batch_send/",
 })
 
 

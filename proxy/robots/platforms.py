@@ -182,6 +182,14 @@ class FeishuRobot:
 
 
 PLATFORMS: dict[Platform, RobotPlatform] = {"dingtalk": DingTalkRobot(), "feishu": FeishuRobot()}
+_RETRIED = (Outcome.RETRYABLE, Outcome.THROTTLED)
+# The reasons a robot retry can carry that are known up front (metric series at zero): network failures, the
+# statuses read_http retries, and each table's retried codes as _apply names them.
+RETRY_REASONS = (
+    "timeout", "connect_error", "connection_reset", "http_429", "http_500", "http_502", "http_503", "http_504",
+    *(f"errcode_{code}" for code, rule in DINGTALK_RULES.items() if rule.outcome in _RETRIED),
+    *(f"code_{code}" for code, rule in FEISHU_RULES.items() if rule.outcome in _RETRIED), "code_9499",
+)
 
 
 def check_size(platform: RobotPlatform, body: bytes) -> None:

@@ -10,8 +10,10 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.configtree import Node
 from proxy.secret import Secret
@@ -36,9 +38,12 @@ TITLE_FIELDS = frozenset({
 })
 ALERT_FIELDS = frozenset({
     "status", "STATUS", "alertname", "severity", "summary", "description", "labels", "starts_at", "ends_at",
-    "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string", "fingerprint", "links",
+    "duration", "runbook_url", "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string",
+    "fingerprint", "links",
 })
 DEFAULT_DEADLINE = 30.0
+# Alert times in messages: most groups reading them are in China. `timezone:` (robots-wide or per target) changes it.
+DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,7 @@ class RobotTarget:
     keyword: str | None = None  # DingTalk/Feishu "keyword" security: the text must contain it (310000 / 19024)
     mentions: Mentions = Mentions()
     templates: Templates = Templates()
+    timezone: tzinfo = ZoneInfo(DEFAULT_TIMEZONE)   # for the start and end times in alert messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +90,8 @@ def parse_robots(node: Node) -> RobotsSettings | None:
     shared list. None when the section cannot be used; the caller raises on a non-empty list, as config.parse does."""
     before = len(node.problems)
     deadline = _deadline(node)
-    parsed = [_parse_target(item) for item in node.children("targets")]
+    zone = _timezone(node, ZoneInfo(DEFAULT_TIMEZONE))
+    parsed = [_parse_target(item, zone) for item in node.children("targets")]
     targets = _by_name(node, parsed)
     node.finish()
     if None in parsed or len(node.problems) > before:
@@ -111,7 +118,18 @@ def _deadline(node: Node) -> float:
     return seconds
 
 
-def _parse_target(node: Node) -> RobotTarget | None:
+def _timezone(node: Node, default: tzinfo) -> tzinfo:
+    name = node.text("timezone")
+    if name is None:
+        return default
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        node.problem(f"unknown time zone {name[:64]!r}; use an IANA name such as {DEFAULT_TIMEZONE}", "timezone")
+        return default
+
+
+def _parse_target(node: Node, zone: tzinfo) -> RobotTarget | None:
     before = len(node.problems)
     name = node.text("name", required=True) or ""
     if name and not NAME_PATTERN.fullmatch(name):
@@ -122,10 +140,11 @@ def _parse_target(node: Node) -> RobotTarget | None:
     keyword = node.text("keyword")
     mentions = _mentions(node.child("mention"), platform)
     templates = _templates(node.child("templates"))
+    zone = _timezone(node, zone)
     node.finish()
     if len(node.problems) > before or platform is None or webhook is None:
         return None
-    return RobotTarget(name, platform, webhook, secret, keyword, mentions, templates)
+    return RobotTarget(name, platform, webhook, secret, keyword, mentions, templates, zone)
 
 
 def _platform(node: Node) -> Platform | None:

@@ -39,6 +39,7 @@ class Pending:
     body: RequestBody
     update: CardUpdate
     answers: list[asyncio.Future[Answer]] = field(default_factory=list)
+    replaced: list[Exchange] = field(default_factory=list)   # the requests it answers beside its own
 
     def replaces(self, older: Pending) -> bool:
         key = older.update.merge_key
@@ -60,6 +61,7 @@ class CardLine:
         if self.queue and pending.replaces(self.queue[-1]):
             replaced = self.queue.pop()
             pending.answers.extend(replaced.answers)
+            pending.replaced.extend([replaced.exchange, *replaced.replaced])
             self.on_replaced(replaced)
         self.queue.append(pending)
         if self.worker is None or self.worker.done():
@@ -89,6 +91,8 @@ class CardLine:
         except BaseException:
             settle(pending.answers, lambda future: future.cancel())   # the worker itself is cancelled (shutdown)
             raise
+        for exchange in pending.replaced:
+            exchange.verdict = pending.exchange.verdict   # counted as what they got: the newer update's answer
         own, *replaced = pending.answers
         settle([own], lambda future: future.set_result(answer))
         settle(replaced, lambda future: future.set_result(answer) if answer.stream is None else future.set_exception(

@@ -27,7 +27,7 @@ COALESCED_HEADER = "X-Imsidecar-Coalesced"
 @dataclass(eq=False)
 class Flight:
     task: asyncio.Task[Answer]
-    lane: str
+    leader: Exchange
     orphaned: bool = False   # the client that started it is gone; a streamed body of its answer has no reader
 
     def release_unread(self) -> None:
@@ -46,7 +46,7 @@ class Coalescer:
         if key is None:
             return await call(exchange, body)
         flight = self._flights.get(key)
-        if flight is None or no_cache(exchange) or (flight.lane == BULK and exchange.priority != BULK):
+        if flight is None or no_cache(exchange) or (flight.leader.priority == BULK and exchange.priority != BULK):
             return await self._lead(key, exchange, body, call)
         return await self._follow(flight, exchange, body, call)
 
@@ -57,7 +57,7 @@ class Coalescer:
         return read_key(exchange, body)
 
     async def _lead(self, key: str, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
-        flight = self._flights[key] = Flight(asyncio.ensure_future(call(exchange, body)), exchange.priority)
+        flight = self._flights[key] = Flight(asyncio.ensure_future(call(exchange, body)), exchange)
         flight.task.add_done_callback(lambda _: self._land(key, flight))
         try:
             return await asyncio.shield(flight.task)
@@ -72,6 +72,7 @@ class Coalescer:
             return await call(exchange, body)   # a body still streaming has one reader: ask for another
         b = exchange.binding
         exchange.marks[COALESCED_HEADER] = "read"
+        exchange.verdict = flight.leader.verdict   # counted as what it got: the leader's answer
         self._metrics.coalesced.labels(b.app.name, exchange.route, "read").inc()
         return answer
 

@@ -152,7 +152,7 @@ class QuotaMeter:
         self._metrics.quota_used.labels(account).set_function(meter.current)
         self._metrics.quota_allowance.labels(account).set(allowance or 0)
         self._metrics.quota_projected.labels(account).set_function(meter.projected)
-        self._metrics.quota_counted.labels(account)
+        self._metrics.prepare_account(account)
         return meter
 
     def admit(self, exchange: Exchange) -> None:

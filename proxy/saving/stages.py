@@ -20,6 +20,7 @@ from proxy.saving.coalesce import Coalescer
 from proxy.saving.lanes import PriorityLanes
 from proxy.saving.meter import QuotaMeter
 from proxy.saving.reads import ReadRoutes
+from proxy.saving.settings import LANES
 from proxy.store import SharedValues
 
 
@@ -36,6 +37,8 @@ class SavingStages:
     def build(cls, apps: Sequence[AppConfig], values: SharedValues | None, clock: Clock,
               registry: CollectorRegistry) -> SavingStages:
         metrics = SavingsMetrics(registry)
+        for app in apps:
+            metrics.prepare_app(app.name, LANES)
         reads = ReadRoutes({app.name: app.cache for app in apps})
         return cls(
             metrics,
