@@ -309,7 +309,7 @@ class SavingsMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.cache_lookups = Counter(
+        self.cache_lookups = FastCounter(
             "imsidecar_cache_lookups", "Reads of cached routes, by result: hit (fresh, no platform call), miss, "
             "bypass (Cache-Control: no-cache), stale (the platform failed; an older answer stood in).",
             ("app", "route", "result"), registry=r)
@@ -321,9 +321,9 @@ class SavingsMetrics:
             "imsidecar_coalesced_requests", "Requests answered without a platform call of their own: a read that "
             "shared an identical one's call (read), a card update replaced by a newer one (card).",
             ("app", "route", "kind"), registry=r)
-        self.lane_requests = Counter("imsidecar_priority_requests", "Requests by priority lane.", ("app", "lane"),
+        self.lane_requests = FastCounter("imsidecar_priority_requests", "Requests by priority lane.", ("app", "lane"),
                                      registry=r)
-        self.lane_wait = Histogram(
+        self.lane_wait = FastHistogram(
             "imsidecar_priority_wait_seconds", "Time requests waited for a send slot, standing aside included, by lane.",
             ("app", "lane"), buckets=WAIT_BUCKETS, registry=r)
         self.preemptions = Counter(
@@ -338,7 +338,7 @@ class SavingsMetrics:
                                      "(0 when none is configured).", ("account",), registry=r)
         self.quota_projected = Gauge("imsidecar_quota_projected_calls", "Metered calls projected to the end of the "
                                      "month at this month's pace so far.", ("account",), registry=r)
-        self.quota_counted = Counter("imsidecar_quota_metered_calls", "Metered calls this replica counted.",
+        self.quota_counted = FastCounter("imsidecar_quota_metered_calls", "Metered calls this replica counted.",
                                      ("account",), registry=r)
         self.quota_refusals = Counter("imsidecar_quota_refusals", "Bulk calls refused locally past the reserve "
                                       "threshold.", ("account",), registry=r)

@@ -98,29 +98,28 @@ class LanedLimiters(AppLimiters):
 
     async def acquire(self, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
         start, lane_name = self._clock.now(), CURRENT_LANE.get()
-        lane = self._lanes.setdefault(limiter, Lane())
-
-        def take() -> Awaitable[float]:
-            return AppLimiters.acquire(self, limiter, template, deadline)
-
+        lane = self._lanes.get(limiter)
+        if lane is None:
+            lane = self._lanes[limiter] = Lane()
         if lane_name == BULK:
             await self._pace(lane, limiter, deadline)
-            await self._bulk(lane, take, min(self._clock.now() + self._settings.max_bulk_wait, deadline - MIN_USEFUL))
+            give_up = min(self._clock.now() + self._settings.max_bulk_wait, deadline - MIN_USEFUL)
+            await self._bulk(lane, lambda: AppLimiters.acquire(self, limiter, template, deadline), give_up)
         else:
-            await self._interactive(lane, take)
+            await self._interactive(lane, limiter, template, deadline)
         waited = self._clock.now() - start
         self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
         return waited
 
-    async def _interactive(self, lane: Lane, take: Callable[[], Awaitable[float]]) -> float:
+    async def _interactive(self, lane: Lane, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> None:
         lane.interactive += 1
-        if lane.preempt():
+        if lane.bulk and lane.preempt():
             self._savings.preemptions.labels(self._name).inc()
         try:
-            return await take()
+            await AppLimiters.acquire(self, limiter, template, deadline)
         finally:
             lane.interactive -= 1
-            if not lane.interactive:
+            if not lane.interactive and lane.aside:
                 lane.wake()
 
     async def _pace(self, lane: Lane, limiter: AdaptiveRateLimiter, deadline: float) -> None:
