@@ -363,6 +363,7 @@ def chart(runs: list[Run], path: str) -> None:
     axes.set(xlabel="hour of the day (Asia/Shanghai)", ylabel="platform calls per 10 minutes", xlim=(0, 24),
              title="A bot's day through imsidecar: platform calls with and without the quota-saving features")
     axes.set_yscale("symlog", linthresh=1)   # quiet buckets (0 or 1 call) stay on the chart
+    axes.set_ylim(bottom=0)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
