@@ -274,6 +274,14 @@ class Metrics:
         self.hot_attempts = Children(self.attempts, {4: Capped(limit=100)})   # reason: `code_<n>` from the platform's body
         self.hot_attempt_duration = Children(self.attempt_duration)
         self.capped_retries = Children(self.retries, {2: Capped(limit=100)})   # reason, as for attempts
+        # What went wrong on the sidecar's side of the wire without being a request's answer (proxy/guard.py,
+        # proxy/listener.py): a stage that failed open, a connection closed for the client's misbehaviour.
+        self.stage_failures = Counter(
+            "imsidecar_stage_failures", "Unexpected exceptions inside a stage; the request went on without it.",
+            ("stage",), registry=r)
+        self.client_faults = Counter(
+            "imsidecar_client_faults", "Client faults met before a request reached an app, by kind (malformed, "
+            "header_timeout, bad_target, over_capacity, idle_closed).", ("listen", "kind"), registry=r)
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)
@@ -350,6 +358,10 @@ class SavingsMetrics:
         self.hot_lane_requests = Children(self.lane_requests)
         self.hot_lane_wait = Children(self.lane_wait)
         self.hot_quota_counted = Children(self.quota_counted)
+
+    # What the saving stages update per request or attempt: put behind the stage guard (proxy/guard.py) by the app.
+    HOT_CHILDREN = ("hot_cache_lookups", "hot_lane_requests", "hot_lane_wait", "hot_quota_counted")
+    REQUEST_FAMILIES = ("coalesced", "preemptions", "aged", "quota_refusals", "quota_exhausted")
 
     def prepare_app(self, app: str, lanes: Iterable[str]) -> None:
         """One app's counters whose label values are known up front, at 0."""

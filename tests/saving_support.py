@@ -10,11 +10,13 @@ from types import SimpleNamespace
 from typing import Any, Awaitable, Callable
 
 from multidict import CIMultiDict, CIMultiDictProxy
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from proxy import config
+from proxy.guard import Guard
 from proxy.metrics import SavingsMetrics
-from proxy.pipeline import Exchange, RequestBody
+from proxy.intake import RequestBody
+from proxy.pipeline import Exchange
 from proxy.platforms import platform_for
 from proxy.upstream import Answer
 
@@ -54,6 +56,12 @@ def json_answer(payload: dict[str, Any], status: int = 200, **headers: str) -> A
 def savings_metrics() -> tuple[SavingsMetrics, CollectorRegistry]:
     registry = CollectorRegistry()
     return SavingsMetrics(registry), registry
+
+
+def guard(registry: CollectorRegistry | None = None) -> Guard:
+    """A stage guard counting into `imsidecar_stage_failures_total` of `registry`."""
+    counter = Counter("imsidecar_stage_failures", "Stage failures.", ("stage",), registry=registry or CollectorRegistry())
+    return Guard(counter)
 
 
 @dataclass

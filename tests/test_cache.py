@@ -17,7 +17,7 @@ from proxy.saving.reads import ReadRoutes
 from proxy.store import StoreSettings
 from proxy.upstream import Answer
 from tests.redis_support import running_redis
-from tests.saving_support import DING_APP, FakeCall, app_config, binding, body, exchange, json_answer, savings_metrics
+from tests.saving_support import guard, DING_APP, FakeCall, app_config, binding, body, exchange, json_answer, savings_metrics
 
 USER = "/open-apis/contact/v3/users/ou_7d8a6e6df7621556"
 CACHE = "cache: {stale_if_error: 10m}"
@@ -25,7 +25,8 @@ CACHE = "cache: {stale_if_error: 10m}"
 
 def cache(app, clock: VirtualClock, values=None):  # type: ignore[no-untyped-def]
     metrics, registry = savings_metrics()
-    return ReadCache({app.name: app.cache}, ReadRoutes({app.name: app.cache}), values, clock, metrics), registry
+    return ReadCache({app.name: app.cache}, ReadRoutes({app.name: app.cache}), values, clock, metrics,
+                     guard(registry)), registry
 
 
 class Platform:

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from proxy.clock import VirtualClock, settle
 from proxy.errors import DeadlineExceeded
 from proxy.saving.cards import CardMerger
-from tests.saving_support import DING_APP, FakeCall, app_config, binding, body, exchange, json_answer, savings_metrics
+from tests.saving_support import guard, DING_APP, FakeCall, app_config, binding, body, exchange, json_answer, savings_metrics
 
 MESSAGE = "/open-apis/im/v1/messages/om_dc13264520392913"
 CONTENT = "/open-apis/cardkit/v1/cards/7355439197428236291/elements/{}/content"
@@ -38,7 +38,7 @@ class Platform:
 
 def merger(app):  # type: ignore[no-untyped-def]
     metrics, registry = savings_metrics()
-    return CardMerger({app.name: app.cards}, VirtualClock(), metrics), registry
+    return CardMerger({app.name: app.cards}, VirtualClock(), metrics, guard(registry)), registry
 
 
 async def update(stage, app, platform, path: str, payload: dict, method: str = "PATCH", upstream=None):  # type: ignore[no-untyped-def]

@@ -11,14 +11,15 @@ from hypothesis import given, settings, strategies as st
 from proxy.errors import DeadlineExceeded
 from proxy.saving.coalesce import Coalescer
 from proxy.saving.reads import ReadRoutes, read_key
-from tests.saving_support import DING_APP, FakeCall, app_config, binding, body, exchange, savings_metrics
+from tests.saving_support import guard, DING_APP, FakeCall, app_config, binding, body, exchange, savings_metrics
 
 USER = "/open-apis/contact/v3/users/ou_7d8a6e6df7621556"
 
 
 def coalescer(*apps):  # type: ignore[no-untyped-def]
     metrics, registry = savings_metrics()
-    stage = Coalescer({a.name: a.coalesce for a in apps}, ReadRoutes({a.name: a.cache for a in apps}), metrics)
+    stage = Coalescer({a.name: a.coalesce for a in apps}, ReadRoutes({a.name: a.cache for a in apps}), metrics,
+                      guard(registry))
     return stage, registry
 
 

@@ -12,7 +12,8 @@ from proxy.clock import VirtualClock, settle
 from proxy.errors import BadRequest
 from proxy.metrics import Metrics, SavingsMetrics
 from proxy.saving.lanes import CURRENT_LANE, LanedLimiters, PriorityLanes
-from tests.saving_support import app_config, binding, exchange
+from proxy.drain import Drain
+from tests.saving_support import app_config, binding, exchange, guard
 
 ROUTE = "/open-apis/im/v1/messages"
 
@@ -21,7 +22,7 @@ def laned(sections: str = "ratelimit: {per_second: 10}"):  # type: ignore[no-unt
     clock, registry = VirtualClock(), CollectorRegistry()
     app = app_config(sections=sections)
     savings = SavingsMetrics(registry)
-    limiters = LanedLimiters(app, clock, Metrics(registry), None, app.priority, savings)
+    limiters = LanedLimiters(app, clock, Metrics(registry), None, app.priority, savings, guard=guard(), drain=Drain())
     return clock, limiters, limiters.get(ROUTE, ROUTE), registry
 
 
@@ -164,7 +165,7 @@ async def test_a_bulk_request_whose_client_vanishes_leaves_nothing_behind() -> N
 def test_a_requests_lane_comes_from_its_header_its_route_the_platform_or_the_default() -> None:
     app = app_config(sections="priority: {default: bulk, routes: {/open-apis/im/v1/chats: interactive}}")
     metrics = SavingsMetrics(CollectorRegistry())
-    lanes = PriorityLanes({app.name: app.priority}, metrics)
+    lanes = PriorityLanes({app.name: app.priority}, metrics, guard())
     cases = [
         ("/open-apis/im/v1/messages", {"X-Imsidecar-Priority": "Interactive"}, "interactive"),
         ("/open-apis/im/v1/chats", {}, "interactive"),                                   # the app's routes
@@ -175,9 +176,21 @@ def test_a_requests_lane_comes_from_its_header_its_route_the_platform_or_the_def
         lanes.assign(e, headers)
         assert e.priority == lane, path
     plain = app_config()
-    lanes = PriorityLanes({plain.name: plain.priority}, metrics)
+    lanes = PriorityLanes({plain.name: plain.priority}, metrics, guard())
     batch = exchange(binding(plain), "POST", "/open-apis/bitable/v1/apps/bascn1234567/tables/tbl1234567/records/batch_create")
     lanes.assign(batch, {})
     assert batch.priority == "bulk"   # the platform's batch routes
     with pytest.raises(BadRequest, match="X-Imsidecar-Priority must be interactive or bulk"):
         lanes.assign(exchange(binding(plain), "GET", "/open-apis/bot/v3/info"), {"X-Imsidecar-Priority": "urgent"})
+
+
+async def test_lanes_that_fail_give_the_slot_as_the_plain_limiter_would() -> None:
+    clock, limiters, limiter, registry = laned()
+
+    async def broken(*args: object) -> float:
+        raise ZeroDivisionError("a bug in the lanes")
+
+    limiters._in_lane = broken   # type: ignore[method-assign]
+    CURRENT_LANE.set("bulk")
+    assert await limiters.acquire(limiter, ROUTE, 1e9) == 0.0   # granted: the limiter had a free slot
+    assert limiter.inner.waiting == 0

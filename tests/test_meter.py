@@ -14,7 +14,7 @@ from proxy.errors import QuotaReserved
 from proxy.saving.meter import FLUSH_EVERY, Month, QuotaMeter
 from proxy.store import StoreSettings
 from tests.redis_support import running_redis
-from tests.saving_support import DING_APP, app_config, binding, exchange, json_answer, savings_metrics
+from tests.saving_support import guard, DING_APP, app_config, binding, exchange, json_answer, savings_metrics
 
 SEND = "/open-apis/im/v1/messages"
 JULY_LAST_MINUTE = datetime(2026, 7, 31, 15, 59, tzinfo=timezone.utc).timestamp()   # 23:59 in Shanghai
@@ -22,7 +22,7 @@ JULY_LAST_MINUTE = datetime(2026, 7, 31, 15, 59, tzinfo=timezone.utc).timestamp(
 
 def meter(app, clock: VirtualClock, values=None):  # type: ignore[no-untyped-def]
     metrics, registry = savings_metrics()
-    return QuotaMeter({app.name: app.quota}, values, clock, metrics), registry
+    return QuotaMeter({app.name: app.quota}, values, clock, metrics, guard(registry)), registry
 
 
 def used(registry: CollectorRegistry, account: str = "bot") -> float:

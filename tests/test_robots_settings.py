@@ -43,7 +43,7 @@ def test_every_problem_is_named_by_its_path():
         {"name": "d", "platform": "dingtalk", "token": "t"},
     ]})
     assert settings is None
-    assert "robots.targets[0].platform: 'slack' is not one of dingtalk, feishu" in problems
+    assert "robots.targets[0].platform: 'slack' is not one of dingtalk, feishu, lark" in problems
     assert "robots.targets[1].colour: unknown key" in problems
     assert "robots.targets[1]: give exactly one of webhook, webhook_file, token, token_file" in problems
     assert "robots.targets[2].mention.mobiles: Feishu robots mention by open_id; use user_ids" in problems

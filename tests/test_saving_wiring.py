@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import Platforms, Running, SidecarFactory
 
@@ -192,3 +193,25 @@ async def test_the_meter_counts_what_the_platform_counts(start_sidecar: SidecarF
     assert running.metric("imsidecar_quota_metered_calls_total", account="saver") == 3
     await running.sidecar.stop()
     assert json.loads((tmp_path / "quota-saver.json").read_text())["calls"] == 3
+
+
+async def test_a_saving_stage_that_fails_is_bypassed_counted_and_the_request_still_answered(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    running = await start_sidecar(extra=feishu_app(platforms, "cache: {}\nquota: {allowance: 100, refuse_bulk: true}"))
+    saving = running.sidecar.saving
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug in a stage")
+
+    for stage, name in ((saving.cache, "route"), (saving.coalescer, "_key"), (saving.cards, "_update"),
+                        (saving.meter, "_refusal"), (saving.meter, "observe"), (saving.lanes, "_default")):
+        monkeypatch.setattr(stage, name, broken)
+    async with http.get(f"{running.base}/saver{USER}") as r:
+        assert r.status == 200 and (await r.json())["code"] == 0
+    async with http.patch(f"{running.base}/saver/open-apis/im/v1/messages/om_dc13264520392913",
+                          json={"content": "{}"}) as r:
+        assert r.status == 200
+    failed = {stage: running.metric("imsidecar_stage_failures_total", stage=stage)
+              for stage in ("cache", "coalesce", "cards", "meter", "lanes")}
+    assert all(count >= 1 for count in failed.values()), failed

@@ -123,7 +123,9 @@ FEISHU_RULES: dict[int, Rule] = {
                 403),
     19022: Rule(Outcome.PERMANENT, "the sidecar's IP is not in the bot's allow list", 403),
     19024: Rule(Outcome.PERMANENT, "the bot's keyword is missing from the message", 403),
-    19001: Rule(Outcome.PERMANENT, "Feishu rejected the request parameters (is the hook token right?)", 400),
+    # A hook token of a Lark group sent to open.feishu.cn (or the reverse) is unknown there, and reads the same.
+    19001: Rule(Outcome.PERMANENT, "Feishu rejected the request parameters (is the hook token right? a Lark group's "
+                "robot needs platform: lark, a Feishu group's platform: feishu)", 400),
     11232: Rule(Outcome.THROTTLED, "the bot is sending too fast"),
     11233: Rule(Outcome.THROTTLED, "the chat is receiving too fast"),
     11247: Rule(Outcome.THROTTLED, "the bot is sending too fast"),

@@ -1,4 +1,4 @@
-"""The `robots:` config section: named DingTalk and Feishu group-robot targets, as frozen dataclasses.
+"""The `robots:` config section: named DingTalk and Feishu/Lark group-robot targets, as frozen dataclasses.
 
 Owns what that section means, read through the core's `configtree.Node` (already `${VAR}`-expanded); it does not
 read the YAML file, sign, send or render. Secrets are the core's masked `proxy.secret.Secret`.
@@ -20,12 +20,15 @@ from proxy.secret import Secret
 
 Platform = Literal["dingtalk", "feishu"]
 PLATFORMS: tuple[Platform, ...] = ("dingtalk", "feishu")
+# `platform: lark` is a Feishu robot on Lark's domain: the same body, signature and codes.
+CHOICES = ("dingtalk", "feishu", "lark")
 NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
-# Where a bare token goes; `base_url` replaces the scheme and host (Lark: https://open.larksuite.com, tests: a fake).
-DEFAULT_BASE_URL: dict[Platform, str] = {
+# Where a bare token goes; `base_url` replaces the scheme and host (another gateway, or a fake in tests).
+DEFAULT_BASE_URL: dict[str, str] = {
     "dingtalk": "https://oapi.dingtalk.com",
     "feishu": "https://open.feishu.cn",
+    "lark": "https://open.larksuite.com",
 }
 WEBHOOK_PATH: dict[Platform, str] = {
     "dingtalk": "/robot/send?access_token={token}",
@@ -134,8 +137,9 @@ def _parse_target(node: Node, zone: tzinfo) -> RobotTarget | None:
     name = node.text("name", required=True) or ""
     if name and not NAME_PATTERN.fullmatch(name):
         node.problem(f"{name!r} must match [a-z0-9-]+", "name")
-    platform = _platform(node)
-    webhook = _webhook(node, platform)
+    chosen = node.choice("platform", CHOICES)
+    platform = _rules_of(chosen)
+    webhook = _webhook(node, chosen)
     secret = node.secret("secret", required=False)
     keyword = node.text("keyword")
     mentions = _mentions(node.child("mention"), platform)
@@ -147,12 +151,12 @@ def _parse_target(node: Node, zone: tzinfo) -> RobotTarget | None:
     return RobotTarget(name, platform, webhook, secret, keyword, mentions, templates, zone)
 
 
-def _platform(node: Node) -> Platform | None:
-    chosen = node.choice("platform", PLATFORMS)
-    return next((p for p in PLATFORMS if p == chosen), None)
+def _rules_of(chosen: str) -> Platform | None:
+    """Whose robot rules a target follows: Lark's robots are Feishu's, on another domain."""
+    return "feishu" if chosen == "lark" else next((p for p in PLATFORMS if p == chosen), None)
 
 
-def _webhook(node: Node, platform: Platform | None) -> Secret | None:
+def _webhook(node: Node, chosen: str) -> Secret | None:
     """Either a full `webhook` URL or a bare `token` (with an optional `base_url`), each inline or as `*_file`."""
     url = node.secret("webhook", required=False)
     token = node.secret("token", required=False)
@@ -163,9 +167,10 @@ def _webhook(node: Node, platform: Platform | None) -> Secret | None:
         return None
     if given == ["webhook"] and node.has("base_url"):
         node.problem("only used with token; put the host in webhook instead", "base_url")
-    if token is not None and platform is not None:
-        base = (base_url or DEFAULT_BASE_URL[platform]).rstrip("/")
-        url = Secret(base + WEBHOOK_PATH[platform].format(token=token.reveal()))
+    rules = _rules_of(chosen)
+    if token is not None and rules is not None:
+        base = (base_url or DEFAULT_BASE_URL[chosen]).rstrip("/")
+        url = Secret(base + WEBHOOK_PATH[rules].format(token=token.reveal()))
     # Still None: already reported (an empty value, an unreadable file, an unknown platform).
     return _http_url(node, url) if url is not None else None
 

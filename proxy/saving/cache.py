@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Mapping, TypeGuard
 
 from proxy.clock import Clock
 from proxy.errors import SidecarError
+from proxy.guard import Guard
 from proxy.metrics import SavingsMetrics
 from proxy.outcome import Outcome, Verdict
 from proxy.saving.cache_store import Entries, Entry, MemoryEntries, SharedEntries
@@ -23,7 +24,8 @@ from proxy.store import SharedValues
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Exchange, RequestBody
+    from proxy.intake import RequestBody
+    from proxy.pipeline import Exchange
 
 CACHE_HEADER = "X-Imsidecar-Cache"
 ROUTE_MEMO = 4096
@@ -32,8 +34,8 @@ STAND_IN_FOR = frozenset({Outcome.RETRYABLE, Outcome.THROTTLED})   # the platfor
 
 class ReadCache:
     def __init__(self, settings: Mapping[str, CacheSettings], reads: ReadRoutes, values: SharedValues | None,
-                 clock: Clock, metrics: SavingsMetrics) -> None:
-        self._settings, self._reads, self._clock, self._metrics = settings, reads, clock, metrics
+                 clock: Clock, metrics: SavingsMetrics, guard: Guard) -> None:
+        self._settings, self._reads, self._clock, self._metrics, self._guard = settings, reads, clock, metrics, guard
         self._entries: dict[str, Entries] = {}
         self._routes: dict[tuple[str, str, str, str], CachedRoute | None] = {}
         for app, app_settings in settings.items():
@@ -48,17 +50,27 @@ class ReadCache:
         return entries
 
     async def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
+        try:
+            found = await self._look_up(exchange, body)
+        except Exception as exc:   # fail open: the read goes to the platform as if nothing were cached
+            self._guard.failed("cache", exc)
+            return await call(exchange, body)
+        if found is None:
+            return await call(exchange, body)
+        key, route, entry = found
+        if entry is not None and not no_cache(exchange) and entry.age(self._clock.wall()) < entry.ttl:
+            return self._serve(exchange, entry, "hit")
+        result = "bypass" if no_cache(exchange) else "miss"
+        return await self._fetch(exchange, body, call, key, route, None if result == "bypass" else entry, result)
+
+    async def _look_up(self, exchange: Exchange, body: RequestBody) -> tuple[str, CachedRoute, Entry | None] | None:
+        """The read's key, route and held entry; None when this request is not for the cache."""
         route = self.route(exchange)
         key = read_key(exchange, body) if route is not None else None
         if route is None or key is None:
-            return await call(exchange, body)
-        entries = self._entries[exchange.binding.app.name]
-        if no_cache(exchange):
-            return await self._fetch(exchange, body, call, key, route, None, "bypass")
-        entry = await entries.get(key)
-        if entry is not None and entry.age(self._clock.wall()) < entry.ttl:
-            return self._serve(exchange, entry, "hit")
-        return await self._fetch(exchange, body, call, key, route, entry, "miss")
+            return None
+        held = None if no_cache(exchange) else await self._entries[exchange.binding.app.name].get(key)
+        return key, route, held
 
     async def _fetch(self, exchange: Exchange, body: RequestBody, call: Call, key: str, route: CachedRoute,
                      entry: Entry | None, result: str) -> Answer:
@@ -71,6 +83,14 @@ class ReadCache:
                 return self._serve(exchange, entry, "stale")
             self._count(exchange, result)
             raise
+        try:
+            return await self._after(exchange, key, route, entry, result, answer)
+        except Exception as exc:   # fail open: the platform's answer as it came
+            self._guard.failed("cache", exc)
+            return answer
+
+    async def _after(self, exchange: Exchange, key: str, route: CachedRoute, entry: Entry | None, result: str,
+                     answer: Answer) -> Answer:
         verdict = self._verdict(exchange, answer)
         if verdict.outcome is Outcome.SUCCESS:
             await self._keep(exchange, key, route, answer)

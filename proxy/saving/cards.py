@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from proxy.clock import Clock
 from proxy.errors import SidecarError
+from proxy.guard import Guard
 from proxy.metrics import SavingsMetrics
 from proxy.platforms.base import CardUpdate
 from proxy.saving.coalesce import COALESCED_HEADER, Call
@@ -24,7 +25,8 @@ from proxy.saving.settings import CardSettings
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Exchange, RequestBody
+    from proxy.intake import RequestBody
+    from proxy.pipeline import Exchange
 
 
 class UnsharedAnswer(SidecarError):
@@ -106,14 +108,19 @@ def settle(futures: list[asyncio.Future[Answer]], outcome: Callable[[asyncio.Fut
 
 
 class CardMerger:
-    def __init__(self, settings: Mapping[str, CardSettings], clock: Clock, metrics: SavingsMetrics) -> None:
-        self._settings, self._clock, self._metrics = settings, clock, metrics
+    def __init__(self, settings: Mapping[str, CardSettings], clock: Clock, metrics: SavingsMetrics,
+                 guard: Guard) -> None:
+        self._settings, self._clock, self._metrics, self._guard = settings, clock, metrics, guard
         self._lines: dict[tuple[str, str], CardLine] = {}
 
     async def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
         b = exchange.binding
         settings = self._settings.get(b.app.name)
-        update = self._update(exchange, body) if settings is not None and settings.enabled else None
+        try:
+            update = self._update(exchange, body) if settings is not None and settings.enabled else None
+        except Exception as exc:   # fail open: sent as it came
+            self._guard.failed("cards", exc)
+            update = None
         if update is None or settings is None:
             return await call(exchange, body)
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
@@ -141,7 +148,7 @@ class CardMerger:
     def _replaced(self, pending: Pending) -> None:
         pending.exchange.marks[COALESCED_HEADER] = "superseded"
         b = pending.exchange.binding
-        self._metrics.coalesced.labels(b.app.name, pending.exchange.route, "card").inc()
+        self._metrics.coalesced.labels(b.app.name, pending.exchange.route, "card").inc()   # guarded: never raises
 
     def __len__(self) -> int:
         return len(self._lines)

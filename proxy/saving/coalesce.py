@@ -12,13 +12,15 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
+from proxy.guard import Guard
 from proxy.metrics import SavingsMetrics
 from proxy.saving.reads import ReadRoutes, read_key
 from proxy.saving.settings import BULK, CoalesceSettings
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Exchange, RequestBody
+    from proxy.intake import RequestBody
+    from proxy.pipeline import Exchange
 
 Call = Callable[["Exchange", "RequestBody"], Awaitable[Answer]]
 COALESCED_HEADER = "X-Imsidecar-Coalesced"
@@ -37,12 +39,17 @@ class Flight:
 
 
 class Coalescer:
-    def __init__(self, settings: Mapping[str, CoalesceSettings], reads: ReadRoutes, metrics: SavingsMetrics) -> None:
-        self._settings, self._reads, self._metrics = settings, reads, metrics
+    def __init__(self, settings: Mapping[str, CoalesceSettings], reads: ReadRoutes, metrics: SavingsMetrics,
+                 guard: Guard) -> None:
+        self._settings, self._reads, self._metrics, self._guard = settings, reads, metrics, guard
         self._flights: dict[str, Flight] = {}
 
     async def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
-        key = self._key(exchange, body)
+        try:
+            key = self._key(exchange, body)
+        except Exception as exc:   # fail open: a call of its own
+            self._guard.failed("coalesce", exc)
+            key = None
         if key is None:
             return await call(exchange, body)
         flight = self._flights.get(key)

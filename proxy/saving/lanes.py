@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 from proxy.bindings import AppLimiters
 from proxy.clock import Clock
 from proxy.config import AppConfig
-from proxy.errors import BadRequest
+from proxy.drain import Drain
+from proxy.errors import BadRequest, ShuttingDown
+from proxy.guard import Guard
 from proxy.metrics import Metrics, SavingsMetrics
-from proxy.ratelimit import AdaptiveRateLimiter
+from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
 from proxy.saving.settings import BULK, INTERACTIVE, LANES, PrioritySettings
 from proxy.store import SharedQuota
 
@@ -38,17 +40,21 @@ CURRENT_LANE: ContextVar[str] = ContextVar("imsidecar_lane", default=INTERACTIVE
 
 
 class PriorityLanes:
-    def __init__(self, settings: Mapping[str, PrioritySettings], metrics: SavingsMetrics) -> None:
-        self._settings, self._metrics = settings, metrics
+    def __init__(self, settings: Mapping[str, PrioritySettings], metrics: SavingsMetrics, guard: Guard) -> None:
+        self._settings, self._metrics, self._guard = settings, metrics, guard
 
     def assign(self, exchange: Exchange, headers: Mapping[str, str]) -> None:
         """Decide the request's lane from what it asked, or its route; a lane that does not exist is a 400."""
         asked = headers.get(PRIORITY_HEADER)
-        lane = asked.strip().lower() if asked is not None else self._default(exchange)
-        if lane not in LANES:
+        if asked is not None and asked.strip().lower() not in LANES:
             raise BadRequest(f"{PRIORITY_HEADER} must be {' or '.join(LANES)}")
+        try:
+            lane = asked.strip().lower() if asked is not None else self._default(exchange)
+            self._metrics.hot_lane_requests(exchange.binding.app.name, lane).inc()
+        except Exception as exc:   # fail open: the request goes in the default lane
+            self._guard.failed("lanes", exc)
+            lane = INTERACTIVE
         exchange.priority = lane
-        self._metrics.hot_lane_requests(exchange.binding.app.name, lane).inc()
 
     def _default(self, exchange: Exchange) -> str:
         b = exchange.binding
@@ -91,13 +97,27 @@ class LanedLimiters(AppLimiters):
     """The app's rate limiters, taken in priority order: what bindings.py's `AppLimiters.acquire` does, per lane."""
 
     def __init__(self, app: AppConfig, clock: Clock, metrics: Metrics, shared: SharedQuota | None,
-                 settings: PrioritySettings, savings: SavingsMetrics) -> None:
-        super().__init__(app, clock, metrics, shared)
+                 settings: PrioritySettings, savings: SavingsMetrics, *, guard: Guard, drain: Drain) -> None:
+        super().__init__(app, clock, metrics, shared, guard=guard, drain=drain)
         self._clock, self._settings, self._savings, self._name = clock, settings, savings, app.name
+        self._lane_guard = guard
         self._lanes: weakref.WeakKeyDictionary[AdaptiveRateLimiter, Lane] = weakref.WeakKeyDictionary()
 
     async def acquire(self, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
+        """The slot in the request's lane; should the lanes themselves fail, the slot as AppLimiters gives it."""
         start, lane_name = self._clock.now(), CURRENT_LANE.get()
+        try:
+            await self._in_lane(lane_name, limiter, template, deadline)
+        except (RateLimitExceeded, ShuttingDown):
+            raise
+        except Exception as exc:
+            self._lane_guard.failed("lanes", exc)
+            await AppLimiters.acquire(self, limiter, template, deadline)
+        waited = self._clock.now() - start
+        self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
+        return waited
+
+    async def _in_lane(self, lane_name: str, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> None:
         lane = self._lanes.get(limiter)
         if lane is None:
             lane = self._lanes[limiter] = Lane()
@@ -107,9 +127,6 @@ class LanedLimiters(AppLimiters):
             await self._bulk(lane, lambda: AppLimiters.acquire(self, limiter, template, deadline), give_up)
         else:
             await self._interactive(lane, limiter, template, deadline)
-        waited = self._clock.now() - start
-        self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
-        return waited
 
     async def _interactive(self, lane: Lane, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> None:
         lane.interactive += 1

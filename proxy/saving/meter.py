@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from proxy.clock import Clock
 from proxy.errors import QuotaReserved
+from proxy.guard import Guard
 from proxy.metrics import SavingsMetrics
 from proxy.outcome import Outcome
 from proxy.retry import Attempt, Send
@@ -26,7 +27,8 @@ from proxy.store import SharedValues
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Exchange, RequestBody
+    from proxy.intake import RequestBody
+    from proxy.pipeline import Exchange
 
 log = logging.getLogger("imsidecar.quota")
 
@@ -135,8 +137,8 @@ class QuotaMeter:
     """Every account's meter, the refusal stage before a call and the count after each attempt."""
 
     def __init__(self, settings: Mapping[str, QuotaSettings], values: SharedValues | None, clock: Clock,
-                 metrics: SavingsMetrics) -> None:
-        self._metrics = metrics
+                 metrics: SavingsMetrics, guard: Guard) -> None:
+        self._metrics, self._guard = metrics, guard
         counts: dict[str | None, Counts] = {}
         self.accounts: dict[str, AccountMeter] = {}
         self._by_app: dict[str, AccountMeter] = {}
@@ -157,15 +159,24 @@ class QuotaMeter:
 
     def admit(self, exchange: Exchange) -> None:
         """Past the reserve threshold, a bulk call to a metered route is refused here (the platform is not asked)."""
+        try:
+            refusal = self._refusal(exchange)
+        except Exception as exc:   # fail open: the call goes to the platform
+            self._guard.failed("meter", exc)
+            return
+        if refusal is not None:
+            raise refusal
+
+    def _refusal(self, exchange: Exchange) -> QuotaReserved | None:
         b = exchange.binding
         meter = self._by_app.get(b.app.name)
         if meter is None or exchange.priority != BULK or not meter.reserve_reached():
-            return
+            return None
         if not b.platform.metered(b.upstream, exchange.template):
-            return
+            return None
         self._metrics.quota_refusals.labels(meter.settings.account).inc()
         s = meter.settings
-        raise QuotaReserved(f"app {b.app.name}: account {s.account} has used {meter.used} of its {s.allowance} calls "
+        return QuotaReserved(f"app {b.app.name}: account {s.account} has used {meter.used} of its {s.allowance} calls "
                             f"this month, down to the {s.reserve} kept for interactive calls; bulk calls to metered "
                             "APIs are refused until the month turns (Asia/Shanghai)", meter.seconds_to_month_end())
 
@@ -173,7 +184,10 @@ class QuotaMeter:
         """`send`, with every answered attempt counted as the platform counts it."""
         async def counted(exchange: Exchange, body: RequestBody, attempt: Attempt) -> Answer:
             answer = await send(exchange, body, attempt)
-            self.observe(exchange, answer)
+            try:
+                self.observe(exchange, answer)
+            except Exception as exc:   # fail open: the answer goes on, uncounted
+                self._guard.failed("meter", exc)
             return answer
         return counted
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from proxy.saving.settings import CacheSettings
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Exchange, RequestBody
+    from proxy.intake import RequestBody
+    from proxy.pipeline import Exchange
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 # Request headers an answer depends on: a gzipped body must not reach a client that did not ask for one.
