@@ -17,6 +17,7 @@ belongs to each platform.
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
     ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
+    ├── QuotaReserved            429  bulk, past the month's reserve (proxy/saving/meter.py)      throttled
     ├── CircuitOpen              503  the upstream is known to be down
     ├── OutcomeUnknown           502  an attempt may have been applied, and the last one says nothing about it
     ├── IdempotencyKeyInFlight   409  the same Idempotency-Key is still being executed
@@ -94,6 +95,14 @@ class DeadlineExceeded(SidecarError):
 
 class LocallyRateLimited(SidecarError):
     status, code, counted_as = 429, codes.RATE_LIMITED, THROTTLED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaReserved(SidecarError):
+    status, code, counted_as = 429, codes.QUOTA_RESERVED, THROTTLED
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)

@@ -158,8 +158,12 @@ async def _first(clock: Clock, awaitable: Awaitable[object], seconds: float) -> 
         timer.cancel()
 
 
-Execute = Callable[[], Awaitable[Answer]]
+Stage = Callable[["Exchange", "RequestBody"], Awaitable[Answer]]
 Render = Callable[["Exchange", SidecarError], web.Response]
+
+
+def _unrendered(exchange: Exchange, exc: SidecarError) -> web.Response:
+    return web.Response(status=exc.status, text=str(exc))
 
 
 class ExactlyOnce:
@@ -167,15 +171,16 @@ class ExactlyOnce:
 
     def __init__(self, backend: OnceBackend, clock: Clock, metrics: Metrics) -> None:
         self.backend, self.clock, self.metrics = backend, clock, metrics
+        self.render: Render = _unrendered   # the pipeline's error answer, to store a sidecar error as it was sent
         local = getattr(backend, "local", backend)   # the Redis backend's fallback holds the memory figures
         if isinstance(local, MemoryOnce):
             metrics.once_entries.set_function(lambda: local.entries)
             metrics.once_bytes.set_function(lambda: local.bytes)
 
-    async def run(self, exchange: Exchange, body: RequestBody, execute: Execute, render: Render) -> Answer:
+    async def through(self, exchange: Exchange, body: RequestBody, call: Stage) -> Answer:
         key = self.read_key(exchange)
         if key is None or exchange.method not in METHODS or not body.replayable:
-            return await execute()   # a body too large to buffer cannot be compared with a repeat: not stored
+            return await call(exchange, body)   # a body too large to buffer cannot be compared with a repeat
         scope = f"{exchange.binding.app.name}:{hashlib.sha256(key.encode()).hexdigest()}"
         fingerprint = _fingerprint(exchange, body)
         owner = secrets.token_hex(8)
@@ -183,7 +188,7 @@ class ExactlyOnce:
         if stored is not None:
             return self.replay(exchange, stored)
         self.count(exchange, "executed")
-        return await self.execute(exchange, scope, owner, fingerprint, execute, render)
+        return await self.execute(exchange, body, scope, owner, fingerprint, call)
 
     @staticmethod
     def read_key(exchange: Exchange) -> str | None:
@@ -212,16 +217,16 @@ class ExactlyOnce:
                 raise IdempotencyKeyInFlight(f"a request with this {HEADER} is still being executed; retry later")
             await self.backend.wait(scope, remaining)   # a concurrent duplicate waits for the first one's answer
 
-    async def execute(self, exchange: Exchange, scope: str, owner: str, fingerprint: str, execute: Execute,
-                      render: Render) -> Answer:
+    async def execute(self, exchange: Exchange, body: RequestBody, scope: str, owner: str, fingerprint: str,
+                      call: Stage) -> Answer:
         try:
-            answer = await execute()
+            answer = await call(exchange, body)
         except SidecarError as exc:
-            await self.keep(exchange, scope, owner, lambda: _from_response(render(exchange, exc), fingerprint,
+            await self.keep(exchange, scope, owner, lambda: _from_response(self.render(exchange, exc), fingerprint,
                                                                            exchange, type(exc).__name__))
             raise
         except BaseException:
-            await self.abandoned(exchange, scope, owner, fingerprint, render)
+            await self.abandoned(exchange, scope, owner, fingerprint)
             raise
         await self.keep(exchange, scope, owner, lambda: _from_answer(answer, fingerprint, exchange))
         return answer
@@ -235,7 +240,7 @@ class ExactlyOnce:
             return
         await self.backend.finish(scope, owner, make())
 
-    async def abandoned(self, exchange: Exchange, scope: str, owner: str, fingerprint: str, render: Render) -> None:
+    async def abandoned(self, exchange: Exchange, scope: str, owner: str, fingerprint: str) -> None:
         """The client went away or the sidecar is stopping mid-request. Once an attempt went out it may have acted:
         the key keeps an unknown outcome (unless the platform's own key makes re-executing safe)."""
         if exchange.attempts == 0:
@@ -244,7 +249,7 @@ class ExactlyOnce:
         exchange.outcome, exchange.retry_safe = "unknown", False
         error = OutcomeUnknown("the first request with this key was cut off after it was sent; it may have been "
                                "applied")
-        await self.keep(exchange, scope, owner, lambda: _from_response(render(exchange, error), fingerprint,
+        await self.keep(exchange, scope, owner, lambda: _from_response(self.render(exchange, error), fingerprint,
                                                                        exchange, type(error).__name__))
 
     def replay(self, exchange: Exchange, stored: Stored) -> Answer:

@@ -29,6 +29,7 @@ from proxy.outcome import Verdict
 from proxy.platforms.base import BAD_REQUEST, INTERNAL_ERROR, dump
 from proxy.retry import Attempt, RetryEngine
 from proxy.routing import Router
+from proxy.saving.stages import SavingStages
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
@@ -59,6 +60,8 @@ class Exchange:
     client_deadline: bool = False   # the client shortened the deadline (X-Imsidecar-Timeout)
     verdict: Verdict | None = None        # the platform's classification of the answer relayed (set by the retry loop)
     error: SidecarError | None = None     # the sidecar's own error, when it answered with one
+    priority: str = "interactive"                          # its lane (proxy/saving/lanes.py)
+    marks: dict[str, str] = field(default_factory=dict)    # X-Imsidecar-* and Age headers the stages add to the answer
     client_key: str | None = None       # the client's Idempotency-Key
     idempotency_key: str | None = None  # the key to send back as Idempotency-Key to rerun this request (echoed)
     outcome: str = "not-applied"        # X-Imsidecar-Outcome: applied | not-applied | unknown
@@ -68,12 +71,16 @@ class Exchange:
 
 class Pipeline:
     def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics,
-                 *, guard: Guard | None = None, drain: Drain | None = None, once: ExactlyOnce | None = None) -> None:
+                 saving: SavingStages, *, guard: Guard | None = None, drain: Drain | None = None,
+                 once: ExactlyOnce | None = None) -> None:
         self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
         self.guard = guard or Guard(metrics.stage_failures)
         self.drain = drain or retry.drain
         self.bodies = BodyReader(limits, clock)
+        self.saving = saving
+        self.metered_attempt = saving.meter.counting(self.send_attempt)
         self.once = once or ExactlyOnce(MemoryOnce(clock), clock, metrics)
+        self.once.render = self.error_response   # what a stored sidecar error looked like to its client
         self._late: dict[Binding, Callable[[float], None]] = {}
 
     async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
@@ -128,10 +135,31 @@ class Pipeline:
         local = await self.answer_token_endpoint(exchange)
         if local is not None:
             return local
+        self.saving.lanes.assign(exchange, request.headers)   # interactive or bulk, before anything waits
         body = await self.bodies.read(request, exchange.deadline)
-        answer = await self.once.run(exchange, body, lambda: self.retry.run(exchange, body, self.send_attempt),
-                                     self.error_response)
+        answer = await self.once.through(exchange, body, self.cached)
         return await self.relay(request, exchange, answer)
+
+    # The exactly-once and quota-saving stages, outermost first; each may answer without calling the next -------
+    # (a repeat of an Idempotency-Key gets its stored answer from proxy/exactly_once.py before any of proxy/saving/)
+
+    async def cached(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Read-mostly routes answered from the cache while fresh."""
+        return await self.saving.cache.through(exchange, body, self.coalesced)
+
+    async def coalesced(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Identical concurrent reads share one platform call."""
+        return await self.saving.coalescer.through(exchange, body, self.merged)
+
+    async def merged(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """One card's updates go in order, the newest of a run replacing the ones before it."""
+        return await self.saving.cards.through(exchange, body, self.call_platform)
+
+    async def call_platform(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Past the month's reserve a bulk call stops here; otherwise the retry loop, every attempt counted."""
+        self.saving.meter.admit(exchange)
+        self.saving.lanes.enter(exchange)
+        return await self.retry.run(exchange, body, self.metered_attempt)
 
     # Stages ---------------------------------------------------------------------------------------------------
 
@@ -289,6 +317,7 @@ class Pipeline:
             headers["X-Imsidecar-Replayed"] = "true" if exchange.replayed.body is not None else "true; body not kept"
             if exchange.replayed.error:
                 headers["X-Imsidecar-Error"] = exchange.replayed.error
+        headers.update(exchange.marks)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
         """Count the request once, under the outcome class of what its client got."""

@@ -5,6 +5,7 @@ the Redis implementation lives in proxy/store_redis.py and is imported only when
 
 Errors:
     SharedQuotaExceeded   the shared slot would come after the request's deadline; carries retry_after
+    ValuesUnavailable     the shared values cannot be read or written now (Redis away): the caller keeps its own
 """
 
 from __future__ import annotations
@@ -248,10 +249,25 @@ class SharedQuota(Protocol):
         `deadline` is a `clock.now()` time; raises SharedQuotaExceeded when the slot would come after it."""
 
 
+class ValuesUnavailable(Exception):
+    pass
+
+
+class SharedValues(Protocol):
+    """Small values every replica sees: cached platform answers and the monthly call counts (proxy/saving/).
+    Keys are the caller's (the store adds its prefix); every method raises ValuesUnavailable while unreachable."""
+
+    async def get(self, key: str) -> str | None: ...
+    async def put(self, key: str, value: str, ttl: float) -> None: ...
+    async def add(self, key: str, amount: int, ttl: float) -> int:
+        """Add to a counter (created at 0), keep it `ttl` seconds, and return its new value."""
+
+
 class Store(Protocol):
     tokens: SharedTokens
     quota: SharedQuota
     once: OnceBackend   # the sidecar's own exactly-once keys (proxy/exactly_once.py)
+    values: SharedValues | None   # None: nothing is shared (one replica)
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -333,6 +349,7 @@ class MemoryStore:
     tokens: SharedTokens = field(init=False)
     quota: SharedQuota = field(init=False)
     once: OnceBackend = field(init=False)
+    values: SharedValues | None = None
 
     def __post_init__(self) -> None:
         from proxy.exactly_once import MemoryOnce   # it imports the pipeline's machinery, which imports config

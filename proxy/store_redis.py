@@ -30,7 +30,9 @@ from proxy.store import (
     SharedQuota,
     SharedQuotaExceeded,
     SharedTokens,
+    SharedValues,
     StoreSettings,
+    ValuesUnavailable,
 )
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ T = TypeVar("T")
 # Connection refused, timeouts, authentication, a replica that became read-only in a failover: all mean
 # "no shared state now", never "fail the request".
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-OPS = ("tokens", "invalidate", "quota", "idempotency")
+OPS = ("tokens", "invalidate", "quota", "values", "idempotency")
 
 # Release the fetch lock only if we still hold it: a holder slower than the lock's expiry must not delete the
 # lock another replica has taken since.
@@ -93,6 +95,14 @@ if tat < now then tat = now end
 tat = tat + tonumber(ARGV[2])
 redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
 return 1
+"""
+
+
+# A counter that expires: the quota meter's monthly count (ARGV: amount, time to keep it in ms).
+ADD = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return value
 """
 
 
@@ -375,8 +385,36 @@ class RedisQuota:
             done.set_result(None)
 
 
+class RedisValues:
+    """Cached answers and call counts for every replica (proxy/saving/); while Redis is away, each keeps its own."""
+
+    def __init__(self, client: aioredis.Redis, health: Health, settings: StoreSettings, metrics: StoreMetrics) -> None:
+        self._redis, self._health, self._prefix, self._metrics = client, health, settings.key_prefix, metrics
+        self._add = client.register_script(ADD)
+
+    async def get(self, key: str) -> str | None:
+        value = await self._call(lambda: self._redis.get(self._prefix + key))
+        return None if value is None else str(value)
+
+    async def put(self, key: str, value: str, ttl: float) -> None:
+        await self._call(lambda: self._redis.set(self._prefix + key, value, px=ms(ttl)))
+
+    async def add(self, key: str, amount: int, ttl: float) -> int:
+        return int(await self._call(lambda: self._add(keys=[self._prefix + key], args=[amount, ms(ttl)])))
+
+    async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
+        """One command, or ValuesUnavailable at once while Redis is known to be away (the health probe watches)."""
+        try:
+            if not self._health.up:
+                raise StoreDown("unreachable")
+            return await self._health.call(command())
+        except StoreDown as exc:
+            self._metrics.fallbacks.labels("values").inc()
+            raise ValuesUnavailable(f"the shared store is unreachable ({exc})") from exc
+
+
 class RedisStore:
-    """`backend: redis`: the client, its health, and the shared tokens and quotas built on it."""
+    """`backend: redis`: the client, its health, and the shared tokens, quotas and values built on it."""
 
     def __init__(self, settings: StoreSettings, clock: Clock, registry: CollectorRegistry,
                  once: OnceSettings = OnceSettings()) -> None:
@@ -389,6 +427,7 @@ class RedisStore:
         self.tokens: SharedTokens = RedisTokens(self._client, self.health, clock, settings, metrics)
         self.quota: SharedQuota = RedisQuota(self._client, self.health, clock, settings, metrics)
         self.once: OnceBackend = RedisOnce(self._client, self.health, clock, settings, once, metrics)
+        self.values: SharedValues | None = RedisValues(self._client, self.health, settings, metrics)
 
     async def start(self) -> None:
         """Say at start-up whether Redis answers; never refuse to start because it does not."""
