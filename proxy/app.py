@@ -115,12 +115,12 @@ class Sidecar:
         self._runners.append(runner)
 
     async def _start_events(self, settings: EventsSettings) -> None:
-        self.events = EventsRuntime(settings.apps, self.session, self.metrics.registry, self.clock)
+        self.events = EventsRuntime(settings, self.config.store, self.session, self.metrics.registry, self.clock)
+        await self.events.start()   # the store first: a callback is acknowledged only once it is stored
         if settings.listen is not None:
             app = web.Application()
             self.events.mount(app.router)
             await self._serve(app, settings.listen)
-        await self.events.start()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -130,6 +130,8 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the drain timeout, then close everything."""
+        if self.events is not None:
+            await self.events.stop_intake()   # long connections close with the listeners; queued events stay stored
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         if self.events is not None:
