@@ -227,14 +227,26 @@ def events() -> list[Panel]:
                (per_app("delivered_total"), "{{app}} delivered"),
                (per_app("duplicates_dropped_total"), "{{app}} duplicates dropped"),
                (per_app("delivery_retries_total"), "{{app}} delivery retries")], "reqps"),
-        panel("Events rejected and dropped", "Rejected: refused before delivery. Dropped: given up on after "
-              "delivery failed.",
+        panel("Events rejected, dead-lettered and lost", "Rejected: refused before they were stored (the platform "
+              "pushes them again). Dead-lettered: older than delivery.max_age or refused by the application; "
+              "`imsidecar events dead-letters` lists them. Lost: only the memory backend at shutdown, or a bot "
+              "message that could not be stored.",
               [(per_app("rejected_total", "app, reason"), "{{app}} rejected {{reason}}"),
-               (per_app("dropped_total", "app, reason"), "{{app}} dropped {{reason}}")], "reqps"),
+               (per_app("dead_lettered_total", "app, reason"), "{{app}} dead-lettered {{reason}}"),
+               (per_app("dropped_total", "app, reason"), "{{app}} lost {{reason}}")], "reqps"),
         panel("Events queue and connections", "Events waiting for delivery; long connections up; reconnects.",
               [("max by (app) (imsidecar_events_queue_depth)", "{{app}} queued"),
                ("max by (app) (imsidecar_events_connection_up)", "{{app}} connected"),
                (f"sum by (app) (increase(imsidecar_events_reconnects_total[{W}]))", "{{app}} reconnects")]),
+        panel("Events delivery delay", "From the sidecar storing an event to the application accepting it (p50, "
+              "p99), and the age of the oldest event still waiting: it grows while the application is down.",
+              [(quantile(0.5, "imsidecar_events_delivery_delay_seconds_bucket", "app"), "{{app}} p50"),
+               (quantile(0.99, "imsidecar_events_delivery_delay_seconds_bucket", "app"), "{{app}} p99"),
+               ("max by (app) (imsidecar_events_queue_oldest_seconds)", "{{app}} oldest waiting")], "s"),
+        panel("Events leases and card answers", "Which role of each app this replica set holds (deliver, "
+              "connection: one replica each by default), and card callbacks answered in time, late or failed.",
+              [("sum by (app, role) (imsidecar_events_lease_held)", "{{app}} {{role}} owners"),
+               (per_app("card_answers_total", "app, outcome"), "{{app}} cards {{outcome}}")], width=16),
     ]
 
 
