@@ -14,7 +14,6 @@ event waits at the head of its lane, retried with back-off, and after that goes 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable
@@ -88,11 +87,9 @@ class Delivery:
         stored for the next start (or the next owner); then hand the lane over."""
         self._stop.set()
         if self._worker is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._worker), self._settings.attempt_timeout + 1)
+            await asyncio.wait({self._worker}, timeout=self._settings.attempt_timeout + 1)
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+            await asyncio.wait({self._worker}, timeout=1.0)
             self._worker = None
         await self.keeper.close()
         self._head = None

@@ -56,13 +56,14 @@ class Journal:
     def __init__(self, path: str, clock: Clock, dead_letter_max: int, poll_interval: float = 1.0) -> None:
         self.path, self._clock, self._dead_max, self._poll = path, clock, dead_letter_max, poll_interval
         self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-journal")
+        self._thread: ThreadPoolExecutor | None = None
         self._arrivals = Arrivals()
         self._admitted = 0
 
     # Lifecycle ---------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-journal")
         try:
             await self._run(self._open)
         except EventStoreUnavailable as exc:
@@ -82,10 +83,14 @@ class Journal:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
-        self._thread.shutdown(wait=True)
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     async def _run(self, work: Callable[..., T], *args: Any) -> T:
         """Run `work` on the journal's thread; SQLite errors become EventStoreUnavailable."""
+        if self._thread is None:
+            raise EventStoreUnavailable("journal: not open")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
         except sqlite3.Error as exc:

@@ -17,6 +17,7 @@ from proxy.clock import Clock
 from proxy.events.metrics import EventMetrics
 
 log = logging.getLogger(__name__)
+CLOSE_BOUND = 1.0   # seconds close() gives the store to answer
 
 
 class Lease(Protocol):
@@ -106,15 +107,15 @@ class LeaseKeeper:
         await self._lost.wait()
 
     async def close(self) -> None:
-        """Stop keeping it and hand it over at once, so another replica need not wait for it to expire."""
+        """Stop keeping it and hand it over at once, so another replica need not wait for it to expire. Bounded:
+        a store that does not answer must not hold up shutdown (the lease then expires by itself)."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=CLOSE_BOUND)
             self._task = None
         if self.held:
-            with contextlib.suppress(*_store_errors()):
-                await self._lease.release()
+            with contextlib.suppress(asyncio.TimeoutError, *_store_errors()):
+                await asyncio.wait_for(self._lease.release(), CLOSE_BOUND)
             self._set(False, "shutdown")
 
     async def _run(self) -> None:

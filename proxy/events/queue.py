@@ -166,4 +166,4 @@ def open_event_store(queue: QueueSettings, store: StoreSettings, clock: Clock) -
     if not store.shared:
         raise EventStoreError("events.queue.backend: redis needs `store: {backend: redis, ...}` for the connection")
     from proxy.events.redis_stream import RedisEventStore
-    return RedisEventStore(store, clock, queue.dead_letter_max, queue.poll_interval)
+    return RedisEventStore(store, clock, queue.dead_letter_max, queue.poll_interval, queue.lease_ttl)

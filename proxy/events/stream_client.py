@@ -8,7 +8,6 @@ No protocol, endpoint or reconnect policy lives here; each platform's client wri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -79,15 +78,14 @@ class StreamClient:
         again later), let acknowledgements under way finish, then hand the connection lease over."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=CLOSE_GRACE)   # closing the websocket, bounded
             self._task = None
         if self._children:
             await asyncio.wait(set(self._children), timeout=CLOSE_GRACE)
         for task in list(self._children):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._children:
+            await asyncio.wait(set(self._children), timeout=CLOSE_GRACE)
         if self._keeper is not None:
             await self._keeper.close()
         self._metrics.connected.labels(self.name).set(0)
