@@ -37,6 +37,7 @@ T = TypeVar("T")
 # replay it once the application is fixed).
 _PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 413, 415, 422})
 IDLE_WAIT = 5.0   # seconds an idle lane sleeps before looking again (the store wakes it sooner on an arrival)
+DEPTH_EVERY = 1.0   # seconds between reads of the queue depth for its gauge while the lane is busy
 
 
 class Delivery:
@@ -54,6 +55,7 @@ class Delivery:
         self.keeper = LeaseKeeper(store.lease(app, "deliver", 1), self.health, clock, lease_interval, metrics, app,
                                   "deliver")
         self._head: Queued | None = None
+        self._depth_at = float("-inf")
         self._stop = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         metrics.oldest.labels(app).set_function(self._head_age)
@@ -107,7 +109,7 @@ class Delivery:
     async def _next(self) -> Queued | None:
         try:
             self._head = await self._store.head(self.app)
-            self._metrics.queue_depth.labels(self.app).set(await self._store.depth(self.app))
+            await self._refresh_depth()
         except EventStoreUnavailable as exc:
             log.warning("events: app %s: cannot read the queue (%s)", self.app, exc)
             await self._unless_stopped(self._clock.sleep(self._settings.backoff_cap))
@@ -158,6 +160,13 @@ class Delivery:
         if dead_reason:
             self._metrics.dead_lettered.labels(self.app, dead_reason).inc()
         self._head = None
+
+    async def _refresh_depth(self) -> None:
+        # One store round trip, so at most once a second while busy (and whenever the queue runs empty).
+        now = self._clock.now()
+        if self._head is None or now >= self._depth_at + DEPTH_EVERY:
+            self._depth_at = now
+            self._metrics.queue_depth.labels(self.app).set(await self._store.depth(self.app))
 
     def _expired(self, item: Queued) -> bool:
         return self._clock.wall() - item.event.received_at >= self._settings.max_age

@@ -56,6 +56,7 @@ class Journal:
     def __init__(self, path: str, clock: Clock, dead_letter_max: int, poll_interval: float = 1.0) -> None:
         self.path, self._clock, self._dead_max, self._poll = path, clock, dead_letter_max, poll_interval
         self._db: sqlite3.Connection | None = None
+        self._sync = "FULL"
         self._thread: ThreadPoolExecutor | None = None
         self._arrivals = Arrivals()
         self._admitted = 0
@@ -77,7 +78,7 @@ class Journal:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")    # a commit is on disk before the platform hears "stored"
         db.executescript(SCHEMA)
-        self._db = db
+        self._db, self._sync = db, "FULL"
 
     async def close(self) -> None:
         if self._db is not None:
@@ -96,8 +97,13 @@ class Journal:
         except sqlite3.Error as exc:
             raise EventStoreUnavailable(f"journal: {exc}") from exc
 
-    def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _tx(self, work: Callable[[sqlite3.Connection], T], sync: str = "FULL") -> T:
+        """One transaction. FULL (an fsync at commit) for what a platform is told is stored; NORMAL for settling
+        and burying, where WAL mode still survives a crashed process and a lost commit means only a redelivery."""
         assert self._db is not None, "journal not started"
+        if sync != self._sync:
+            self._db.execute(f"PRAGMA synchronous={sync}")
+            self._sync = sync
         self._db.execute("BEGIN IMMEDIATE")
         try:
             result = work(self._db)
@@ -150,7 +156,7 @@ class Journal:
         return self._db.execute(sql, args).fetchone()
 
     async def settle(self, app: str, item: Queued) -> None:
-        await self._run(self._tx, lambda db: self._remove(db, app, item.id))
+        await self._run(self._tx, lambda db: self._remove(db, app, item.id), "NORMAL")
 
     @staticmethod
     def _remove(db: sqlite3.Connection, app: str, seq: str) -> bool:
@@ -161,7 +167,7 @@ class Journal:
 
     async def bury(self, app: str, item: Queued, reason: str, attempts: int) -> None:
         died_at = self._clock.wall()
-        await self._run(self._tx, lambda db: self._bury(db, app, item, reason, attempts, died_at))
+        await self._run(self._tx, lambda db: self._bury(db, app, item, reason, attempts, died_at), "NORMAL")
 
     def _bury(self, db: sqlite3.Connection, app: str, item: Queued, reason: str, attempts: int,
               died_at: float) -> None:
