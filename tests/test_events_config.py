@@ -113,3 +113,15 @@ async def test_a_feishu_callback_reaches_the_application_through_the_sidecar(aio
     finally:
         await sidecar.stop()
     assert sidecar.metrics.registry.get_sample_value("imsidecar_events_delivered_total", {"app": "feishu-main"}) == 1
+
+
+def test_the_shipped_robots_and_events_example_loads() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "config" / "robots-and-events.yaml"
+    env = {name: "x" for name in ("DINGTALK_APP_KEY", "DINGTALK_APP_SECRET", "DINGTALK_ROBOT_TOKEN",
+                                  "DINGTALK_ROBOT_SECRET", "FEISHU_HOOK_TOKEN", "FEISHU_HOOK_SECRET", "FEISHU_APP_ID",
+                                  "FEISHU_VERIFICATION_TOKEN", "FEISHU_ENCRYPT_KEY")}
+    c = config.loads(path.read_text(), env=env)
+    assert c.events is not None and c.events.queue.backend == "journal"
+    assert [app.card.deadline for app in c.events.apps] == [2.5, 2.5]
