@@ -8,6 +8,7 @@ Python load generator. The proxy under test is pinned to core 0; nginx and the l
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -234,7 +235,7 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{upstream}{PATH}", procs[-1])
         rows = [measure("direct", f"http://127.0.0.1:{upstream}{PATH}", args.duration, None),
                 measure("nginx proxy", f"http://127.0.0.1:{nginx_proxy}{PATH}", args.duration, None)]
-        for name, port, extra in (("naive aiohttp", naive, []), ("naive aiohttp + uvloop", naive_uv, ["--uvloop"])):
+        for name, port, extra in naive_proxies(naive, naive_uv):
             p = start([sys.executable, "-m", "bench.naive_proxy", str(port), f"http://127.0.0.1:{upstream}", *extra], 0)
             procs.append(p)
             wait_http(f"http://127.0.0.1:{port}{PATH}", p)
@@ -255,6 +256,17 @@ def main() -> None:
         for proc in procs:
             proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def naive_proxies(port: int, uvloop_port: int) -> list[tuple[str, int, list[str]]]:
+    """The naive proxy, and on uvloop when uvloop is installed; without it, say so and measure what can be."""
+    proxies = [("naive aiohttp", port, [])]
+    if importlib.util.find_spec("uvloop") is None:
+        print("bench.overhead: uvloop is not installed (pip install '.[fast]'), so the 'naive aiohttp + uvloop' row "
+              "is left out and imsidecar runs on asyncio's own loop; the README's figures are on uvloop.",
+              file=sys.stderr)
+        return proxies
+    return proxies + [("naive aiohttp + uvloop", uvloop_port, ["--uvloop"])]
 
 
 def top_up(row: Row, url: str, pid: int, total: int = 100_000) -> None:

@@ -1,26 +1,29 @@
-"""The admin listener: `/healthz` (alive), `/readyz` (every app holds a token, or why not), `/metrics`.
+"""The admin listener: `/healthz` (alive, and on which event loop), `/readyz` (can serve, with token and platform
+health), `/metrics`.
 
-Owns these three answers only; what readiness means is asked of the sidecar.
+Owns these three answers only; what readiness means is proxy/readiness.py's, asked through the sidecar.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-Readiness = Callable[[], dict[str, str]]   # app name → "ok" or the reason it is not ready
+from proxy.readiness import ReadinessReport
+
+Readiness = Callable[[], ReadinessReport]
 
 
 def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "event_loop": event_loop_name()})
 
     async def readyz(request: web.Request) -> web.Response:
-        apps = readiness()
-        ready = all(state == "ok" for state in apps.values())
-        return web.json_response({"ready": ready, "apps": apps}, status=200 if ready else 503)
+        report = readiness()
+        return web.json_response(report.body, status=200 if report.ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -30,3 +33,8 @@ def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Applicat
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def event_loop_name() -> str:
+    """Which event loop runs the process: uvloop or asyncio (the image check asserts uvloop)."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]

@@ -17,11 +17,13 @@ from proxy.admin import admin_app
 from proxy.bindings import AppLimiters, AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, Config
+from proxy.egress import Egress
 from proxy.events.runtime import EventsRuntime
 from proxy.events.settings import EventsSettings
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
+from proxy.readiness import AppHealth, Readiness, ReadinessReport
 from proxy.retry import RetryEngine
 from proxy.robots.handlers import RobotService
 from proxy.robots.handlers import dispatch as robot_dispatch
@@ -33,13 +35,16 @@ log = logging.getLogger("imsidecar")
 
 
 class Sidecar:
-    def __init__(self, config: Config, *, clock: Clock | None = None, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, *, clock: Clock | None = None, registry: CollectorRegistry | None = None,
+                 egress: Egress | None = None) -> None:
         self.config = config
         self.clock = clock or SystemClock()
+        self.egress = egress or Egress(config.egress, direct=delivery_urls(config))   # every outbound connection
         self.metrics = Metrics(registry)
         self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
+        self.stages: dict[str, dict[str, UpstreamStages]] = {}   # app → upstream → its breaker and monitor
         self.router: Router[Binding] = Router()
         for app in config.apps:
             self._bind(app)
@@ -48,11 +53,13 @@ class Sidecar:
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
         self.events: EventsRuntime | None = None
         self.robots: RobotService | None = None
+        self._readiness = Readiness(config.readiness)
+        self._warmed: set[str] = set()   # apps whose start-up token attempt has finished
 
     def _bind(self, app_config) -> None:  # type: ignore[no-untyped-def]
         platform = platform_for(app_config)
         clients = {
-            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout)
+            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout, egress=self.egress)
             for name, up in app_config.upstreams.items()
         }
         self.clients.extend(clients.values())
@@ -61,6 +68,7 @@ class Sidecar:
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
         stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
+        self.stages[app_config.name] = stages
         limiters = AppLimiters(app_config, self.clock, self.metrics, self.store.quota)
         for exposure in app_config.expose:
             up = exposure.upstream
@@ -84,11 +92,13 @@ class Sidecar:
                  ", ".join(map(str, self.config.listeners())), self.config.admin_listen)
 
     async def _warm(self, tokens: AppTokens) -> None:
-        """Fetch every app's token at start-up, so the first requests do not wait and /readyz can turn green."""
+        """Fetch every app's token at start-up, so the first requests do not wait; /readyz waits for the attempt."""
         try:
             await tokens.default.get()
         except Exception as exc:  # reported by /readyz and the token metrics; requests will try again
             log.warning("app %s: no token yet: %s", tokens.app.name, exc)
+        finally:
+            self._warmed.add(tokens.app.name)
 
     def _handler(self, address: Address):  # type: ignore[no-untyped-def]
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -125,7 +135,7 @@ class Sidecar:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = self.egress.session()   # robots, events' endpoints and websockets, event delivery
         return self._session
 
     async def stop(self) -> None:
@@ -152,9 +162,28 @@ class Sidecar:
         log.info("imsidecar draining (up to %.0fs)", self.config.limits.drain_timeout)
         await self.stop()
 
-    def readiness(self) -> dict[str, str]:
-        states = {}
-        for name, tokens in self.tokens.items():
-            source = tokens.default
-            states[name] = "ok" if source.current() else f"no valid token: {source.last_error or 'fetching'}"
-        return states
+    # Readiness ----------------------------------------------------------------------------------------------------
+
+    def readiness(self) -> ReadinessReport:
+        """Ready when this sidecar can serve; each app's token and upstreams are reported, not gating."""
+        apps = {name: self._health(name, tokens) for name, tokens in self.tokens.items()}
+        return self._readiness.judge(self._listening(), apps)
+
+    def _listening(self) -> bool:
+        bound = {address[1] for runner in self._runners for address in runner.addresses}
+        wanted = [*self.config.listeners(), self.config.admin_listen]
+        if self.config.events is not None and self.config.events.listen is not None:
+            wanted.append(self.config.events.listen)
+        return all(address.port in bound for address in wanted)
+
+    def _health(self, name: str, tokens: AppTokens) -> AppHealth:
+        source = tokens.default
+        token = "ok" if source.current() else f"no valid token: {source.last_error or 'fetching'}"
+        upstreams = {up: {"circuit": stages.breaker.state.value, "network": stages.monitor.state.value}
+                     for up, stages in self.stages.get(name, {}).items()}
+        return AppHealth(token, name in self._warmed, source.seconds_to_expiry(), upstreams)
+
+
+def delivery_urls(config: Config) -> list[str]:
+    """Where events go to the application: never through the egress proxy, whatever `no_proxy` says."""
+    return [app.delivery.url for app in config.events.apps] if config.events is not None else []

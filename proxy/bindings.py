@@ -13,10 +13,11 @@ from functools import partial
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.clock import Clock
 from proxy.config import AppConfig, TokenSettings
-from proxy.errors import NETWORK_ERRORS
+from proxy.errors import NETWORK_ERRORS, client_facing_kinds
 from proxy.metrics import Metrics
 from proxy.network import NetworkMonitor, NetworkState
 from proxy.outcome import Verdict
+from proxy.platforms import platform_for
 from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
 from proxy.retry import RetryPolicy, adaptive_settings, refreshed
@@ -40,6 +41,7 @@ class AppTokens:
         self.shared: SharedTokens = shared if shared is not None else LocalTokens(clock)
         self._sources: dict[str, TokenSource] = {}
         self._refused: dict[str, str] = {}   # kind -> the token the platform last refused, for the store to drop
+        metrics.prepare_app(app.name)
 
     def source(self, kind: str) -> TokenSource:
         source = self._sources.get(kind)
@@ -49,9 +51,10 @@ class AppTokens:
 
     def _create(self, kind: str) -> TokenSource:
         refreshes = self.metrics.token_refreshes
+        self.metrics.prepare_token(self.app.name, kind)
         source = TokenSource(lambda: self.fetch_shared(kind), self.clock, self.settings,
                              observe=lambda result: refreshes.labels(self.app.name, kind, result).inc(),
-                             on_invalid=lambda value: self._refused.__setitem__(kind, value))
+                             on_invalid=lambda value: self._refused.__setitem__(kind, value), app=self.app.name)
         self.metrics.token_expiry.labels(self.app.name, kind).set_function(source.seconds_to_expiry)
         source.start()
         return source
@@ -110,6 +113,7 @@ class UpstreamStages:
         source = refreshed(monitor.retry_params, clock) if app.retry.adaptive else None
         stages = cls(monitor, breaker, RetryPolicy(app.retry, clock, source))
         stages.export(metrics, app.name, upstream)
+        metrics.prepare_upstream(app.name, upstream, platform_for(app).retry_reasons(upstream), client_facing_kinds())
         return stages
 
     def export(self, metrics: Metrics, app: str, upstream: str) -> None:
@@ -165,6 +169,7 @@ class AppLimiters:
         if route_label not in self._exported:
             self._exported.add(route_label)
             self._metrics.ratelimit_rate.labels(self._app, route_label).set_function(lambda: limiter.current_rate)
+            self._metrics.ratelimit_rejections.labels(self._app, route_label)   # at 0 until the first one
         return limiter
 
 

@@ -10,8 +10,13 @@ import asyncio
 import sys
 from typing import Sequence
 
+from urllib.parse import urlsplit
+
 from proxy import __version__, config
-from proxy.config import Config
+from proxy.config import Address, AppConfig, Config
+from proxy.egress import EgressSettings, ProxyRoute
+from proxy.events.settings import EventApp, EventsSettings, Mode
+from proxy.robots.settings import RobotsSettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run against simulated Feishu and DingTalk, no credentials needed")
     demo.add_argument("--listen", default="127.0.0.1:8080")
     demo.add_argument("--admin-listen", default="127.0.0.1:9464")
-    demo.add_argument("--faults", nargs="?", const=0.2, type=float, default=0.0, metavar="SHARE",
-                      help="make this share of platform calls fail in mixed ways (default 0.2 when given)")
+    demo.add_argument("--faults", nargs="?", const=0.2, type=fault_share, default=0.0, metavar="SHARE",
+                      help="make this share of platform calls fail in mixed ways: 0.05 or 5%% (0.2 when bare)")
     add_events_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "check-config":
@@ -37,7 +42,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_or_report(args.config)
         return 2 if loaded is None else serve(loaded)
     from proxy.demo import run_demo
+    install_fast_loop()   # the demo runs on what `run` runs on
     return run_demo(args.listen, args.admin_listen, args.faults)
+
+
+def fault_share(text: str) -> float:
+    """`--faults 0.05` or `--faults 5%`; a bare `5` is refused rather than read as 500%."""
+    percent = text.strip().endswith("%")
+    try:
+        share = float(text.strip().removesuffix("%")) / (100 if percent else 1)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (0.05) or a percentage (5%)")
+    return share
 
 
 def load_or_report(path: str) -> Config | None:
@@ -58,17 +76,72 @@ def check_config(path: str) -> int:
 
 
 def summary(c: Config) -> str:
-    lines = [f"listen {c.listen}, admin {c.admin_listen}, deadline {c.limits.deadline:g}s"]
+    """What the config means, one line per thing the sidecar will do; no character of any secret."""
+    lines = [f"listen {c.listen}, admin {c.admin_listen}, deadline {c.limits.deadline:g}s",
+             readiness_line(c), egress_line(c.egress)]
     for app in c.apps:
-        lines.append(f"app {app.name} ({app.platform}) id={app.client_id} secret={app.client_secret.masked()} "
-                     f"token={app.token_kind}")
-        for e in app.expose:
-            base = app.upstreams[e.upstream].base_url
-            lines.append(f"  http://{e.listen}{e.prefix or ''}/... -> {base}")
+        lines += app_lines(app)
     if c.store.shared:   # the URL never holds the password; display_url shows that there is one
         lines.append(f"store redis {c.store.display_url} (tls {'on' if c.store.tls else 'off'}, "
                      f"fallback share {c.store.fallback_share:.0%})")
+    if c.robots is not None:
+        lines += robot_lines(c.robots, c.listen)
+    if c.events is not None:
+        lines += event_lines(c.events)
     return "\n".join(lines)
+
+
+def readiness_line(c: Config) -> str:
+    gate = "; then waits for every app's first token (readiness.wait_for_tokens)" if c.readiness.wait_for_tokens else ""
+    return f"ready once listening and each app's first token attempt is made{gate}"
+
+
+def egress_line(egress: EgressSettings) -> str:
+    if not egress.proxied:
+        return "egress direct" + (" (trust_env: no proxy variable set)" if egress.source == "env" else "")
+    via = {"https/wss": egress.https, "http/ws": egress.http}
+    routes = ", ".join(f"{kind} via {route_text(route)}" if route else f"{kind} direct" for kind, route in via.items())
+    extra = f"; trusts {egress.ca_file}" if egress.ca_file else ""
+    return f"egress {routes}; direct: {', '.join(egress.no_proxy) or 'nothing'}{extra}"
+
+
+def route_text(route: ProxyRoute) -> str:
+    return route.url + (f" as {route.username} (password ****)" if route.username else "")
+
+
+def app_lines(app: AppConfig) -> list[str]:
+    lines = [f"app {app.name} ({app.platform}) id={app.client_id} secret={app.client_secret.masked()} "
+             f"token={app.token_kind}"]
+    for e in app.expose:
+        lines.append(f"  http://{e.listen}{e.prefix or ''}/... -> {app.upstreams[e.upstream].base_url}")
+    return lines
+
+
+def robot_lines(robots: RobotsSettings, listen: Address) -> list[str]:
+    lines = [f"robots on http://{listen}/robots/<name> and /alerts/<name>, deadline {robots.deadline:g}s"]
+    for target in robots.targets.values():
+        signed = "signed" if target.secret is not None else "unsigned"
+        keyword = f", keyword {target.keyword!r}" if target.keyword else ""
+        lines.append(f"  robot {target.name} ({target.platform}) -> {origin(target.webhook.reveal())}/**** "
+                     f"({signed}{keyword})")   # the path or query holds the robot's token
+    return lines
+
+
+def event_lines(events: EventsSettings) -> list[str]:
+    lines = [f"events callbacks on http://{events.listen}" if events.listen else "events (outbound only)"]
+    for app in events.apps:
+        source = f"callback {app.callback_path}" if app.mode is Mode.HTTP else f"stream from {stream_origin(app)}"
+        lines.append(f"  events {app.name} ({app.platform.value}) {source} -> {app.delivery.url}")
+    return lines
+
+
+def stream_origin(app: EventApp) -> str:
+    return app.feishu.domain if app.feishu is not None else app.dingtalk.api if app.dingtalk is not None else "?"
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def serve(loaded: Config) -> int:
@@ -131,6 +204,7 @@ def _events_apps(loaded: Config | None, args: argparse.Namespace) -> list[str] |
 
 
 def install_fast_loop() -> None:
+    """uvloop when installed (the image and `pip install 'imsidecar[fast]'` have it); /healthz says which runs."""
     try:
         import uvloop
     except ImportError:

@@ -16,7 +16,9 @@ import yaml
 
 from proxy.breaker import BreakerSettings
 from proxy.ratelimit import Quota
+from proxy.readiness import ReadinessSettings, parse_readiness
 from proxy.configtree import Address, Node, expand
+from proxy.egress import EgressSettings, parse_egress
 from proxy.events.settings import EventsSettings, parse_events
 from proxy.robots.settings import RobotsSettings, parse_robots
 from proxy.secret import Secret
@@ -141,6 +143,8 @@ class Config:
     robots: RobotsSettings | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by other modules (none at present)
     store: StoreSettings = StoreSettings()                  # memory unless `store: {backend: redis, ...}`
+    egress: EgressSettings = EgressSettings()               # direct unless `egress: {proxy: ...}` or trust_env
+    readiness: ReadinessSettings = ReadinessSettings()      # what /readyz waits for
 
     def listeners(self) -> list[Address]:
         seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
@@ -172,7 +176,7 @@ def loads(text: str, env: Mapping[str, str] | None = None) -> Config:
 def parse(raw: Any, env: Mapping[str, str]) -> Config:
     problems: list[str] = []
     node = Node(expand(raw, env, "", problems), "", problems)
-    config = _parse_config(node)
+    config = _parse_config(node, env)
     if problems:
         raise ConfigError(problems)
     assert config is not None
@@ -187,7 +191,7 @@ EXTRA_SECTIONS: tuple[str, ...] = ()
 RESERVED_PREFIXES = ("/robots", "/alerts")   # the robot and alert-bridge endpoints on the main listener
 
 
-def _parse_config(root: Node) -> Config | None:
+def _parse_config(root: Node, env: Mapping[str, str]) -> Config | None:
     listen = root.address("listen", "127.0.0.1:8080")
     admin = root.address("admin_listen", "0.0.0.0:9464")
     tokens = _parse_tokens(root.child("tokens"))
@@ -198,6 +202,8 @@ def _parse_config(root: Node) -> Config | None:
     events = parse_events(root.child("events")) if root.has("events") else None
     robots = parse_robots(root.child("robots")) if root.has("robots") else None
     store = parse_store(root.child("store")) if root.has("store") else StoreSettings()
+    egress = parse_egress(root.child("egress"), env) if root.has("egress") else EgressSettings()
+    readiness = parse_readiness(root.child("readiness"))
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
     if not apps and not extra and events is None and robots is None:
@@ -209,7 +215,8 @@ def _parse_config(root: Node) -> Config | None:
         root.problem("redis needs the connection from `store: {backend: redis, url: ...}`", "events.queue.backend")
     if listen is None or admin is None or store is None or any(a is None for a in apps):
         return None
-    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store)  # type: ignore[arg-type]
+    return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store,  # type: ignore[arg-type]
+                  egress, readiness)
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:
@@ -346,6 +353,11 @@ def _parse_codes(node: Node) -> CodeOverrides:
     return codes
 
 
+# Feishu hands out a new tenant/app token only once the current one has under 30 minutes left; a refresh earlier
+# than that gets the same token back, and the held one expires anyway.
+FEISHU_NEW_TOKEN_BELOW = 1800.0
+
+
 def _parse_tokens(node: Node) -> TokenSettings:
     d = TokenSettings()
     settings = TokenSettings(
@@ -354,19 +366,28 @@ def _parse_tokens(node: Node) -> TokenSettings:
         fetch_timeout=node.seconds("fetch_timeout", d.fetch_timeout),
     )
     node.finish()
+    if settings.refresh_margin >= FEISHU_NEW_TOKEN_BELOW:
+        node.problem("must be under 30m: Feishu and Lark give a new token only when the held one has less than "
+                     "30 minutes left, so an earlier refresh gets the same token back", "refresh_margin")
     return settings
 
 
 def _parse_limits(node: Node) -> Limits:
     d = Limits()
+    max_request = node.bytes("max_request_bytes", d.max_request_bytes)
     limits = Limits(
-        max_request_bytes=node.bytes("max_request_bytes", d.max_request_bytes),
-        replay_buffer_bytes=node.bytes("replay_buffer_bytes", d.replay_buffer_bytes),
+        max_request_bytes=max_request,
+        replay_buffer_bytes=node.bytes("replay_buffer_bytes", min(d.replay_buffer_bytes, max_request)),
         deadline=node.seconds("deadline", d.deadline),
         connect_timeout=node.seconds("connect_timeout", d.connect_timeout),
         drain_timeout=node.seconds("drain_timeout", d.drain_timeout),
     )
     node.finish()
+    if limits.deadline <= 0:
+        node.problem("must be more than zero (every request would fail at once)", "deadline")
+    if limits.replay_buffer_bytes > limits.max_request_bytes:
+        node.problem(f"is larger than max_request_bytes ({limits.max_request_bytes} bytes): a body that fits the "
+                     "buffer is already refused as too large", "replay_buffer_bytes")
     return limits
 
 

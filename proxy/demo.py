@@ -60,7 +60,7 @@ async def start_fakes(share: float) -> tuple[list[web.AppRunner], dict[str, str]
 
 def banner(listen: str, admin: str, share: float) -> str:
     base = f"http://{listen}"
-    faults = f"on: {share:.0%} of platform calls fail in mixed ways" if share else "off (add --faults to watch retries)"
+    faults = f"on: {share * 100:g}% of platform calls fail in mixed ways" if share else "off (add --faults to watch retries)"
     return f"""
 imsidecar demo: the sidecar is in front of simulated Feishu and DingTalk platforms (faults {faults}).
 

@@ -1,15 +1,16 @@
 """The sidecar's own failures, each knowing the HTTP status and code a client should see.
 
-Owns the exception tree and the translation of aiohttp/asyncio errors (at the upstream boundary, once);
-it does not own the error *shape*, which belongs to each platform.
+Owns the exception tree, the outcome class each error is counted under (proxy/metrics.py's classes), and the
+translation of aiohttp/asyncio errors (at the upstream boundary, once); it does not own the error *shape*, which
+belongs to each platform.
 
-    SidecarError
-    ├── NoRoute                  404  nothing configured under this path
-    ├── RequestTooLarge          413  body over limits.max_request_bytes
-    ├── BadRequest               400  a header of ours the client got wrong
+    SidecarError                      counted as sidecar_error unless said
+    ├── NoRoute                  404  nothing configured under this path (no app: not counted)
+    ├── RequestTooLarge          413  body over limits.max_request_bytes                       client_error
+    ├── BadRequest               400  a header of ours the client got wrong                    client_error
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
-    ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline
+    ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
     ├── CircuitOpen              503  the upstream is known to be down
     └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
         ├── ConnectFailure            never reached the platform
@@ -23,6 +24,7 @@ import asyncio
 
 import aiohttp
 
+from proxy.metrics import CLIENT_ERROR, SIDECAR_ERROR, THROTTLED
 from proxy.outcome import Outcome, Signal, Verdict
 from proxy.platforms import base as codes
 
@@ -30,6 +32,7 @@ from proxy.platforms import base as codes
 class SidecarError(Exception):
     status = 502
     code = codes.UPSTREAM_UNREACHABLE
+    counted_as = SIDECAR_ERROR   # the outcome class of a request answered with this error
     retry_after: float | None = None
 
 
@@ -38,11 +41,11 @@ class NoRoute(SidecarError):
 
 
 class RequestTooLarge(SidecarError):
-    status, code = 413, codes.TOO_LARGE
+    status, code, counted_as = 413, codes.TOO_LARGE, CLIENT_ERROR
 
 
 class BadRequest(SidecarError):
-    status, code = 400, codes.BAD_REQUEST
+    status, code, counted_as = 400, codes.BAD_REQUEST, CLIENT_ERROR
 
 
 class TokenUnavailableError(SidecarError):
@@ -54,7 +57,7 @@ class DeadlineExceeded(SidecarError):
 
 
 class LocallyRateLimited(SidecarError):
-    status, code = 429, codes.RATE_LIMITED
+    status, code, counted_as = 429, codes.RATE_LIMITED, THROTTLED
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
@@ -88,11 +91,28 @@ class ConnectionReset(AttemptFailed):
 
 def translate(exc: BaseException) -> AttemptFailed:
     """One aiohttp/asyncio failure of an attempt, as the sidecar's own error (message without URL or query)."""
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return ConnectFailure("could not connect to the egress proxy (egress.proxy)")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):   # the proxy refused the CONNECT: nothing reached the platform
+        hint = ": check egress.username and egress.password" if exc.status in (401, 407) else ""
+        return ConnectFailure(f"the egress proxy refused the tunnel with HTTP {exc.status}{hint}")
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
         return ConnectFailure(f"could not connect to the platform ({type(exc).__name__})")
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return AttemptTimeout("the platform did not answer in time")
     return ConnectionReset(f"the connection to the platform broke ({type(exc).__name__})")
+
+
+def client_facing_kinds() -> tuple[str, ...]:
+    """The X-Imsidecar-Error values a client of an app can get: every error but NoRoute and the AttemptFailed base."""
+    found: list[str] = []
+    pending = list(SidecarError.__subclasses__())
+    while pending:
+        kind = pending.pop(0)
+        pending.extend(kind.__subclasses__())
+        if kind not in (NoRoute, AttemptFailed):
+            found.append(kind.__name__)
+    return tuple(sorted(found))
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)

@@ -16,7 +16,8 @@ from proxy.bindings import Binding
 from proxy.clock import Clock
 from proxy.config import Address, Limits
 from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailableError
-from proxy.metrics import Metrics
+from proxy.metrics import CLIENT_ERROR, SUCCESS, Metrics, outcome_class
+from proxy.outcome import Verdict
 from proxy.platforms.base import dump
 from proxy.retry import Attempt, RetryEngine
 from proxy.routing import Router
@@ -47,6 +48,8 @@ class Exchange:
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     has_idempotency_key: bool = False
+    verdict: Verdict | None = None        # the platform's classification of the answer relayed (set by the retry loop)
+    error: SidecarError | None = None     # the sidecar's own error, when it answered with one
 
 
 @dataclass(slots=True)
@@ -110,7 +113,7 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        template = binding.routes.template(path)
+        template = binding.platform.route_template(binding.upstream, path)
         route = binding.routes.label(template)
         kind = binding.platform.token_kind(binding.upstream, headers)
         return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind)
@@ -189,6 +192,7 @@ class Pipeline:
 
     def error_response(self, exchange: Exchange, exc: SidecarError) -> web.Response:
         b = exchange.binding
+        exchange.error = exc
         body = b.platform.error_body(b.upstream, exc.code, f"imsidecar: {exc}")
         headers = CIMultiDict({"Content-Type": "application/json; charset=utf-8", "X-Imsidecar-Error": type(exc).__name__})
         if exc.retry_after is not None:
@@ -200,7 +204,8 @@ class Pipeline:
         known = self.router.prefixes(listen)
         message = f"imsidecar: no app is configured under this path on {listen}; configured prefixes: {', '.join(known) or 'none'}"
         body = dump({"code": NoRoute.code, "msg": message, "error": "imsidecar.noRoute", "prefixes": known})
-        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8")
+        return web.Response(status=404, body=body, content_type="application/json", charset="utf-8",
+                            headers={"X-Imsidecar-Error": NoRoute.__name__})
 
     @staticmethod
     def tag(exchange: Exchange, headers: CIMultiDict[str]) -> None:
@@ -209,21 +214,33 @@ class Pipeline:
             headers["X-Imsidecar-Retry-Reasons"] = ",".join(exchange.retry_reasons)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
+        """Count the request once, under the outcome class of what its client got."""
         b = exchange.binding
         elapsed = self.clock.now() - exchange.started
-        outcome = response.headers.get("X-Imsidecar-Error") or ("ok" if response.status < 400 else "platform_error")
-        status_class = f"{response.status // 100}xx"
+        status_class, outcome = f"{response.status // 100}xx", self.outcome(exchange, response)
         self.metrics.hot_requests(b.app.name, b.upstream, exchange.route, exchange.method, status_class, outcome).inc()
         self.metrics.hot_request_duration(b.app.name, b.upstream, exchange.route).observe(elapsed)
+        if exchange.error is not None:
+            self.metrics.sidecar_errors.labels(b.app.name, b.upstream, type(exchange.error).__name__).inc()
         if not access_log.isEnabledFor(logging.INFO):
             return
         access_log.info(
             "%s %s %s %s %s attempts=%d %.1fms", b.app.name, b.upstream, exchange.method, exchange.route,
             response.status, exchange.attempts, elapsed * 1000,
             extra={"app": b.app.name, "upstream": b.upstream, "route": exchange.route, "method": exchange.method,
-                   "status": response.status, "attempts": exchange.attempts, "duration_ms": round(elapsed * 1000, 1),
-                   "retry_reasons": exchange.retry_reasons},
+                   "status": response.status, "outcome": outcome, "attempts": exchange.attempts,
+                   "duration_ms": round(elapsed * 1000, 1), "retry_reasons": exchange.retry_reasons},
         )
+
+    @staticmethod
+    def outcome(exchange: Exchange, response: web.StreamResponse) -> str:
+        """The sidecar's own error's class; else the platform's verdict on the answer relayed (an error inside
+        HTTP 200 is an error); else (an answer the sidecar gave from its cache) by status."""
+        if exchange.error is not None:
+            return exchange.error.counted_as
+        if exchange.verdict is not None:
+            return outcome_class(exchange.verdict, sidecar_token=exchange.token_kind is not None)
+        return SUCCESS if response.status < 400 else CLIENT_ERROR
 
 
 async def _rest(prefix: bytes, request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:

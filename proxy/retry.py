@@ -116,6 +116,7 @@ class RetryEngine:
         waits = policy.waits()
         replayed = False
         last_answer: Answer | None = None
+        verdict: Verdict | None = None
         timeouts = 0
         limiter = b.limiters.get(exchange.template, exchange.route) if b.limiters.enabled else None
         while True:
@@ -123,6 +124,8 @@ class RetryEngine:
             stop = await self.admit(exchange, limiter, last_answer)
             if stop is not None:
                 return stop
+            if verdict is not None and verdict.outcome in RETRIED_OUTCOMES:   # a retry, counted once it is sent
+                self.metrics.capped_retries(b.app.name, b.upstream, verdict.reason).inc()
             attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
             exchange.attempts += 1
             answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
@@ -142,7 +145,6 @@ class RetryEngine:
                 answer.release()
             timeouts += verdict.signal is Signal.TIMEOUT
             exchange.retry_reasons.append(verdict.reason)
-            self.metrics.capped_retries(b.app.name, b.upstream, verdict.reason).inc()
             attempt.number += 1
             await self.clock.sleep(decision.wait)
 
@@ -177,6 +179,7 @@ class RetryEngine:
             raise
         else:
             verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
+            exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
         self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
         self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
         b.observe(verdict, self.clock.now() - started)

@@ -1,11 +1,11 @@
 """Which app and upstream a request is for, from the listener it arrived on and its path prefix.
 
-Owns prefix matching and route templates (bounded metric labels); it never forwards to a host not configured.
+Owns prefix matching and route templates (bounded metric labels, never an ID); it never forwards to a host not
+configured. Which templates an upstream has is its platform's (proxy/platforms/routes/).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Generic, Iterable, TypeVar
 
@@ -13,19 +13,6 @@ from proxy.config import Address
 
 T = TypeVar("T")
 
-# A path segment is an ID when it is long and carries several digits (not `asyncsend_v2`, `oauth2`), or has
-# characters words do not (tokens, UUIDs).
-_ID_SEGMENT = re.compile(r"^(?=(?:\D*\d){3})[\w.-]{6,}$|^[\w-]*[^\w/-][\w.-]*$|^\d+$")
-# After a collection name, anything but a lower-case verb (`batch_create`, `search`) is an ID (`bascnAbCdEf`).
-_VERB = re.compile(r"^[a-z_]+$")
-_VERSION = re.compile(r"^v\d+(\.\d+)?$")
-# The name an ID gets after the collection it belongs to (Feishu and DingTalk REST paths).
-_ID_NAMES = {
-    "apps": ":app_token", "tables": ":table_id", "records": ":record_id", "views": ":view_id", "fields": ":field_id",
-    "messages": ":message_id", "chats": ":chat_id", "users": ":user_id", "departments": ":department_id",
-    "files": ":file_key", "images": ":image_key", "documents": ":document_id", "blocks": ":block_id",
-    "spreadsheets": ":spreadsheet_token", "calendars": ":calendar_id", "events": ":event_id", "tasks": ":task_id",
-}
 OTHER_ROUTE = "other"
 
 
@@ -57,35 +44,96 @@ class Router(Generic[T]):
         return [prefix or "/" for prefix, _ in self._tables.get(listen, ())]
 
 
-def route_template(path: str) -> str:
-    """`/open-apis/bitable/v1/apps/bascnX/tables/tblY/records/batch_create` →
-    `/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_create`."""
-    segments = path.split("/")
-    for i, segment in enumerate(segments):
-        if not segment or _VERSION.match(segment):
-            continue
-        after_collection = i > 0 and segments[i - 1] in _ID_NAMES
-        if _ID_SEGMENT.match(segment) or (after_collection and not _VERB.match(segment)):
-            segments[i] = _ID_NAMES.get(segments[i - 1], ":id") if i else ":id"
-    return "/".join(segments)
+ID = ":id"   # a segment no template or vocabulary knows, in a path no template matches
+
+
+@dataclass(eq=False, slots=True)
+class _Node:
+    literals: dict[str, _Node] = field(default_factory=dict)
+    params: dict[str, _Node] = field(default_factory=dict)   # `:name` → the rest, for each name used here
+    template: str | None = None
+
+
+class RouteShapes:
+    """One upstream's route templates (`/open-apis/im/v1/messages/:message_id/reply`), as a trie of segments.
+
+    A path a template matches gets that template, literal segments preferred over `:params`. Any other path (an API
+    newer than the table, a typo) keeps only segments some template spells out and reads `:id` for the rest: a
+    segment is kept because the platform names it, never because it looks like a word (`zhangsan` does).
+    """
+
+    def __init__(self, templates: Iterable[str], cache: int = 4096) -> None:
+        self._root = _Node()
+        self._words: set[str] = set()
+        for template in templates:
+            self._add(template)
+        self._cache: dict[str, str] = {}   # path → template: the same paths come back again and again
+        self._cache_size = cache
+
+    @classmethod
+    def parse(cls, text: str) -> RouteShapes:
+        """One template a line; `#` starts a comment line."""
+        return cls(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+    def _add(self, template: str) -> None:
+        node = self._root
+        for segment in template.split("/")[1:]:
+            if segment.startswith(":"):
+                node = node.params.setdefault(segment, _Node())
+            else:
+                self._words.add(segment)
+                node = node.literals.setdefault(segment, _Node())
+        node.template = template
+
+    def templates(self) -> list[str]:
+        """Every template this table holds."""
+        found, pending = [], [self._root]
+        while pending:
+            node = pending.pop()
+            if node.template is not None:
+                found.append(node.template)
+            pending.extend([*node.literals.values(), *node.params.values()])
+        return found
+
+    def template(self, path: str) -> str:
+        found = self._cache.get(path)
+        if found is None:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()   # bounded: a flood of distinct IDs only costs the matching again
+            found = self._cache[path] = self._match(path)
+        return found
+
+    def _match(self, path: str) -> str:
+        segments = path.split("/")[1:]
+        matched = _walk(self._root, segments)
+        if matched is not None:
+            return matched
+        return "/" + "/".join(s if s in self._words or not s else ID for s in segments)
+
+
+def _walk(node: _Node, segments: list[str]) -> str | None:
+    if not segments:
+        return node.template
+    head, rest = segments[0], segments[1:]
+    literal = node.literals.get(head)
+    if literal is not None:
+        found = _walk(literal, rest)
+        if found is not None:
+            return found
+    if head:
+        for child in node.params.values():
+            found = _walk(child, rest)
+            if found is not None:
+                return found
+    return None
 
 
 class RouteLabels:
     """Route templates as metric label values, capped per app so no traffic can grow the series count."""
 
-    def __init__(self, limit: int = 200, known: Iterable[str] = (), paths: int = 4096) -> None:
+    def __init__(self, limit: int = 200, known: Iterable[str] = ()) -> None:
         self._limit = limit
         self._seen: dict[str, str] = {t: t for t in known}
-        self._templates: dict[str, str] = {}   # path → template: the same paths come back again and again
-        self._paths = paths
-
-    def template(self, path: str) -> str:
-        template = self._templates.get(path)
-        if template is None:
-            if len(self._templates) >= self._paths:
-                self._templates.clear()   # bounded: a flood of distinct IDs only costs the regexes again
-            template = self._templates[path] = route_template(path)
-        return template
 
     def label(self, template: str) -> str:
         if template in self._seen:

@@ -35,7 +35,5 @@ class Secret:
 
 
 def mask(value: str) -> str:
-    """Length-free masking: enough to tell two secrets apart in a summary, too little to use."""
-    if len(value) < 12:
-        return "****"
-    return f"{value[:2]}****{value[-2:]}"
+    """No character of the secret and not its length: summaries say only that one is set."""
+    return "****" if value else ""

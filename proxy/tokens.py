@@ -61,8 +61,8 @@ class TokenSource:
 
     def __init__(self, fetch: Fetch, clock: Clock, settings: TokenSettings, *,
                  observe: Observer = lambda result: None, rng: Callable[[], float] = random.random,
-                 on_invalid: Refusal = lambda value: None) -> None:
-        self._fetch, self._clock, self._settings = fetch, clock, settings
+                 on_invalid: Refusal = lambda value: None, app: str = "") -> None:
+        self._fetch, self._clock, self._settings, self._app = fetch, clock, settings, app   # app: for log lines
         self._observe, self._rng, self._on_invalid = observe, rng, on_invalid
         self._held: HeldToken | None = None
         self._inflight: asyncio.Task[HeldToken] | None = None
@@ -153,7 +153,7 @@ class TokenSource:
                 await self.refresh(tries=1)
                 waits = fetch_waits(base=1.0, cap=60.0)
             except TokenUnavailable as exc:
-                log.warning("token refresh failed, will retry: %s", exc)
+                log.warning("app %s: token refresh failed, will retry: %s", self._app, exc)
             except asyncio.CancelledError:
                 raise
             except Exception:   # a refresher must outlive any single surprise

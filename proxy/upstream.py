@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.egress import Egress, EgressSettings
 from proxy.errors import NETWORK_ERRORS, AttemptFailed, translate
 from proxy.watchdog import Watchdog
 
@@ -54,8 +55,10 @@ class Answer:
 
 
 class UpstreamClient:
-    def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256) -> None:
+    def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256,
+                 egress: Egress | None = None) -> None:
         self.base_url = base_url
+        self._egress = egress or Egress(EgressSettings())   # the proxy (or none) every connection goes through
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
@@ -64,9 +67,9 @@ class UpstreamClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+            self._session = self._egress.session(
+                limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
+                auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
             )
         return self._session

@@ -40,6 +40,7 @@ apps:
       - {{upstream: open, listen: "127.0.0.1:{feishu_port}"}}   # lark-oapi takes an origin only, no path
     retry: {retry}
     ratelimit: {ratelimit}
+    breaker: {breaker}
   - name: ops-ding
     platform: dingtalk
     app_key: ding_test
@@ -53,6 +54,7 @@ apps:
       - {{upstream: api, listen: "127.0.0.1:{api_port}"}}
     retry: {retry}
     ratelimit: {ratelimit}
+    breaker: {breaker}
 """
 
 
@@ -142,10 +144,10 @@ DEFAULT_RETRY = "{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 2s}"
 
 
 def make_config(platforms: Platforms, extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
-                ratelimit: str = "{enabled: true}", **env: str) -> tuple[config.Config, dict[str, int]]:
+                ratelimit: str = "{enabled: true}", breaker: str = "{}", **env: str) -> tuple[config.Config, dict[str, int]]:
     ports = dict(zip(("listen", "admin", "api_port", "feishu_port"), distinct_ports(4)))
     text = BASE_CONFIG.format(feishu=platforms.feishu_url, oapi=platforms.oapi_url, api=platforms.api_url,
-                              limits=limits, retry=retry, ratelimit=ratelimit, **ports) + extra
+                              limits=limits, retry=retry, ratelimit=ratelimit, breaker=breaker, **ports) + extra
     environment = {"FEISHU_SECRET": FEISHU_SECRET, "DING_SECRET": DING_SECRET, **env}
     return config.loads(text, env=environment), ports
 
@@ -168,8 +170,8 @@ async def start_sidecar(platforms: Platforms, clock: Clock) -> AsyncIterator[Sid
     started: list[Sidecar] = []
 
     async def start(extra: str = "", limits: str = "{deadline: 5s}", retry: str = DEFAULT_RETRY,
-                    ratelimit: str = "{enabled: true}", **kwargs: Any) -> Running:
-        cfg, ports = make_config(platforms, extra, limits, retry, ratelimit)
+                    ratelimit: str = "{enabled: true}", breaker: str = "{}", **kwargs: Any) -> Running:
+        cfg, ports = make_config(platforms, extra, limits, retry, ratelimit, breaker)
         registry = CollectorRegistry()
         sidecar = Sidecar(cfg, clock=kwargs.get("clock", clock), registry=registry)
         await sidecar.start()

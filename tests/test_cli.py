@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import signal
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import unused_port
+
+from proxy.cli import fault_share, main
+from proxy.demo import banner
 
 from tests.conftest import FEISHU_SECRET, Platforms, wait_ready
 
@@ -40,6 +45,8 @@ apps:
     platforms.feishu.faults.hang_seconds = 0.5
     async with aiohttp.ClientSession() as http:
         await wait_ready(http, f"http://127.0.0.1:{admin}/readyz", process)
+        async with http.get(f"http://127.0.0.1:{admin}/healthz") as r:   # uvloop whenever it is installed
+            assert (await r.json())["event_loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
         platforms.feishu.faults.script.append("hang")
         slow = asyncio.create_task(http.post(f"http://127.0.0.1:{listen}/sales-bot/open-apis/im/v1/messages", json=MESSAGE))
         await asyncio.sleep(0.2)   # the request is now waiting on the platform
@@ -69,3 +76,12 @@ async def test_demo_needs_no_credentials_and_stops_cleanly() -> None:
     stdout, _ = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0
     assert f"http://127.0.0.1:{listen}/demo-feishu" in stdout.decode() and "curl" in stdout.decode()
+
+
+def test_demo_faults_take_a_share_or_a_percentage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fault_share("0.05") == 0.05 and fault_share("5%") == 0.05 and fault_share("1") == 1.0
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--faults", "5"])
+    assert exited.value.code == 2
+    assert "'5' is not a share between 0 and 1 (0.05) or a percentage (5%)" in capsys.readouterr().err
+    assert "5% of platform calls fail" in banner("127.0.0.1:8080", "127.0.0.1:9464", 0.05)

@@ -73,6 +73,7 @@ def test_loose_units_are_normalised() -> None:
     c = config.loads("limits: {deadline: 2500ms, max_request_bytes: 2MiB}\n"
                      "apps: [{name: l, platform: lark, app_id: i, app_secret: s, retry: {per_try_timeout: 2}}]", env={})
     assert c.limits.deadline == 2.5 and c.limits.max_request_bytes == 2 * 1024 * 1024
+    assert c.limits.replay_buffer_bytes == 2 * 1024 * 1024   # the default buffer never exceeds the limit
     assert c.apps[0].retry.per_try_timeout == 2.0
 
 
@@ -97,10 +98,26 @@ def test_loose_units_are_normalised() -> None:
     ("apps: [{name: a, platform: feishu, app_id: i, app_secret: s, expose: [{upstream: open, listen: 0.0.0.0:9464}]}]",
      "apps[0].expose: port 9464 is the admin port"),
     ("bogus: 1\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]", "bogus: unknown key"),
+    ("limits: {deadline: 0}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "limits.deadline: must be more than zero"),
+    ("tokens: {refresh_margin: 3h}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "tokens.refresh_margin: must be under 30m"),
+    ("tokens: {refresh_margin: 30m}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "tokens.refresh_margin: must be under 30m"),
+    ("limits: {max_request_bytes: 1MiB, replay_buffer_bytes: 4MiB}\n"
+     "apps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+     "limits.replay_buffer_bytes: is larger than max_request_bytes (1048576 bytes)"),
 ])
 def test_each_problem_is_named_by_its_path(text: str, expected: str) -> None:
     found = problems(text, env={})
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_the_limits_at_their_edges_are_accepted() -> None:
+    c = config.loads("limits: {deadline: 1ms, max_request_bytes: 4MiB, replay_buffer_bytes: 4MiB}\n"
+                     "tokens: {refresh_margin: 29m}\napps: [{name: a, platform: feishu, app_id: i, app_secret: s}]",
+                     env={})
+    assert c.limits.deadline == 0.001 and c.tokens.refresh_margin == 29 * 60
 
 
 def test_all_problems_are_reported_at_once() -> None:
@@ -118,7 +135,45 @@ def test_check_config_masks_secrets_and_exits_0(tmp_path: Path, secret_file: Pat
     out = capsys.readouterr().out
     assert "sales-bot" in out and "http://127.0.0.1:8082/... -> https://gw.example.internal/dingtalk" in out
     assert "feishu-secret-from-file-9876" not in out and ENV["DINGTALK_APP_SECRET"] not in out
-    assert "fe****76" in out
+    assert "secret=**** " in out and "fe" not in out.split("secret=")[1][:6]   # not a character of it
+
+
+SECRETS = {name: f"Zq{i}Xw{i}Vk{i}Jp{i}" for i, name in enumerate(
+    ("FEISHU_SECRET", "ROBOT_TOKEN", "ROBOT_SECRET", "HOOK_TOKEN", "VERIFY", "ENCRYPT", "PROXY_PASSWORD", "STREAM_SECRET"))}
+EVERYTHING = """
+listen: 127.0.0.1:8080
+admin_listen: 0.0.0.0:9464
+readiness: {wait_for_tokens: true}
+egress: {proxy: "http://proxy.corp.example:3128", username: svc, password: "${PROXY_PASSWORD}", no_proxy: [.corp]}
+apps: [{name: lark-bot, platform: lark, app_id: cli_l, app_secret: "${FEISHU_SECRET}"}]
+robots:
+  targets:
+    - {name: ops, platform: dingtalk, token: "${ROBOT_TOKEN}", secret: "${ROBOT_SECRET}", keyword: alert}
+    - {name: dev, platform: feishu, webhook: "https://open.feishu.cn/open-apis/bot/v2/hook/${HOOK_TOKEN}"}
+events:
+  listen: 0.0.0.0:8090
+  apps:
+    - {name: fs-cb, platform: feishu, app_id: cli_e, verification_token: "${VERIFY}", encrypt_key: "${ENCRYPT}",
+       deliver_to: "http://127.0.0.1:3000/events"}
+    - {name: lark-stream, platform: lark, mode: stream, app_id: cli_s, app_secret: "${STREAM_SECRET}",
+       deliver_to: "http://127.0.0.1:3000/events"}
+"""
+
+
+def test_the_summary_covers_robots_events_and_egress_and_shows_no_character_of_a_secret() -> None:
+    from proxy.cli import summary
+
+    text = summary(config.loads(EVERYTHING, env=SECRETS))
+    assert "then waits for every app's first token (readiness.wait_for_tokens)" in text
+    assert "egress https/wss via http://proxy.corp.example:3128 as svc (password ****), http/ws via" in text
+    assert "app lark-bot (lark) id=cli_l secret=**** token=tenant" in text
+    assert "-> https://open.larksuite.com" in text
+    assert "robot ops (dingtalk) -> https://oapi.dingtalk.com/**** (signed, keyword 'alert')" in text
+    assert "robot dev (feishu) -> https://open.feishu.cn/**** (unsigned)" in text
+    assert "events fs-cb (feishu) callback /events/fs-cb -> http://127.0.0.1:3000/events" in text
+    assert "events lark-stream (feishu) stream from https://open.larksuite.com -> http://127.0.0.1:3000/events" in text
+    for value in SECRETS.values():
+        assert not any(value[i:i + 3] in text for i in range(len(value) - 2)), value   # not three characters
 
 
 def test_bad_config_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path: Path,
@@ -150,3 +205,14 @@ def test_shipped_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         text = path.read_text().replace("/var/run/secrets/feishu/app_secret", str(secret))
         loaded = config.loads(text, env=env)
         assert loaded.apps or loaded.robots, path.name
+
+
+def test_the_full_example_pins_no_adaptive_parameter(tmp_path: Path) -> None:
+    """config/imsidecar.yaml lists every key; one set there would be pinned and stop adapting for every app."""
+    secret = tmp_path / "app_secret"
+    secret.write_text("s3cret-from-a-mounted-file")
+    text = (Path(__file__).parent.parent / "config" / "imsidecar.yaml").read_text()
+    loaded = config.loads(text.replace("/var/run/secrets/feishu/app_secret", str(secret)),
+                          env={"FEISHU_APP_ID": "cli_x", "DINGTALK_APP_KEY": "k", "DINGTALK_APP_SECRET": "y" * 16})
+    assert [(app.name, app.retry.adaptive, app.retry.pinned) for app in loaded.apps] == [
+        ("sales-bot", True, frozenset()), ("ops-ding", True, frozenset())]

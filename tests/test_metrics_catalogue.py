@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.events.metrics import EventMetrics
@@ -15,6 +15,7 @@ from proxy.robots.metrics import RobotMetrics
 
 CATALOGUE = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 ROW = re.compile(r"^\| `(imsidecar_\w+)` \| (\w+) \| ([^|]*) \|", re.MULTILINE)
+STANDARD_COLLECTORS = (ProcessCollector, PlatformCollector, GCCollector)
 SUFFIX = {"counter": "_total", "info": "_info"}   # the name a user queries, as the exposition writes it
 
 
@@ -26,6 +27,8 @@ def registered() -> dict[str, tuple[str, frozenset[str]]]:
     EventMetrics(registry)
     found = {}
     for collector in list(registry._collector_to_names):   # the registry's own index of what it holds
+        if isinstance(collector, STANDARD_COLLECTORS):
+            continue   # process_* and python_*: prometheus_client's own, documented in prose
         assert isinstance(collector, MetricWrapperBase), collector
         labels = set(collector._labelnames)
         for family in collector.collect():   # an Info's label (version) exists only on its sample

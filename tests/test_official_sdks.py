@@ -51,3 +51,34 @@ async def test_alibabacloud_dingtalk_calls_the_new_api_through_its_own_port(side
     assert token == "imsidecar-managed"
     assert nick == "Zhang San"
     assert platforms.dingtalk.calls[-1] == ("/v1.0/contact/users/manager001", True)
+
+
+async def test_each_sdk_can_shorten_the_sidecars_deadline_below_its_own_read_timeout(
+        sidecar: Running, platforms: Platforms) -> None:
+    """The README's snippets: X-Imsidecar-Timeout through lark-oapi's RequestOption headers and through the DingTalk
+    SDK's common_headers. The platform hangs; each call ends as the sidecar's 504 rather than the SDK's timeout."""
+    platforms.feishu.faults.hang_seconds = platforms.dingtalk.faults.hang_seconds = 1.0
+    platforms.feishu.faults.script.append("hang")
+    client = (lark.Client.builder().app_id("placeholder-app-id").app_secret("placeholder")
+              .domain(sidecar.feishu_base).log_level(lark.LogLevel.ERROR).build())
+    body = (CreateMessageRequestBody.builder().receive_id("oc_sdk").msg_type("text")
+            .content(json.dumps({"text": "slow"})).build())
+    request = CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build()
+    option = lark.RequestOption.builder().headers({"X-Imsidecar-Timeout": "300ms"}).build()
+    response = await asyncio.to_thread(client.im.v1.message.create, request, option)
+    assert response.code == 9990504, (response.code, response.msg)
+
+    platforms.dingtalk.faults.script.append("hang")
+    code = await asyncio.to_thread(dingtalk_with_deadline, sidecar.api_base, "300ms")
+    assert code == "imsidecar.deadlineExceeded"
+
+
+def dingtalk_with_deadline(api_base: str, deadline: str) -> str:
+    from Tea.exceptions import TeaException
+
+    headers = contact_models.GetUserHeaders(common_headers={"X-Imsidecar-Timeout": deadline})
+    try:
+        ContactClient(dingtalk_config(api_base)).get_user_with_options("manager001", headers, util_models.RuntimeOptions())
+    except TeaException as exc:
+        return str(exc.code)
+    return "answered"

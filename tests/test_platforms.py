@@ -116,3 +116,17 @@ def test_token_goes_where_each_platform_wants_it() -> None:
     FEISHU.attach_token("open", headers, "", "t-1")
     assert headers["Authorization"] == "Bearer t-1"
     assert with_query_param("", "k", "v/1") == "k=v%2F1"
+
+
+@pytest.mark.parametrize(("code", "msg", "says"), [
+    (10014, "app id not exists", "app_id i is not an app of Feishu (code 10014: app id not exists); if it was "
+                                 "created on Lark (open.larksuite.com), set platform: lark"),
+    (1000040351, "Incorrect domain name", "set platform: lark"),
+    (10014, "app secret invalid", "app_id or app_secret rejected (code 10014: app secret invalid)"),
+])
+def test_a_token_refusal_says_when_the_app_belongs_to_the_other_brand(code: int, msg: str, says: str) -> None:
+    from proxy.platforms.base import TokenFetchError
+
+    with pytest.raises(TokenFetchError) as refused:
+        FEISHU.parse_token("tenant", 200, body(code=code, msg=msg))
+    assert says in str(refused.value) and refused.value.permanent

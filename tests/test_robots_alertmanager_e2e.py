@@ -93,7 +93,9 @@ async def test_a_firing_alert_reaches_both_robots_once_signed_and_rendered(alert
     session, base = alertmanager
     dingtalk, feishu, _, _ = robots
     alert = {"labels": {"alertname": "ImsidecarRetryRate", "severity": "critical", "job": "imsidecar"},
-             "annotations": {"summary": "retries above 20% of requests"}, "generatorURL": "http://prom/graph?g0"}
+             "annotations": {"summary": "retries above 20% of requests", "description": "The platform is failing.",
+                             "runbook_url": "https://runbooks.example.com/imsidecar/runbook.md#imsidecarretryratiohigh"},
+             "generatorURL": "http://prom/graph?g0"}
     async with session.post(f"{base}/api/v2/alerts", json=[alert]) as response:
         assert response.status == 200, await response.text()
 
@@ -107,6 +109,8 @@ async def test_a_firing_alert_reaches_both_robots_once_signed_and_rendered(alert
     assert dt.body["msgtype"] == "markdown"
     text = dt.body["markdown"]["text"]
     assert "ImsidecarRetryRate" in text and "retries above 20% of requests" in text and "@13800000000" in text
+    assert "The platform is failing." in text and "UTC+08:00" in text   # Alertmanager's startsAt, in Asia/Shanghai
+    assert "[Runbook](https://runbooks.example.com/imsidecar/runbook.md#imsidecarretryratiohigh)" in text
     assert dt.body["at"]["atMobiles"] == ["13800000000"]
 
     fs = feishu.log.accepted[0].body

@@ -140,6 +140,21 @@ async def test_a_robot_throttled_by_someone_else_is_held_for_the_penalty(deliver
     assert dingtalk.log.accepted == [] and not dingtalk.log.script
 
 
+async def test_a_retry_is_counted_only_when_it_is_sent(delivery, dingtalk, clock, registry):
+    """After 410100 the robot is held for 10 minutes: the retry the loop decided on never goes out, so it is not
+    counted; after the last of five 503s no retry follows either."""
+    dingtalk.log.answer_next((200, {"errcode": 410100, "errmsg": "send too fast"}))
+    with pytest.raises(RateLimited):
+        await drive(clock, delivery.send(dingtalk.target, markdown("alert"), deadline=30))
+    assert not registry.get_sample_value("imsidecar_robot_retries_total", {"target": "ops", "reason": "errcode_410100"})
+    await clock.advance(601)   # the penalty is over
+    dingtalk.log.answer_next(*[(503, {})] * 6)
+    with pytest.raises(Unavailable):
+        await drive(clock, delivery.send(dingtalk.target, markdown("alert"), deadline=clock.now() + 60))
+    assert len(dingtalk.log.script) == 1   # five tries (max_attempts), one canned answer left
+    assert registry.get_sample_value("imsidecar_robot_retries_total", {"target": "ops", "reason": "http_503"}) == 4
+
+
 async def test_endless_server_errors_end_in_unavailable_within_the_deadline(delivery, dingtalk, clock):
     dingtalk.log.answer_next(*[(503, {})] * 10)
     with pytest.raises(Unavailable) as caught:

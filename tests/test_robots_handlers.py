@@ -137,3 +137,22 @@ async def test_dispatch_serves_our_paths_on_a_low_level_server_and_passes_the_re
     assert (await drive(clock, client.get("/alerts/dev"))).status == 405
     assert (await drive(clock, client.post("/open-apis/im/v1/messages", json={}))).status == 299
     assert len(fakes[1].log.accepted) == 1
+
+
+async def test_alertmanager_resending_a_failed_notification_counts_its_failure_once(client, fakes, clock, registry):
+    """Alertmanager retries a 5xx and sends the notification again each group_interval: three tries, two failing,
+    are one notification that failed and was then recovered, not three messages with two failures."""
+    fakes[0].log.answer_next(*[(502, {})] * 10)   # the first two tries use up five attempts each
+    notification = payload(alert())
+    assert (await post(clock, client, "/alerts/ops", json=notification))[0] == 503
+    assert (await post(clock, client, "/alerts/ops", json=notification))[0] == 503
+    assert (await post(clock, client, "/alerts/ops", json=notification))[0] == 200
+    assert (await post(clock, client, "/alerts/ops", json=payload(alert("Other"))))[0] == 200
+
+    def value(name: str, result: str) -> float | None:
+        return registry.get_sample_value(name, {"target": "ops", "result": result})
+    assert value("imsidecar_robot_messages_total", "unavailable") == 1
+    assert value("imsidecar_robot_messages_total", "delivered") == 1   # the other notification
+    assert value("imsidecar_robot_resends_total", "unavailable") == 1
+    assert value("imsidecar_robot_resends_total", "delivered") == 1
+    assert value("imsidecar_robot_messages_total", "refused") == 0     # every result's series exists at zero

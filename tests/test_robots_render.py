@@ -5,6 +5,8 @@ import pytest
 from proxy.robots.errors import BadMessage
 from proxy.robots.platforms import PLATFORMS, encode
 from proxy.robots.render import parse_notification, render
+from zoneinfo import ZoneInfo
+
 from proxy.robots.settings import Mentions, RobotTarget, Templates
 from proxy.secret import Secret
 
@@ -28,8 +30,8 @@ def test_a_firing_alert_becomes_dingtalk_markdown_with_its_facts_and_links():
     msg = render(parse_notification(payload(alert())), target())
     text = msg["markdown"]["text"]
     assert msg["msgtype"] == "markdown" and msg["markdown"]["title"] == "[FIRING:1] HighErrorRate"
-    for fact in ("HighErrorRate", "critical", "HighErrorRate is over 5%", "job=api", "2024-05-01 10:00:00 UTC",
-                 "[Source](http://prom/graph?g0)"):
+    for fact in ("HighErrorRate", "critical", "HighErrorRate is over 5%", "job=api",
+                 "2024-05-01 18:00:00 UTC+08:00", "[Source](http://prom/graph?g0)"):   # Asia/Shanghai by default
         assert fact in text
 
 
@@ -102,3 +104,30 @@ def test_templates_override_the_layout():
 def test_malformed_payloads_are_rejected(bad):
     with pytest.raises(BadMessage):
         parse_notification(bad)
+
+
+@pytest.mark.parametrize("platform", ["dingtalk", "feishu"])
+def test_a_resolved_alert_says_what_it_means_where_the_runbook_is_and_when_it_ended(platform):
+    resolved = alert(status="resolved", endsAt="2024-05-01T11:05:30Z", annotations={
+        "summary": "retries at 20%", "description": "The platform is failing; see retries by reason.",
+        "runbook_url": "https://runbooks.example.com/imsidecar.md#imsidecarretryratiohigh"})
+    shown = json.dumps(render(parse_notification(payload(resolved, status="resolved")), target(platform)),
+                       ensure_ascii=False)
+    for fact in ("retries at 20%", "The platform is failing; see retries by reason.",
+                 "[Runbook](https://runbooks.example.com/imsidecar.md#imsidecarretryratiohigh)",
+                 "Started: 2024-05-01 18:00:00 UTC+08:00", "Ended: 2024-05-01 19:05:30 UTC+08:00 (after 1h 5m)"):
+        assert fact in shown, fact
+
+
+def test_times_follow_the_targets_time_zone_and_templates_get_the_new_fields():
+    templates = Templates(alert="${starts_at} / ${ends_at} / ${duration} / ${runbook_url}")
+    resolved = alert(status="resolved", endsAt="2024-05-01T10:00:40Z", annotations={"runbook_url": "https://r#a"})
+    msg = render(parse_notification(payload(resolved, status="resolved")),
+                 target(timezone=ZoneInfo("UTC"), templates=templates))
+    assert "2024-05-01 10:00:00 UTC+00:00 / 2024-05-01 10:00:40 UTC+00:00 / 40s / https://r#a" in msg["markdown"]["text"]
+
+
+def test_a_description_that_only_repeats_the_summary_is_shown_once():
+    same = alert(annotations={"description": "disk full"})   # no summary: the description stands in for it
+    text = render(parse_notification(payload(same)), target())["markdown"]["text"]
+    assert text.count("disk full") == 1

@@ -43,7 +43,7 @@ def test_every_problem_is_named_by_its_path():
         {"name": "d", "platform": "dingtalk", "token": "t"},
     ]})
     assert settings is None
-    assert "robots.targets[0].platform: 'slack' is not one of dingtalk, feishu" in problems
+    assert "robots.targets[0].platform: 'slack' is not one of dingtalk, feishu, lark" in problems
     assert "robots.targets[1].colour: unknown key" in problems
     assert "robots.targets[1]: give exactly one of webhook, webhook_file, token, token_file" in problems
     assert "robots.targets[2].mention.mobiles: Feishu robots mention by open_id; use user_ids" in problems
@@ -95,3 +95,19 @@ def test_problems_elsewhere_in_the_shared_list_do_not_spoil_a_sound_section():
                                ["apps[0].name: is required"])
     assert settings is not None and set(settings.targets) == {"a"}
     assert problems == ["apps[0].name: is required"]
+
+
+def test_alert_times_default_to_asia_shanghai_and_follow_the_section_then_the_target():
+    settings, problems = parse({"timezone": "Europe/Berlin", "targets": [
+        {"name": "ops", "platform": "dingtalk", "token": "t"},
+        {"name": "dev", "platform": "feishu", "token": "t", "timezone": "UTC"}]})
+    assert problems == [] and settings is not None
+    assert str(settings.targets["ops"].timezone) == "Europe/Berlin" and str(settings.targets["dev"].timezone) == "UTC"
+    default, _ = parse({"targets": [{"name": "ops", "platform": "dingtalk", "token": "t"}]})
+    assert default is not None and str(default.targets["ops"].timezone) == "Asia/Shanghai"
+
+
+def test_an_unknown_time_zone_is_named_by_its_path():
+    _, problems = parse({"targets": [{"name": "ops", "platform": "dingtalk", "token": "t", "timezone": "Mars/Base"}]})
+    assert problems == ["robots.targets[0].timezone: unknown time zone 'Mars/Base'; use an IANA name such as "
+                        "Asia/Shanghai"]

@@ -122,6 +122,20 @@ async def test_rejected_credentials_fail_at_once_and_plainly() -> None:
     assert tokens.last_error and "rejected" in tokens.last_error
 
 
+async def test_a_failed_background_refresh_is_logged_with_the_apps_name(caplog: pytest.LogCaptureFixture) -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    tokens = TokenSource(platform.fetch, clock, TokenSettings(), rng=lambda: 0.5, app="sales-bot")
+    await tokens.get()
+    tokens.start()
+    await settle()   # the refresher is now asleep until the refresh margin
+    platform.failures = [TokenFetchError("token endpoint unreachable (ClientConnectorError)", permanent=False)]
+    await clock.advance(7200 - 600)
+    assert "app sales-bot: token refresh failed, will retry: token endpoint unreachable (ClientConnectorError)" in [
+        record.getMessage() for record in caplog.records]
+    await tokens.stop()
+
+
 async def test_refresh_failure_keeps_serving_the_valid_token_and_retries() -> None:
     clock = VirtualClock()
     platform = Platform(clock)

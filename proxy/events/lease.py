@@ -149,7 +149,9 @@ class LeaseKeeper:
                         self.app, self.role)
         elif not await self._lease.renew():
             self._set(False, "lost")
-            log.warning("events: app %s: %s lease lost to another replica", self.app, self.role)
+            log.warning("events: app %s: the %s lease expired before it was renewed (this process stalled longer "
+                        "than its TTL, or Redis lost it); taking it again unless another replica has", self.app,
+                        self.role)
 
     def _set(self, held: bool, reason: str) -> None:
         self.held = held

@@ -32,6 +32,7 @@ class FakeFeishu:
     apps: dict[str, str] = field(default_factory=lambda: {"cli_demo": "demo-secret-feishu"})
     clock: Clock = field(default_factory=SystemClock)
     faults: Faults = field(default_factory=Faults)
+    token_faults: Faults = field(default_factory=Faults)   # the token endpoint's own (an outage of the platform)
     quota_per_second: int | None = None          # per app per API, like the platform's frequency control
     tokens: dict[str, IssuedToken] = field(default_factory=dict)
     current: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -91,13 +92,18 @@ class FakeFeishu:
         return app
 
     def token_endpoint(self, kind: str):  # type: ignore[no-untyped-def]
-        async def handler(request: web.Request) -> web.Response:
+        async def handler(request: web.Request) -> web.StreamResponse:
             self.token_calls += 1
             await asyncio.sleep(self.token_delay)
+            early = await self.fault_before(request, self.token_faults.pick(request.path))
+            if early is not None:
+                return early
             body = await request.json()
             app_id, secret = body.get("app_id"), body.get("app_secret")
-            if app_id not in self.apps:
-                return answer(10003, "invalid param: app_id")
+            if not isinstance(app_id, str) or not app_id.startswith("cli_") or not isinstance(secret, str):
+                return answer(10003, "invalid param")
+            if app_id not in self.apps:   # a well-formed id of no app here (a Lark app sent to Feishu, the reverse)
+                return answer(10014, "app id not exists")
             if self.apps[app_id] != secret:
                 return answer(10014, "app secret invalid")
             token, expire = self.issue(app_id, "tenant")

@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from proxy.config import AppConfig, CodeOverrides
 from proxy.outcome import Outcome, Signal, Verdict
+from proxy.routing import RouteShapes
 
 # Sidecar error codes, in every platform's error shape. Chosen far from both platforms' ranges.
 NO_ROUTE = 9_990_404
@@ -114,9 +115,22 @@ class Platform(ABC):
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         """A sidecar error in this platform's own shape."""
 
+    @abstractmethod
+    def routes(self, upstream: str) -> RouteShapes:
+        """The route templates of one of this platform's upstreams."""
+
+    def route_template(self, upstream: str, path: str) -> str:
+        """The path with its IDs replaced by the template's names: a bounded metric label, never an ID."""
+        return self.routes(upstream).template(path)
+
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         """Where this route takes an idempotency key, if it takes one."""
         return None
+
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        """Every `reason` a retry to `upstream` can carry that is known before it happens (metric series at 0)."""
+        added = self.codes.retryable | self.codes.throttled
+        return GENERIC_RETRY_REASONS + tuple(f"code_{code}" for code in sorted(added))
 
     # Shared helpers ------------------------------------------------------------------------------------------
 
@@ -138,6 +152,9 @@ def lookup_override(codes: CodeOverrides, code: str) -> Outcome | None:
 
 
 SUCCESS = Verdict(Outcome.SUCCESS, "ok", Signal.OK)   # the common answer, built once
+# The reasons of retried verdicts on every platform: proxy/errors.py's network failures, then verdict_for_status.
+GENERIC_RETRY_REASONS = ("connect_error", "timeout", "reset", "http_429", "http_500", "http_502", "http_503",
+                         "http_504", "http_5xx")
 _DEFAULT_SIGNAL = {Outcome.THROTTLED: Signal.THROTTLED, Outcome.RETRYABLE: Signal.SERVER_ERROR}
 
 

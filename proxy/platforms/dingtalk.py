@@ -11,6 +11,8 @@ from typing import Mapping
 from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Signal, Verdict
+from proxy.platforms.routes import shapes
+from proxy.routing import RouteShapes
 from proxy.platforms.base import (
     PLACEHOLDER, CODE_NAMES, SUCCESS, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
     load_json, number, parse_retry_after, verdict_for, verdict_for_status, with_query_param,
@@ -31,6 +33,10 @@ BUSY_NOT_PROCESSED = frozenset({"-1", "88"})   # -1 system busy; 88 with an empt
 API_TOKEN_INVALID = frozenset({"InvalidAuthentication", "Unauthorized"})
 API_THROTTLED = re.compile(r"^Forbidden\.AccessDenied\.(Qps|Qpm)Limit|^system\.?[bB]usy$|^systemBusy$")
 BAD_CREDENTIALS = frozenset({"invalidClientIdOrSecret", "40089", "40096"})
+# The retried reasons known up front (for metric series at 0): what the classification below names them.
+OAPI_RETRIED = THROTTLED | BUSY_NOT_PROCESSED | {"15"}
+API_RETRY_REASONS = ("ip_ban", "code_systemError", "code_system.busy", "code_systemBusy", *(
+    f"code_Forbidden.AccessDenied.{c}" for c in ("QpsLimitForAppkeyAndApi", "QpmLimitForAppkeyAndApi", "QpsLimitForApi")))
 
 
 class DingTalk(Platform):
@@ -128,6 +134,13 @@ class DingTalk(Platform):
             verdict = verdict_for_status(status, retry_after)
             return Verdict(verdict.outcome, reason, verdict.signal, verdict.processed, verdict.retry_after)
         return verdict_for(Outcome.PERMANENT, reason)
+
+    def routes(self, upstream: str) -> RouteShapes:
+        return shapes("dingtalk_api" if upstream == "api" else "dingtalk_oapi")
+
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        own = API_RETRY_REASONS if upstream == "api" else tuple(f"code_{c}" for c in sorted(OAPI_RETRIED))
+        return super().retry_reasons(upstream) + own
 
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         if upstream == "api":

@@ -1,6 +1,7 @@
 """Feishu and Lark: tenant/app tokens, `Authorization: Bearer`, `{code, msg}` answers and their codes.
 
-Owns every Feishu-specific rule the generic machinery needs; Lark differs only in its domain (config's concern).
+Owns every Feishu-specific rule the generic machinery needs. Lark differs in its domain (config's concern) and in
+which apps it knows: an app of one brand does not exist on the other, which the token error then says plainly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Mapping
 from multidict import CIMultiDict
 
 from proxy.outcome import Outcome, Verdict
+from proxy.platforms.routes import shapes
+from proxy.routing import RouteShapes
 from proxy.platforms.base import (
     PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
     number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
@@ -33,6 +36,12 @@ BUSY_MAYBE_PROCESSED = frozenset({"1500", "1663", "1668", "10101", "40006", "220
 # 10014 app secret invalid, 10015 app disabled / wrong secret, 10003 app_id invalid: no retry will fix them.
 BAD_CREDENTIALS = frozenset({"10003", "10014", "10015"})
 SUCCESS_PREFIX = b'{"code":0,'
+# 10014 "app id not exists": the token endpoint does not know the app_id, as when a Lark app's credentials go to
+# open.feishu.cn or the reverse. 1000040351 "Incorrect domain name": the same mistake, as the long-connection
+# endpoint and some APIs say it.
+APP_NOT_HERE = "app id not exist"
+WRONG_DOMAIN = "1000040351"
+BRANDS = {"feishu": ("Feishu", "open.feishu.cn"), "lark": ("Lark", "open.larksuite.com")}
 # Routes that take an idempotency key, by route template (open.feishu.cn API reference, per route).
 IDEMPOTENCY = {
     "/open-apis/im/v1/messages": KeySpot("body", "uuid"),                           # 1 h dedupe, ≤ 50 chars
@@ -62,6 +71,8 @@ class Feishu(Platform):
         code = code_text(answer.get("code"))
         if code != "0":
             msg = str(answer.get("msg", ""))[:200]
+            if code == WRONG_DOMAIN or (code == "10014" and APP_NOT_HERE in msg.lower()):
+                raise TokenFetchError(self._wrong_brand(code, msg), permanent=True)
             if code in BAD_CREDENTIALS:
                 raise TokenFetchError(f"app_id or app_secret rejected (code {code}: {msg})", permanent=True)
             raise TokenFetchError(f"token endpoint answered code {code}: {msg}", permanent=status < 500 and status != 429)
@@ -69,6 +80,13 @@ class Feishu(Platform):
         if not isinstance(value, str) or not value:
             raise TokenFetchError("token endpoint answered code 0 without a token", permanent=False)
         return TokenGrant(value, number(answer.get("expire")))
+
+    def _wrong_brand(self, code: str, msg: str) -> str:
+        here, _ = BRANDS.get(self.app.platform, BRANDS["feishu"])
+        other = "feishu" if self.app.platform == "lark" else "lark"
+        name, domain = BRANDS[other]
+        return (f"app_id {self.app.client_id} is not an app of {here} (code {code}: {msg}); "
+                f"if it was created on {name} ({domain}), set platform: {other}")
 
     def token_kind(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
         auth = headers.get("Authorization", "")
@@ -127,8 +145,15 @@ class Feishu(Platform):
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         return dump({"code": code, "msg": message})
 
+    def routes(self, upstream: str) -> RouteShapes:
+        return shapes("feishu")   # lark-oapi's templates; Lark's are the same
+
     def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
         return IDEMPOTENCY.get(route)
+
+    def retry_reasons(self, upstream: str) -> tuple[str, ...]:
+        retried = THROTTLED | BUSY_NOT_PROCESSED | BUSY_MAYBE_PROCESSED
+        return super().retry_reasons(upstream) + tuple(f"code_{code}" for code in sorted(retried))
 
 
 def _reset_after(headers: Mapping[str, str]) -> float | None:

@@ -42,37 +42,39 @@ class Delivery:
         self._session, self._clock, self._limiters = session, clock, limiters
         self._metrics, self._policy, self._rand = metrics, policy, rand
 
-    async def send(self, target: RobotTarget, message: Message, deadline: float) -> Receipt:
-        """Deliver or raise a RobotError; every outcome is counted once under the target's name."""
+    async def send(self, target: RobotTarget, message: Message, deadline: float, resend: bool = False) -> Receipt:
+        """Deliver or raise a RobotError; every outcome is counted once under the target's name (as a re-send when
+        the caller recognised a notification that failed before)."""
         started = self._clock.now()
         try:
             receipt = await self._send(target, message, deadline)
         except RobotError as exc:
-            self._metrics.finished(target.name, result_of(exc), self._clock.now() - started)
+            self._metrics.finished(target.name, result_of(exc), self._clock.now() - started, resend)
             raise
-        self._metrics.finished(target.name, "delivered", self._clock.now() - started)
+        self._metrics.finished(target.name, "delivered", self._clock.now() - started, resend)
         return receipt
 
     async def _send(self, target: RobotTarget, message: Message, deadline: float) -> Receipt:
         platform = PLATFORMS[target.platform]
         check_size(platform, platform.prepare(target, message, self._clock.wall())[1])
         limiter = self._limiters.get(target.name, target.platform)
-        waited = 0.0
+        waited, retry_of = 0.0, None
         for attempt in range(1, self._policy.max_attempts + 1):
             waited += await self._queue(target, limiter, deadline)
-            reading = await self._attempt(target, message, deadline)
+            reading = await self._attempt(target, message, deadline, retry_of)
             verdict = reading.verdict
             if verdict.outcome is Outcome.SUCCESS:
                 return Receipt(attempt, waited)
             if verdict.outcome is Outcome.PERMANENT:
                 raise Refused(f"{target.platform} robot {target.name!r}: {reading.cause}",
                               platform_code=reading.code or 990400, status=reading.status)
-            self._metrics.retried(target.name, verdict.reason)
+            retry_of = verdict.reason
             if verdict.outcome is Outcome.THROTTLED:
                 # Hold the whole robot, not just this request: DingTalk's 10-minute penalty covers every sender.
                 limiter.penalize(verdict.retry_after or max(1.0, self._backoff(attempt)))
                 continue
-            await self._back_off(target, reading, attempt, deadline)
+            if attempt < self._policy.max_attempts:   # no wait after the last try: the answer is due now
+                await self._back_off(target, reading, attempt, deadline)
         raise Unavailable(f"{target.platform} robot {target.name!r}: {reading.cause} (gave up after "
                           f"{self._policy.max_attempts} tries)", retry_after=self._policy.backoff_cap)
 
@@ -86,10 +88,12 @@ class Delivery:
         self._metrics.waited(target.name, waited)
         return waited
 
-    async def _attempt(self, target: RobotTarget, message: Message, deadline: float) -> Reading:
+    async def _attempt(self, target: RobotTarget, message: Message, deadline: float, retry_of: str | None) -> Reading:
         remaining = deadline - self._clock.now()
         if remaining <= 0:
             raise Unavailable(f"{target.platform} robot {target.name!r}: deadline reached", retry_after=1.0)
+        if retry_of is not None:   # a retry is counted when it is sent, not when it is decided (410100 never is)
+            self._metrics.retried(target.name, retry_of)
         platform = PLATFORMS[target.platform]
         url, body = platform.prepare(target, message, self._clock.wall())  # signed now: the sign ages (±1 h)
         timeout = aiohttp.ClientTimeout(total=min(self._policy.per_try_timeout, remaining))

@@ -11,7 +11,7 @@ import math
 import random
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -22,12 +22,14 @@ from proxy.robots.delivery import Delivery, DeliveryPolicy, Receipt
 from proxy.robots.errors import BadMessage, RateLimited, RobotError, Unavailable, UnknownTarget
 from proxy.robots.limiter import Limiters
 from proxy.robots.metrics import RobotMetrics
-from proxy.robots.platforms import PLATFORMS, Message
+from proxy.robots.platforms import PLATFORMS, RETRY_REASONS, Message
 from proxy.robots.render import parse_notification, render
+from proxy.robots.resends import FailedNotifications, notification_key
 from proxy.robots.settings import RobotsSettings, RobotTarget
 
 log = logging.getLogger("imsidecar.robots")
 
+T = TypeVar("T")
 ROBOT_ROUTE = "/robots/{name}"
 ALERT_ROUTE = "/alerts/{name}"
 
@@ -37,6 +39,8 @@ class RobotService:
 
     def __init__(self, settings: RobotsSettings, delivery: Delivery, clock: Clock, metrics: RobotMetrics) -> None:
         self._settings, self._delivery, self._clock, self._metrics = settings, delivery, clock, metrics
+        self._failed = FailedNotifications(clock)
+        metrics.prepare(settings.targets.values(), RETRY_REASONS)
 
     @classmethod
     def create(cls, settings: RobotsSettings, session: aiohttp.ClientSession, clock: Clock,
@@ -57,18 +61,31 @@ class RobotService:
         return await self._deliver(target, lambda: PLATFORMS[target.platform].validate(message))
 
     async def post_alerts(self, target: RobotTarget, payload: Any) -> Receipt:
-        """An Alertmanager or Grafana webhook payload, rendered as one message for the target."""
-        return await self._deliver(target, lambda: render(parse_notification(payload), target))
-
-    async def _deliver(self, target: RobotTarget, shape: Callable[[], Message]) -> Receipt:
+        """An Alertmanager or Grafana webhook payload, rendered as one message for the target. A notification that
+        failed and comes again (Alertmanager retries 5xx) is counted as a re-send, so its failure counts once."""
+        note = self._shape(target, lambda: parse_notification(payload))
+        key = notification_key(target.name, note)
         try:
-            message = shape()
+            receipt = await self._deliver(target, lambda: render(note, target), resend=self._failed.seen(key))
+        except RobotError:
+            self._failed.failed(key)
+            raise
+        self._failed.delivered(key)
+        return receipt
+
+    async def _deliver(self, target: RobotTarget, shape: Callable[[], Message], resend: bool = False) -> Receipt:
+        message = self._shape(target, shape)
+        if target.keyword:
+            message = PLATFORMS[target.platform].with_keyword(message, target.keyword)
+        return await self._delivery.send(target, message, self._clock.now() + self._settings.deadline, resend)
+
+    def _shape(self, target: RobotTarget, shape: Callable[[], T]) -> T:
+        """`shape()`, counting a malformed message (the caller's fault, never retried) under bad_message."""
+        try:
+            return shape()
         except BadMessage:
             self._metrics.finished(target.name, "bad_message", 0.0)
             raise
-        if target.keyword:
-            message = PLATFORMS[target.platform].with_keyword(message, target.keyword)
-        return await self._delivery.send(target, message, self._clock.now() + self._settings.deadline)
 
 
 def add_robot_routes(app: web.Application, service: RobotService) -> None:

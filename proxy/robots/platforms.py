@@ -123,7 +123,9 @@ FEISHU_RULES: dict[int, Rule] = {
                 403),
     19022: Rule(Outcome.PERMANENT, "the sidecar's IP is not in the bot's allow list", 403),
     19024: Rule(Outcome.PERMANENT, "the bot's keyword is missing from the message", 403),
-    19001: Rule(Outcome.PERMANENT, "Feishu rejected the request parameters (is the hook token right?)", 400),
+    # A hook token of a Lark group sent to open.feishu.cn (or the reverse) is unknown there, and reads the same.
+    19001: Rule(Outcome.PERMANENT, "Feishu rejected the request parameters (is the hook token right? a Lark group's "
+                "robot needs platform: lark, a Feishu group's platform: feishu)", 400),
     11232: Rule(Outcome.THROTTLED, "the bot is sending too fast"),
     11233: Rule(Outcome.THROTTLED, "the chat is receiving too fast"),
     11247: Rule(Outcome.THROTTLED, "the bot is sending too fast"),
@@ -182,6 +184,14 @@ class FeishuRobot:
 
 
 PLATFORMS: dict[Platform, RobotPlatform] = {"dingtalk": DingTalkRobot(), "feishu": FeishuRobot()}
+_RETRIED = (Outcome.RETRYABLE, Outcome.THROTTLED)
+# The reasons a robot retry can carry that are known up front (metric series at zero): network failures, the
+# statuses read_http retries, and each table's retried codes as _apply names them.
+RETRY_REASONS = (
+    "timeout", "connect_error", "connection_reset", "http_429", "http_500", "http_502", "http_503", "http_504",
+    *(f"errcode_{code}" for code, rule in DINGTALK_RULES.items() if rule.outcome in _RETRIED),
+    *(f"code_{code}" for code, rule in FEISHU_RULES.items() if rule.outcome in _RETRIED), "code_9499",
+)
 
 
 def check_size(platform: RobotPlatform, body: bytes) -> None:

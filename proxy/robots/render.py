@@ -5,9 +5,10 @@ it does not sign, send or rate-limit.
 
 Template fields (string.Template, `${name}`), overridable per target under `templates:`:
   title  — status, STATUS, alertname, firing, resolved, receiver, group_labels, title, severity
-  alert  — status, STATUS, alertname, severity, summary, description, labels, starts_at, ends_at,
-           generator_url, silence_url, dashboard_url, panel_url, value_string, fingerprint, links
-Missing values render as empty strings; `links` is the ready-made list of the URLs present.
+  alert  — status, STATUS, alertname, severity, summary, description, labels, starts_at, ends_at, duration,
+           runbook_url, generator_url, silence_url, dashboard_url, panel_url, value_string, fingerprint, links
+Missing values render as empty strings; `links` is the ready-made list of the URLs present (the runbook first).
+Times are written in the target's time zone (`timezone`, default Asia/Shanghai), with their UTC offset.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 from proxy.robots.errors import BadMessage
@@ -26,16 +27,10 @@ from proxy.robots.settings import ALERT_FIELDS, TITLE_FIELDS, Mentions, RobotTar
 
 FIELD_LIMIT = 1000     # characters of one label/annotation value; a stack trace in a summary stays readable
 SIZE_MARGIN = 1024     # bytes kept free for timestamp/sign, mentions, "+N more" and JSON overhead
-URL_FIELDS = (("generator_url", "Source"), ("silence_url", "Silence"), ("dashboard_url", "Dashboard"),
-              ("panel_url", "Panel"))
+URL_FIELDS = (("runbook_url", "Runbook"), ("generator_url", "Source"), ("silence_url", "Silence"),
+              ("dashboard_url", "Dashboard"), ("panel_url", "Panel"))
 
 DEFAULT_TITLE = "[${STATUS}${firing_suffix}] ${alertname}"
-DEFAULT_ALERT = {
-    "dingtalk": "**${alertname}** · ${severity} · ${STATUS}\n\n> ${summary}\n\n"
-                "- Started: ${starts_at}\n- Labels: ${labels}\n\n${links}",
-    "feishu": "**${alertname}** · ${severity} · ${STATUS}\n${summary}\n"
-              "Started: ${starts_at}\nLabels: ${labels}\n${links}",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +46,10 @@ class Alert:
     dashboard_url: str = ""
     panel_url: str = ""
     value_string: str = ""
+
+    @property
+    def runbook_url(self) -> str:
+        return self.annotations.get("runbook_url", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +130,39 @@ FRACTION = re.compile(r"\.\d+")
 
 
 def _time(value: Any) -> str:
-    """RFC 3339 (Alertmanager sends nanoseconds) → "2024-05-01 10:00:00 UTC"; the zero time → ""."""
+    """RFC 3339 as sent (Alertmanager writes nanoseconds); the zero time (an alert still firing) → ""."""
     text = _str(value)
-    if not text or text.startswith("0001-01-01"):
-        return ""
+    return "" if text.startswith("0001-01-01") else text
+
+
+def _moment(text: str) -> datetime | None:
     try:
-        moment = datetime.fromisoformat(FRACTION.sub("", text, count=1))
+        return datetime.fromisoformat(FRACTION.sub("", text, count=1)) if text else None
     except ValueError:
+        return None
+
+
+def local_time(text: str, zone: tzinfo) -> str:
+    """ "2024-05-01T10:00:00Z" in Asia/Shanghai → "2024-05-01 18:00:00 UTC+08:00"; unreadable text as it came."""
+    moment = _moment(text)
+    if moment is None:
         return text[:40]
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    here = moment.astimezone(zone)
+    offset = here.strftime("%z")
+    return here.strftime("%Y-%m-%d %H:%M:%S") + f" UTC{offset[:3]}:{offset[3:]}"
+
+
+def duration(starts_at: str, ends_at: str) -> str:
+    """How long an alert fired, for resolved ones: "1h 5m", "12m 3s", "40s"."""
+    start, end = _moment(starts_at), _moment(ends_at)
+    if start is None or end is None or end < start:
+        return ""
+    seconds = int((end - start).total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "",
+             f"{seconds}s" if seconds and not hours else ""]   # seconds do not matter after an hour
+    return " ".join(p for p in parts if p) or "0s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,7 +189,7 @@ def title_fields(note: Notification) -> dict[str, str]:
     return fields
 
 
-def alert_fields(alert: Alert, link: Any) -> dict[str, str]:
+def alert_fields(alert: Alert, link: Any, zone: tzinfo) -> dict[str, str]:
     notes = alert.annotations
     shown = {k: v for k, v in alert.labels.items() if k not in ("alertname", "severity")}
     fields = {
@@ -177,8 +200,10 @@ def alert_fields(alert: Alert, link: Any) -> dict[str, str]:
         "summary": _clip(notes.get("summary") or notes.get("message") or notes.get("description") or ""),
         "description": _clip(notes.get("description", "")),
         "labels": _clip(_pairs(shown)),
-        "starts_at": alert.starts_at,
-        "ends_at": alert.ends_at,
+        "starts_at": local_time(alert.starts_at, zone) if alert.starts_at else "",
+        "ends_at": local_time(alert.ends_at, zone) if alert.ends_at else "",
+        "duration": duration(alert.starts_at, alert.ends_at),
+        "runbook_url": alert.runbook_url,
         "generator_url": alert.generator_url,
         "silence_url": alert.silence_url,
         "dashboard_url": alert.dashboard_url,
@@ -215,17 +240,33 @@ def _title(note: Notification, target: RobotTarget) -> str:
 
 def _blocks(note: Notification, target: RobotTarget) -> list[str]:
     """One block per alert, firing first; a section heading where the status changes."""
-    template = string.Template(target.templates.alert or DEFAULT_ALERT[target.platform])
+    custom = string.Template(target.templates.alert) if target.templates.alert else None
     ordered = sorted(note.alerts, key=lambda a: a.status != "firing")
     blocks, status = [], ""
     for alert in ordered:
-        text = template.safe_substitute(alert_fields(alert, markdown_link)).strip()
+        fields = alert_fields(alert, markdown_link, target.timezone)
+        text = custom.safe_substitute(fields).strip() if custom else default_block(fields, target.platform)
         if alert.status != status:
             status = alert.status
             count = sum(1 for a in ordered if a.status == status)
             text = f"**{status.capitalize()} ({count})**\n\n{text}"
         blocks.append(text)
     return blocks
+
+
+def default_block(f: dict[str, str], platform: str) -> str:
+    """What happened, what it means (the description, when it says more than the summary), when, where, links."""
+    quote = "> " if platform == "dingtalk" else ""
+    lasted = f" (after {f['duration']})" if f["duration"] else ""
+    times = [f"- Started: {f['starts_at']}" if f["starts_at"] else "",
+             f"- Ended: {f['ends_at']}{lasted}" if f["ends_at"] else "",
+             f"- Labels: {f['labels']}" if f["labels"] else ""]
+    paragraphs = [f"**{f['alertname']}** · {f['severity']} · {f['STATUS']}",
+                  f"{quote}{f['summary']}" if f["summary"] else "",
+                  f["description"] if f["description"] != f["summary"] else "",
+                  "\n".join(t for t in times if t), f["links"]]
+    # DingTalk markdown needs a blank line between paragraphs; a Feishu card's markdown takes single breaks.
+    return ("\n\n" if platform == "dingtalk" else "\n").join(p for p in paragraphs if p)
 
 
 def fit(blocks: list[str], budget: int, hidden: int = 0) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `robots:` config section: named DingTalk and Feishu group-robot targets, as frozen dataclasses.
+"""The `robots:` config section: named DingTalk and Feishu/Lark group-robot targets, as frozen dataclasses.
 
 Owns what that section means, read through the core's `configtree.Node` (already `${VAR}`-expanded); it does not
 read the YAML file, sign, send or render. Secrets are the core's masked `proxy.secret.Secret`.
@@ -10,20 +10,25 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.configtree import Node
 from proxy.secret import Secret
 
 Platform = Literal["dingtalk", "feishu"]
 PLATFORMS: tuple[Platform, ...] = ("dingtalk", "feishu")
+# `platform: lark` is a Feishu robot on Lark's domain: the same body, signature and codes.
+CHOICES = ("dingtalk", "feishu", "lark")
 NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
-# Where a bare token goes; `base_url` replaces the scheme and host (Lark: https://open.larksuite.com, tests: a fake).
-DEFAULT_BASE_URL: dict[Platform, str] = {
+# Where a bare token goes; `base_url` replaces the scheme and host (another gateway, or a fake in tests).
+DEFAULT_BASE_URL: dict[str, str] = {
     "dingtalk": "https://oapi.dingtalk.com",
     "feishu": "https://open.feishu.cn",
+    "lark": "https://open.larksuite.com",
 }
 WEBHOOK_PATH: dict[Platform, str] = {
     "dingtalk": "/robot/send?access_token={token}",
@@ -36,9 +41,12 @@ TITLE_FIELDS = frozenset({
 })
 ALERT_FIELDS = frozenset({
     "status", "STATUS", "alertname", "severity", "summary", "description", "labels", "starts_at", "ends_at",
-    "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string", "fingerprint", "links",
+    "duration", "runbook_url", "generator_url", "silence_url", "dashboard_url", "panel_url", "value_string",
+    "fingerprint", "links",
 })
 DEFAULT_DEADLINE = 30.0
+# Alert times in messages: most groups reading them are in China. `timezone:` (robots-wide or per target) changes it.
+DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,7 @@ class RobotTarget:
     keyword: str | None = None  # DingTalk/Feishu "keyword" security: the text must contain it (310000 / 19024)
     mentions: Mentions = Mentions()
     templates: Templates = Templates()
+    timezone: tzinfo = ZoneInfo(DEFAULT_TIMEZONE)   # for the start and end times in alert messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,8 @@ def parse_robots(node: Node) -> RobotsSettings | None:
     shared list. None when the section cannot be used; the caller raises on a non-empty list, as config.parse does."""
     before = len(node.problems)
     deadline = _deadline(node)
-    parsed = [_parse_target(item) for item in node.children("targets")]
+    zone = _timezone(node, ZoneInfo(DEFAULT_TIMEZONE))
+    parsed = [_parse_target(item, zone) for item in node.children("targets")]
     targets = _by_name(node, parsed)
     node.finish()
     if None in parsed or len(node.problems) > before:
@@ -111,29 +121,42 @@ def _deadline(node: Node) -> float:
     return seconds
 
 
-def _parse_target(node: Node) -> RobotTarget | None:
+def _timezone(node: Node, default: tzinfo) -> tzinfo:
+    name = node.text("timezone")
+    if name is None:
+        return default
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        node.problem(f"unknown time zone {name[:64]!r}; use an IANA name such as {DEFAULT_TIMEZONE}", "timezone")
+        return default
+
+
+def _parse_target(node: Node, zone: tzinfo) -> RobotTarget | None:
     before = len(node.problems)
     name = node.text("name", required=True) or ""
     if name and not NAME_PATTERN.fullmatch(name):
         node.problem(f"{name!r} must match [a-z0-9-]+", "name")
-    platform = _platform(node)
-    webhook = _webhook(node, platform)
+    chosen = node.choice("platform", CHOICES)
+    platform = _rules_of(chosen)
+    webhook = _webhook(node, chosen)
     secret = node.secret("secret", required=False)
     keyword = node.text("keyword")
     mentions = _mentions(node.child("mention"), platform)
     templates = _templates(node.child("templates"))
+    zone = _timezone(node, zone)
     node.finish()
     if len(node.problems) > before or platform is None or webhook is None:
         return None
-    return RobotTarget(name, platform, webhook, secret, keyword, mentions, templates)
+    return RobotTarget(name, platform, webhook, secret, keyword, mentions, templates, zone)
 
 
-def _platform(node: Node) -> Platform | None:
-    chosen = node.choice("platform", PLATFORMS)
-    return next((p for p in PLATFORMS if p == chosen), None)
+def _rules_of(chosen: str) -> Platform | None:
+    """Whose robot rules a target follows: Lark's robots are Feishu's, on another domain."""
+    return "feishu" if chosen == "lark" else next((p for p in PLATFORMS if p == chosen), None)
 
 
-def _webhook(node: Node, platform: Platform | None) -> Secret | None:
+def _webhook(node: Node, chosen: str) -> Secret | None:
     """Either a full `webhook` URL or a bare `token` (with an optional `base_url`), each inline or as `*_file`."""
     url = node.secret("webhook", required=False)
     token = node.secret("token", required=False)
@@ -144,9 +167,10 @@ def _webhook(node: Node, platform: Platform | None) -> Secret | None:
         return None
     if given == ["webhook"] and node.has("base_url"):
         node.problem("only used with token; put the host in webhook instead", "base_url")
-    if token is not None and platform is not None:
-        base = (base_url or DEFAULT_BASE_URL[platform]).rstrip("/")
-        url = Secret(base + WEBHOOK_PATH[platform].format(token=token.reveal()))
+    rules = _rules_of(chosen)
+    if token is not None and rules is not None:
+        base = (base_url or DEFAULT_BASE_URL[chosen]).rstrip("/")
+        url = Secret(base + WEBHOOK_PATH[rules].format(token=token.reveal()))
     # Still None: already reported (an empty value, an unreadable file, an unknown platform).
     return _http_url(node, url) if url is not None else None
 
