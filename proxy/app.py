@@ -1,13 +1,17 @@
 """Assembly and lifecycle: config in, listeners up, tokens warming; SIGTERM drains and exits.
 
-Owns what is built once per process and in which order it starts and stops; request handling is the pipeline's.
+Owns what is built once per process and in which order it starts and stops (a start that fails is one
+StartupError; a stop takes `limits.drain_timeout` in total); request handling is the pipeline's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
+from typing import Sequence
 
 import aiohttp
 from aiohttp import web
@@ -16,10 +20,13 @@ from prometheus_client import CollectorRegistry
 from proxy.admin import admin_app
 from proxy.bindings import AppLimiters, AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
-from proxy.config import Address, Config
+from proxy.config import Address, AppConfig, Config
+from proxy.drain import Drain
 from proxy.egress import Egress
 from proxy.events.runtime import EventsRuntime
 from proxy.events.settings import EventsSettings
+from proxy.guard import Guard, guard_metrics
+from proxy.listener import Listener
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
@@ -34,13 +41,21 @@ from proxy.upstream import UpstreamClient
 log = logging.getLogger("imsidecar")
 
 
+class StartupError(Exception):
+    """The sidecar could not start; the message is one line naming the cause (the CLI exits 2 with it)."""
+
+
 class Sidecar:
     def __init__(self, config: Config, *, clock: Clock | None = None, registry: CollectorRegistry | None = None,
-                 egress: Egress | None = None) -> None:
+                 egress: Egress | None = None, upstream_traces: Sequence[aiohttp.TraceConfig] = ()) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.egress = egress or Egress(config.egress, direct=delivery_urls(config))   # every outbound connection
         self.metrics = Metrics(registry)
+        self.guard = Guard(self.metrics.stage_failures)
+        guard_metrics(self.metrics, self.guard)
+        self.drain = Drain()
+        self._traces = upstream_traces   # aiohttp tracing on every upstream session (tests watch where calls go)
         self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
@@ -48,18 +63,22 @@ class Sidecar:
         self.router: Router[Binding] = Router()
         for app in config.apps:
             self._bind(app)
-        self.pipeline = Pipeline(self.router, RetryEngine(self.clock, self.metrics), self.clock, config.limits, self.metrics)
+        retry = RetryEngine(self.clock, self.metrics, self.drain)
+        self.pipeline = Pipeline(self.router, retry, self.clock, config.limits, self.metrics, guard=self.guard,
+                                 drain=self.drain)
         self._runners: list[web.BaseRunner] = []
+        self._stopping: asyncio.Future[None] | None = None
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
         self.events: EventsRuntime | None = None
         self.robots: RobotService | None = None
         self._readiness = Readiness(config.readiness)
         self._warmed: set[str] = set()   # apps whose start-up token attempt has finished
 
-    def _bind(self, app_config) -> None:  # type: ignore[no-untyped-def]
+    def _bind(self, app_config: AppConfig) -> None:
         platform = platform_for(app_config)
         clients = {
-            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout, egress=self.egress)
+            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout, egress=self.egress,
+                                 trace_configs=self._traces)
             for name, up in app_config.upstreams.items()
         }
         self.clients.extend(clients.values())
@@ -67,9 +86,9 @@ class Sidecar:
                            self.metrics, shared=self.store.tokens)
         self.tokens[app_config.name] = tokens
         routes = RouteLabels()
-        stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics) for name in clients}
+        stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics, self.guard) for name in clients}
         self.stages[app_config.name] = stages
-        limiters = AppLimiters(app_config, self.clock, self.metrics, self.store.quota)
+        limiters = AppLimiters(app_config, self.clock, self.metrics, self.store.quota, guard=self.guard, drain=self.drain)
         for exposure in app_config.expose:
             up = exposure.upstream
             binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up], limiters)
@@ -78,18 +97,31 @@ class Sidecar:
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Everything up, or a StartupError naming what failed (and whatever had started is stopped again)."""
+        try:
+            await self._start()
+        except Exception as exc:
+            await self.stop()
+            raise StartupError(describe_start_failure(exc)) from exc
+        log.info("imsidecar listening on %s; admin on %s",
+                 ", ".join(map(str, self.config.listeners())), self.config.admin_listen)
+
+    async def _start(self) -> None:
         await self.store.start()
         if self.config.robots is not None:
             self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
         for tokens in self.tokens.values():
             asyncio.create_task(self._warm(tokens))
         for address in self.config.listeners():
-            await self._serve(web.Server(self._handler(address), access_log=None), address)
+            await self._serve(self._listener(address), address)
         await self._serve(admin_app(self.metrics.registry, self.readiness), self.config.admin_listen)
         if self.config.events is not None:
             await self._start_events(self.config.events)
-        log.info("imsidecar listening on %s; admin on %s",
-                 ", ".join(map(str, self.config.listeners())), self.config.admin_listen)
+
+    def _listener(self, address: Address) -> Listener:
+        return Listener(self._handler(address), limits=self.config.limits, address=address, metrics=self.metrics,
+                        guard=self.guard, drain=self.drain, access_log=None,
+                        error_body=lambda code, message: self.pipeline.listener_error(address, code, message))
 
     async def _warm(self, tokens: AppTokens) -> None:
         """Fetch every app's token at start-up, so the first requests do not wait; /readyz waits for the attempt."""
@@ -115,14 +147,25 @@ class Sidecar:
 
     async def _serve(self, target: web.Server | web.Application, address: Address) -> None:
         runner: web.BaseRunner
-        drain = self.config.limits.drain_timeout
+        # aiohttp waits shutdown_timeout twice per connection (for the handler, then for its task): the drain
+        # (`stop`) has already let every request finish or answered it, so this is only the closing of sockets.
+        closing = self.closing_time / 2
         if isinstance(target, web.Application):
-            runner = web.AppRunner(target, handle_signals=False, access_log=None, shutdown_timeout=drain)
+            runner = web.AppRunner(target, handle_signals=False, access_log=None, shutdown_timeout=closing)
         else:
-            runner = web.ServerRunner(target, handle_signals=False, shutdown_timeout=drain)
+            runner = web.ServerRunner(target, handle_signals=False, shutdown_timeout=closing)
         await runner.setup()
-        await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
         self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise StartupError(f"cannot listen on {address}: {reason}") from exc
+
+    @property
+    def closing_time(self) -> float:
+        """The share of the drain kept for answering cut-short requests and closing connections."""
+        return min(1.0, self.config.limits.drain_timeout / 10)
 
     async def _start_events(self, settings: EventsSettings) -> None:
         self.events = EventsRuntime(settings, self.config.store, self.session, self.metrics.registry, self.clock)
@@ -139,9 +182,22 @@ class Sidecar:
         return self._session
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the drain timeout, then close everything."""
+        """Stop accepting, let in-flight requests finish, answer the rest, close everything: all within
+        `limits.drain_timeout`. Requests waiting in back-off or for a rate-limit slot are answered at once
+        (with the platform's last answer when they had one). A second call waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        await self._stop_accepting()
         if self.events is not None:
             await self.events.stop_intake()   # long connections close with the listeners; queued events stay stored
+        self.drain.begin()
+        cut = await self.drain.settle(self.clock, max(0.0, self.config.limits.drain_timeout - 2 * self.closing_time))
+        if cut:
+            log.warning("imsidecar: %d request(s) still in flight at the end of the drain were answered 503", cut)
+            await self.drain.finished(self.closing_time / 2)
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         if self.events is not None:
@@ -151,6 +207,14 @@ class Sidecar:
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
         await asyncio.gather(*(client.close() for client in self.clients))
         await self.store.close()
+
+    async def _stop_accepting(self) -> None:
+        """Close the listening sockets and the idle keep-alive connections; busy ones close after their answer."""
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+            if runner.server is not None:
+                runner.server.pre_shutdown()
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()
@@ -187,3 +251,13 @@ class Sidecar:
 def delivery_urls(config: Config) -> list[str]:
     """Where events go to the application: never through the egress proxy, whatever `no_proxy` says."""
     return [app.delivery.url for app in config.events.apps] if config.events is not None else []
+
+
+def describe_start_failure(exc: BaseException) -> str:
+    """One line for a failed start: the StartupError's own, or the failure's type and message."""
+    if isinstance(exc, StartupError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"address already in use ({exc})"
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{type(exc).__name__}: {text}"[:300]

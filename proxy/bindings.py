@@ -1,7 +1,7 @@
 """A binding is everything one (app, upstream) pair needs at run time, assembled once from config.
 
-Owns the per-app token sources and rate limiters and the per-upstream stages (monitor, breaker, retry policy);
-the pipeline and the retry engine only read bindings.
+Owns the per-app token sources and rate limiters and the per-upstream stages (monitor, breaker, retry policy),
+each advisory stage behind its fail-open guard (proxy/guard.py); the pipeline and the retry engine only read bindings.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from functools import partial
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.clock import Clock
 from proxy.config import AppConfig, TokenSettings
+from proxy.drain import Drain
 from proxy.errors import NETWORK_ERRORS, client_facing_kinds
+from proxy.guard import Guard, GuardedBreaker, GuardedBudget, GuardedLimiter, GuardedMonitor
 from proxy.metrics import Metrics
 from proxy.network import NetworkMonitor, NetworkState
 from proxy.outcome import Verdict
 from proxy.platforms import platform_for
 from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
-from proxy.retry import RetryPolicy, adaptive_settings, refreshed
+from proxy.retry import RetryPolicy, adaptive_settings, fixed_params, refreshed
 from proxy.routing import RouteLabels
 from proxy.store import LocalTokens, SharedQuota, SharedQuotaExceeded, SharedTokens, UnsharedQuota
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
@@ -82,7 +84,7 @@ class AppTokens:
         call = self.platform.token_call(kind)
         try:
             async with asyncio.timeout(self.settings.fetch_timeout):
-                async with self.client.session.request(call.method, self.client.base_url + call.path, json=call.json) as r:
+                async with self.client.session.request(call.method, self.client.url(call.path), json=call.json) as r:
                     body = await r.read()
         except NETWORK_ERRORS as exc:
             raise TokenFetchError(f"token endpoint unreachable ({type(exc).__name__})", permanent=False) from exc
@@ -98,20 +100,26 @@ class AppTokens:
 
 @dataclass(eq=False)
 class UpstreamStages:
-    """What one (app, upstream) learns and decides from the network: the monitor, the breaker, the retry policy."""
+    """What one (app, upstream) learns and decides from the network: the monitor, the breaker, the retry policy.
 
-    monitor: NetworkMonitor
-    breaker: CircuitBreaker
+    The monitor, the breaker and the budget only advise: each is guarded so that an exception inside it costs the
+    request its advice (counted and logged by `guard`), never its forwarding.
+    """
+
+    monitor: GuardedMonitor
+    breaker: GuardedBreaker
     policy: RetryPolicy
 
     @classmethod
-    def build(cls, app: AppConfig, upstream: str, clock: Clock, metrics: Metrics) -> UpstreamStages:
-        monitor = NetworkMonitor(clock, adaptive_settings(app.retry))
+    def build(cls, app: AppConfig, upstream: str, clock: Clock, metrics: Metrics, guard: Guard) -> UpstreamStages:
+        monitor = GuardedMonitor(NetworkMonitor(clock, adaptive_settings(app.retry)), guard, fixed_params(app.retry))
         transitions = metrics.circuit_transitions
         breaker = CircuitBreaker(clock, app.breaker, on_transition=lambda old, new: transitions.labels(
             app.name, upstream, new.value).inc())
         source = refreshed(monitor.retry_params, clock) if app.retry.adaptive else None
-        stages = cls(monitor, breaker, RetryPolicy(app.retry, clock, source))
+        policy = RetryPolicy(app.retry, clock, source)
+        policy.budget = GuardedBudget(policy.budget, guard)
+        stages = cls(monitor, GuardedBreaker(breaker, guard), policy)
         stages.export(metrics, app.name, upstream)
         metrics.prepare_upstream(app.name, upstream, platform_for(app).retry_reasons(upstream), client_facing_kinds())
         return stages
@@ -141,14 +149,21 @@ ADAPTIVE_GAUGES = {
 
 
 class AppLimiters:
-    """The sidecar's own rate limits of one app: a limiter per route template, its rate exported as a gauge."""
+    """The sidecar's own rate limits of one app: a limiter per route template, its rate exported as a gauge.
 
-    def __init__(self, app: AppConfig, clock: Clock, metrics: Metrics, shared: SharedQuota | None = None) -> None:
+    Each limiter is guarded (a failure grants the slot); a wait for a slot ends with ShuttingDown when the drain
+    begins, so a queued request is answered before the sidecar exits.
+    """
+
+    def __init__(self, app: AppConfig, clock: Clock, metrics: Metrics, shared: SharedQuota | None = None, *,
+                 guard: Guard, drain: Drain) -> None:
         default = app.ratelimit.default or DEFAULT_QUOTAS["dingtalk" if app.platform == "dingtalk" else "feishu"]
         self.enabled = app.ratelimit.enabled
         self._set = RateLimiterSet(clock, default, app.ratelimit.routes)
         self._shared = shared or UnsharedQuota()
         self._app, self._metrics = app.name, metrics
+        self._guard, self._drain = guard, drain
+        self._guarded: dict[int, GuardedLimiter] = {}   # by the limiter's identity: bounded like the set
         self._exported: set[str] = set()
 
     async def acquire(self, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
@@ -156,21 +171,30 @@ class AppLimiters:
 
         Each pod passes its own current (possibly lowered) rate, so a throttle seen here slows the cluster's pace.
         """
-        waited = await limiter.acquire(deadline)
-        if isinstance(self._shared, UnsharedQuota):
-            return waited   # one pod: nothing to ask a store
-        try:
-            return waited + await self._shared.acquire(f"{self._app}:{template}", limiter.current_rate, 1, deadline)
-        except SharedQuotaExceeded as exc:
-            raise RateLimitExceeded(exc.retry_after) from exc
+        with self._drain.interruptible():
+            waited = await limiter.acquire(deadline)
+            if isinstance(self._shared, UnsharedQuota):
+                return waited   # one pod: nothing to ask a store
+            try:
+                return waited + await self._shared.acquire(f"{self._app}:{template}", limiter.current_rate, 1, deadline)
+            except SharedQuotaExceeded as exc:
+                raise RateLimitExceeded(exc.retry_after) from exc
 
     def get(self, template: str, route_label: str) -> AdaptiveRateLimiter:
-        limiter = self._set.get(self._app, template)
+        limiter = self.guarded(self._set.get(self._app, template))
         if route_label not in self._exported:
             self._exported.add(route_label)
             self._metrics.ratelimit_rate.labels(self._app, route_label).set_function(lambda: limiter.current_rate)
             self._metrics.ratelimit_rejections.labels(self._app, route_label)   # at 0 until the first one
         return limiter
+
+    def guarded(self, limiter: AdaptiveRateLimiter) -> GuardedLimiter:
+        wrapped = self._guarded.get(id(limiter))
+        if wrapped is None or wrapped.inner is not limiter:
+            if len(self._guarded) > 2 * self._set.max_size:
+                self._guarded.clear()   # evicted limiters' wrappers go with them
+            wrapped = self._guarded[id(limiter)] = GuardedLimiter(limiter, self._guard)
+        return wrapped
 
 
 @dataclass(eq=False)
@@ -189,7 +213,7 @@ class Binding:
         return self.stages.policy
 
     @property
-    def breaker(self) -> CircuitBreaker:
+    def breaker(self) -> GuardedBreaker:
         return self.stages.breaker
 
     def observe(self, verdict: Verdict, latency: float) -> None:

@@ -145,13 +145,28 @@ def origin(url: str) -> str:
 
 
 def serve(loaded: Config) -> int:
-    from proxy.app import Sidecar
+    """Run until SIGTERM/SIGINT: exit 0 after the drain, or 2 with one line when the sidecar cannot start."""
+    from proxy.app import StartupError
     from proxy.logs import configure
 
     configure(loaded.logging)
     install_fast_loop()
-    asyncio.run(Sidecar(loaded).run_until_signal())
+    try:
+        asyncio.run(run(loaded))
+    except StartupError as exc:
+        print(f"imsidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+async def run(loaded: Config) -> None:
+    from proxy.app import Sidecar, StartupError, describe_start_failure
+
+    try:
+        sidecar = Sidecar(loaded)
+    except Exception as exc:
+        raise StartupError(describe_start_failure(exc)) from exc
+    await sidecar.run_until_signal()
 
 
 def add_events_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -121,7 +121,13 @@ class Limits:
     replay_buffer_bytes: int = 4 * 1024 * 1024   # bitable batches of 1,000 records reach hundreds of KB
     deadline: float = 30.0
     connect_timeout: float = 3.0
-    drain_timeout: float = 15.0
+    drain_timeout: float = 15.0           # SIGTERM to exit, everything included (Kubernetes allows 30 s by default)
+    # What a slow or idle client may hold. On loopback a healthy client sends its headers and body at once, so
+    # these only ever bite a stuck or hostile one (nginx uses 60 s and 75 s over the internet).
+    header_timeout: float = 10.0          # from a request's first byte to the end of its headers
+    body_timeout: float = 10.0            # the longest quiet gap while a request body arrives
+    keepalive_timeout: float = 75.0       # an idle keep-alive connection is closed after this (nginx's default)
+    max_connections: int = 1024           # per listener; past it the idlest connection is closed, or the new one
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"]) from exc
     return loads(text, env)
 
 
@@ -381,6 +389,10 @@ def _parse_limits(node: Node) -> Limits:
         deadline=node.seconds("deadline", d.deadline),
         connect_timeout=node.seconds("connect_timeout", d.connect_timeout),
         drain_timeout=node.seconds("drain_timeout", d.drain_timeout),
+        header_timeout=node.seconds("header_timeout", d.header_timeout),
+        body_timeout=node.seconds("body_timeout", d.body_timeout),
+        keepalive_timeout=node.seconds("keepalive_timeout", d.keepalive_timeout),
+        max_connections=int(node.number("max_connections", d.max_connections, minimum=1)),
     )
     node.finish()
     if limits.deadline <= 0:

@@ -6,8 +6,14 @@ belongs to each platform.
 
     SidecarError                      counted as sidecar_error unless said
     ├── NoRoute                  404  nothing configured under this path (no app: not counted)
-    ├── RequestTooLarge          413  body over limits.max_request_bytes                       client_error
-    ├── BadRequest               400  a header of ours the client got wrong                    client_error
+    ├── ClientFault                   the client's doing, never held against the platform           client_error
+    │   ├── RequestTooLarge      413  body over limits.max_request_bytes
+    │   ├── BadRequest           400  a request target or header the sidecar will not forward
+    │   ├── RequestTimeout       408  the body stalled (limits.body_timeout) or outran the deadline
+    │   ├── ExpectationFailed    417  an `Expect` other than 100-continue
+    │   └── ClientGone           499  the client disconnected before its answer was written
+    ├── InternalError            500  a bug in the sidecar, answered in the platform's shape
+    ├── ShuttingDown             503  the drain ended before the request could be sent or answered
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
     ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
@@ -40,12 +46,39 @@ class NoRoute(SidecarError):
     status, code = 404, codes.NO_ROUTE
 
 
-class RequestTooLarge(SidecarError):
-    status, code, counted_as = 413, codes.TOO_LARGE, CLIENT_ERROR
+class ClientFault(SidecarError):
+    """A fault of the client's (its body, its target, its patience): the platform and the network are not to blame."""
+
+    counted_as = CLIENT_ERROR
 
 
-class BadRequest(SidecarError):
-    status, code, counted_as = 400, codes.BAD_REQUEST, CLIENT_ERROR
+class RequestTooLarge(ClientFault):
+    status, code = 413, codes.TOO_LARGE
+
+
+class BadRequest(ClientFault):
+    status, code = 400, codes.BAD_REQUEST
+
+
+class RequestTimeout(ClientFault):
+    status, code = 408, codes.REQUEST_TIMEOUT
+
+
+class ExpectationFailed(ClientFault):
+    status, code = 417, codes.EXPECTATION_FAILED
+
+
+class ClientGone(ClientFault):
+    status, code = 499, codes.CLIENT_GONE   # nginx's "client closed request": nobody reads this answer
+
+
+class InternalError(SidecarError):
+    status, code = 500, codes.INTERNAL_ERROR
+
+
+class ShuttingDown(SidecarError):
+    status, code = 503, codes.SHUTTING_DOWN
+    retry_after = 1.0
 
 
 class TokenUnavailableError(SidecarError):
@@ -104,13 +137,13 @@ def translate(exc: BaseException) -> AttemptFailed:
 
 
 def client_facing_kinds() -> tuple[str, ...]:
-    """The X-Imsidecar-Error values a client of an app can get: every error but NoRoute and the AttemptFailed base."""
+    """The X-Imsidecar-Error values a client of an app can get: every error but NoRoute and the two bases."""
     found: list[str] = []
     pending = list(SidecarError.__subclasses__())
     while pending:
         kind = pending.pop(0)
         pending.extend(kind.__subclasses__())
-        if kind not in (NoRoute, AttemptFailed):
+        if kind not in (NoRoute, AttemptFailed, ClientFault):
             found.append(kind.__name__)
     return tuple(sorted(found))
 

@@ -274,6 +274,14 @@ class Metrics:
         self.hot_attempts = Children(self.attempts, {4: Capped(limit=100)})   # reason: `code_<n>` from the platform's body
         self.hot_attempt_duration = Children(self.attempt_duration)
         self.capped_retries = Children(self.retries, {2: Capped(limit=100)})   # reason, as for attempts
+        # What went wrong on the sidecar's side of the wire without being a request's answer (proxy/guard.py,
+        # proxy/listener.py): a stage that failed open, a connection closed for the client's misbehaviour.
+        self.stage_failures = Counter(
+            "imsidecar_stage_failures", "Unexpected exceptions inside a stage; the request went on without it.",
+            ("stage",), registry=r)
+        self.client_faults = Counter(
+            "imsidecar_client_faults", "Client faults met before a request reached an app, by kind (malformed, "
+            "header_timeout, bad_target, over_capacity, idle_closed).", ("listen", "kind"), registry=r)
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)

@@ -1,13 +1,14 @@
 """The forwarding pipeline: where one client request goes, stage by stage, read top to bottom in `handle`.
 
-Owns the order of the stages and the shape of what goes back to the client; each stage's rules live in its module.
+Owns the order of the stages and the shape of what goes back to the client, including the last-resort answer
+when something inside the sidecar breaks and the 499 of a client that left; each stage's rules live in its module.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -15,10 +16,14 @@ from multidict import CIMultiDict
 from proxy.bindings import Binding
 from proxy.clock import Clock
 from proxy.config import Address, Limits
-from proxy.errors import NoRoute, RequestTooLarge, SidecarError, TokenUnavailableError
+from proxy.drain import Drain
+from proxy.errors import (AttemptFailed, AttemptTimeout, ClientGone, DeadlineExceeded, InternalError, NoRoute,
+                          ShuttingDown, SidecarError, TokenUnavailableError)
+from proxy.guard import Guard
+from proxy.intake import BodyReader, RequestBody, target_problem
 from proxy.metrics import CLIENT_ERROR, SUCCESS, Metrics, outcome_class
 from proxy.outcome import Verdict
-from proxy.platforms.base import dump
+from proxy.platforms.base import BAD_REQUEST, INTERNAL_ERROR, dump
 from proxy.retry import Attempt, RetryEngine
 from proxy.routing import Router
 from proxy.tokens import TokenUnavailable
@@ -48,56 +53,72 @@ class Exchange:
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     has_idempotency_key: bool = False
+    client_deadline: bool = False   # the client shortened the deadline (X-Imsidecar-Timeout)
     verdict: Verdict | None = None        # the platform's classification of the answer relayed (set by the retry loop)
     error: SidecarError | None = None     # the sidecar's own error, when it answered with one
 
 
-@dataclass(slots=True)
-class RequestBody:
-    """Buffered (replayable) when it fits the replay buffer; otherwise a one-shot stream."""
-
-    data: bytes | None
-    stream: AsyncIterator[bytes] | None = None
-    length: int | None = None
-    replayable: bool = True
-
-    def __post_init__(self) -> None:
-        self.replayable = self.stream is None
-
-    def take(self) -> bytes | AsyncIterator[bytes] | None:
-        if self.stream is None:
-            return self.data
-        stream, self.stream = self.stream, None
-        return stream
-
-
 class Pipeline:
-    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics,
+                 *, guard: Guard | None = None, drain: Drain | None = None) -> None:
         self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
+        self.guard = guard or Guard(metrics.stage_failures)
+        self.drain = drain or retry.drain
+        self.bodies = BodyReader(limits, clock)
 
     async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
+        try:
+            return await self.dispatch(request, listen)
+        except Exception as exc:   # last resort: a bug still gets an answer in the platform's shape, and is counted
+            self.guard.failed("pipeline", exc)
+            return unrouted(request, self.crashed(listen, request))
+
+    async def dispatch(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
-        match = self.router.resolve(listen, path)
+        path = path.partition("#")[0]
+        refused = target_problem(request.method, request.raw_path)
+        match = self.router.resolve(listen, path if path.startswith("/") and refused is None else "/")
         if match is None:
-            return self.no_route(listen, path)
-        binding = match.target
-        exchange = self.start(request, binding, match.path, query)
-        in_flight = self.metrics.hot_in_flight(binding.app.name)
+            return self.no_route(listen, path) if refused is None else unrouted(request, self.refuse(listen, refused))
+        exchange = self.start(request, match.target, match.path, query)
+        if refused is not None:
+            return self.answer(exchange, self.error_response(exchange, refused))
+        in_flight = self.metrics.hot_in_flight(exchange.binding.app.name)
         in_flight.inc()
         try:
             response = await self.forward(request, exchange)
         except SidecarError as exc:
             response = self.error_response(exchange, exc)
+        except asyncio.CancelledError:
+            response = self.abandoned(exchange)   # re-raises unless the drain's end cut it short
+        except Exception as exc:
+            self.guard.failed("pipeline", exc)
+            response = self.error_response(exchange, InternalError("the sidecar failed; the failure is logged"))
         finally:
             in_flight.dec()
-        self.record(exchange, response)
+        return self.answer(exchange, response)
+
+    def answer(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        try:
+            self.record(exchange, response)
+        except Exception as exc:   # an answer is never lost to its own bookkeeping
+            self.guard.failed("pipeline", exc)
         return response
+
+    def abandoned(self, exchange: Exchange) -> web.StreamResponse:
+        """Cancelled: the client disconnected (aiohttp cancels its handler), or the drain ran out of time."""
+        task = asyncio.current_task()
+        if task is not None and self.drain.was_cut(task):
+            return self.error_response(exchange, ShuttingDown(
+                "the sidecar shut down before the platform answered; the request may have been applied"))
+        self.answer(exchange, self.error_response(exchange, ClientGone("the client disconnected")))
+        raise asyncio.CancelledError
 
     async def forward(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         local = await self.answer_token_endpoint(exchange)
         if local is not None:
             return local
-        body = await self.read_body(request)
+        body = await self.bodies.read(request, exchange.deadline)
         answer = await self.retry.run(exchange, body, self.send_attempt)
         return await self.relay(request, exchange, answer)
 
@@ -116,7 +137,8 @@ class Pipeline:
         template = binding.platform.route_template(binding.upstream, path)
         route = binding.routes.label(template)
         kind = binding.platform.token_kind(binding.upstream, headers)
-        return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind)
+        return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind,
+                        client_deadline=budget < self.limits.deadline)
 
     async def answer_token_endpoint(self, exchange: Exchange) -> web.Response | None:
         """Official SDKs fetch tokens themselves: answer from the sidecar's cache, with a placeholder token."""
@@ -132,20 +154,6 @@ class Pipeline:
         answer = b.platform.token_endpoint_answer(kind, source.seconds_to_expiry())
         self.metrics.local_answers.labels(b.app.name).inc()
         return web.Response(status=answer.status, body=answer.body, content_type="application/json", charset="utf-8")
-
-    async def read_body(self, request: web.BaseRequest) -> RequestBody:
-        limit, replay = self.limits.max_request_bytes, self.limits.replay_buffer_bytes
-        length = request.content_length
-        if length is not None and length > limit:
-            raise RequestTooLarge(f"request body of {length} bytes is over the limit of {limit}")
-        if not request.body_exists:
-            return RequestBody(None, length=0)
-        prefix = bytearray()
-        async for chunk in request.content.iter_chunked(CHUNK):
-            prefix += chunk
-            if len(prefix) > replay:
-                return RequestBody(None, _rest(bytes(prefix), request, limit), length)
-        return RequestBody(bytes(prefix), length=len(prefix))
 
     async def send_attempt(self, exchange: Exchange, body: RequestBody, attempt: Attempt) -> Answer:
         """One attempt: the token (unless the client sent a user token), then the bytes to the platform."""
@@ -167,7 +175,22 @@ class Pipeline:
         if body.length is not None and not body.replayable:
             headers["Content-Length"] = str(body.length)
         path_qs = exchange.path + (f"?{query}" if query else "")
-        return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout)
+        try:
+            return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout)
+        except AttemptFailed as exc:
+            if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
+                raise body.fault from None
+            if isinstance(exc, AttemptTimeout) and self.cut_by_client(exchange, attempt):
+                raise DeadlineExceeded("the deadline this request asked for (X-Imsidecar-Timeout) passed "
+                                       "before the platform answered") from exc
+            raise
+
+    def cut_by_client(self, exchange: Exchange, attempt: Attempt) -> bool:
+        """An attempt cut short by the client's own, shorter deadline says nothing against the platform: it is
+        not fed to the monitor and breaker (25 calls with `X-Imsidecar-Timeout: 1ms` would open the circuit)."""
+        if not exchange.client_deadline:
+            return False
+        return attempt.timeout < exchange.binding.policy.params().per_try_timeout
 
     async def relay(self, request: web.BaseRequest, exchange: Exchange, answer: Answer) -> web.StreamResponse:
         # The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those).
@@ -184,6 +207,8 @@ class Pipeline:
             async for chunk in answer.stream.content.iter_chunked(CHUNK):
                 await response.write(chunk)
             await response.write_eof()
+        except ConnectionError as exc:   # the client went away mid-download
+            raise ClientGone("the client disconnected while the answer was being sent") from exc
         finally:
             answer.release()
         return response
@@ -206,6 +231,27 @@ class Pipeline:
         body = dump({"code": NoRoute.code, "msg": message, "error": "imsidecar.noRoute", "prefixes": known})
         return web.Response(status=404, body=body, content_type="application/json", charset="utf-8",
                             headers={"X-Imsidecar-Error": NoRoute.__name__})
+
+    def refuse(self, listen: Address, exc: SidecarError) -> web.Response:
+        """A target refused where no app can be told from it (a shared listener): 400 in both error shapes."""
+        self.metrics.client_faults.labels(str(listen), "bad_target").inc()
+        headers = {"X-Imsidecar-Error": type(exc).__name__}
+        return web.Response(status=exc.status, body=self.listener_error(listen, exc.code, f"imsidecar: {exc}"),
+                            headers=headers, content_type="application/json", charset="utf-8")
+
+    def crashed(self, listen: Address, request: web.BaseRequest) -> web.Response:
+        body = self.listener_error(listen, INTERNAL_ERROR, "imsidecar: the sidecar failed; the failure is logged")
+        return web.Response(status=500, body=body, headers={"X-Imsidecar-Error": "InternalError"},
+                            content_type="application/json", charset="utf-8")
+
+    def listener_error(self, listen: Address, code: int, message: str) -> bytes:
+        """An error body for a listener: its platform's shape on a port of one upstream, else Feishu's and
+        DingTalk oapi's together (as the robots' unknown-target answer)."""
+        match = self.router.resolve(listen, "/")
+        if match is not None and match.prefix == "":
+            return match.target.platform.error_body(match.target.upstream, code, message)
+        return dump({"code": code, "msg": message, "errcode": code, "errmsg": message,
+                     "error": "imsidecar.badRequest" if code == BAD_REQUEST else "imsidecar.error"})
 
     @staticmethod
     def tag(exchange: Exchange, headers: CIMultiDict[str]) -> None:
@@ -243,15 +289,14 @@ class Pipeline:
         return SUCCESS if response.status < 400 else CLIENT_ERROR
 
 
-async def _rest(prefix: bytes, request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
-    """A body too large to buffer: what was read so far, then the rest as it arrives, still under the limit."""
-    total = len(prefix)
-    yield prefix
-    async for chunk in request.content.iter_chunked(CHUNK):
-        total += len(chunk)
-        if total > limit:
-            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
-        yield chunk
+def unrouted(request: web.BaseRequest, response: web.Response) -> web.Response:
+    """The access line of an answer given before any app could be told from the request (no app, no route)."""
+    if access_log.isEnabledFor(logging.INFO):
+        method = request.method if len(request.method) <= 10 else "other"
+        access_log.info("- - %s - %s attempts=0", method, response.status,
+                        extra={"app": "-", "upstream": "-", "route": "-", "method": method, "status": response.status,
+                               "attempts": 0, "duration_ms": 0.0, "retry_reasons": []})
+    return response
 
 
 __all__ = ["Exchange", "Pipeline", "RequestBody"]

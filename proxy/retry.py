@@ -16,7 +16,8 @@ from multidict import CIMultiDict
 from proxy.budget import RetryBudget
 from proxy.clock import Clock
 from proxy.config import RetrySettings
-from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExceeded, LocallyRateLimited
+from proxy.drain import Drain
+from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExceeded, LocallyRateLimited, ShuttingDown
 from proxy.idempotency import apply_key
 from proxy.metrics import Metrics
 from proxy.network import AdaptiveSettings, RetryParams
@@ -105,8 +106,9 @@ class RetryPolicy:
 
 
 class RetryEngine:
-    def __init__(self, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, clock: Clock, metrics: Metrics, drain: Drain | None = None) -> None:
         self.clock, self.metrics = clock, metrics
+        self.drain = drain or Drain()   # on SIGTERM, a request waiting in back-off is answered at once
 
     async def run(self, exchange: Exchange, body: RequestBody, send: Send) -> Answer:
         b = exchange.binding
@@ -146,7 +148,8 @@ class RetryEngine:
             timeouts += verdict.signal is Signal.TIMEOUT
             exchange.retry_reasons.append(verdict.reason)
             attempt.number += 1
-            await self.clock.sleep(decision.wait)
+            if not await self.drain.sleep(self.clock, decision.wait):
+                return self.final(exchange, None, failure, last_answer)   # draining: the last real answer now
 
     # Steps ------------------------------------------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class RetryEngine:
             return None
         try:
             await self.pace(exchange, limiter)
-        except LocallyRateLimited:
+        except (LocallyRateLimited, ShuttingDown):   # ShuttingDown: the drain ended the wait for a slot
             b.breaker.release_probe()
             if last_answer is None:
                 raise

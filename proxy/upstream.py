@@ -1,7 +1,8 @@
 """One pooled keep-alive HTTP client per upstream, and a single attempt sent through it.
 
-Owns sessions, what is read into memory (only answers small enough to classify) and error translation;
-it does not decide about retries or tokens.
+Owns sessions, the URL each attempt goes to (always the configured scheme, host and port: checked at send time),
+what is read into memory (only answers small enough to classify) and error translation; it does not decide about
+retries or tokens.
 """
 
 from __future__ import annotations
@@ -9,20 +10,21 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass
-from typing import AsyncIterable
+from typing import AsyncIterable, Sequence
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.egress import Egress, EgressSettings
-from proxy.errors import NETWORK_ERRORS, AttemptFailed, translate
+from proxy.errors import NETWORK_ERRORS, AttemptFailed, BadRequest, translate
 from proxy.watchdog import Watchdog
 
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    "Expect",   # not hop-by-hop, but the sidecar answers 100-continue itself and has the whole body before sending
 ))
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")   # send only what the client sent
 
@@ -54,13 +56,21 @@ class Answer:
             self.stream = None
 
 
+class MisdirectedRequest(BadRequest):
+    """The request would have left for another origin than the configured one: a target the client crafted."""
+
+
 class UpstreamClient:
     def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256,
-                 egress: Egress | None = None) -> None:
+                 egress: Egress | None = None, trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> None:
         self.base_url = base_url
+        self._base = URL(base_url)
+        self._origin = (self._base.scheme, self._base.raw_host, self._base.port)
+        self._prefix = self._base.raw_path.rstrip("/")
         self._egress = egress or Egress(EgressSettings())   # the proxy (or none) every connection goes through
         self._connect_timeout = connect_timeout
         self._pool_size = pool_size
+        self._trace_configs = list(trace_configs)
         self._session: aiohttp.ClientSession | None = None
         self._watchdog = Watchdog()   # the per-try timeouts of this upstream's attempts
 
@@ -71,8 +81,23 @@ class UpstreamClient:
                 limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
                 auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+                trace_configs=self._trace_configs or None,
             )
         return self._session
+
+    def url(self, path_qs: str) -> URL:
+        """The configured origin and base path, then `path_qs` (origin-form, already encoded): built from parts,
+        then checked, so no target can move the scheme, host or port (`CONNECT evil.com:443` once made
+        `https://open.feishu.cnevil.com:443`)."""
+        path, _, query = path_qs.partition("?")
+        if not path.startswith("/") or path.startswith("//") or "#" in path_qs:
+            raise MisdirectedRequest("the request target must be a path starting with a single /, without #fragment")
+        b = self._base
+        url = URL.build(scheme=b.scheme, host=b.raw_host or "", port=b.explicit_port, path=self._prefix + path,
+                        query_string=query, encoded=True)
+        if (url.scheme, url.raw_host, url.port) != self._origin:
+            raise MisdirectedRequest("the request target would leave the configured platform host")
+        return url
 
     async def close(self) -> None:
         if self._session is not None:
@@ -85,7 +110,7 @@ class UpstreamClient:
         task = self._watchdog.watch(timeout)
         try:
             response = await self.session.request(
-                method, URL(self.base_url + path_qs, encoded=True), headers=headers, data=body, allow_redirects=False,
+                method, self.url(path_qs), headers=headers, data=body, allow_redirects=False,
             )
             if not _should_read(response):
                 return Answer(response.status, response.headers, None, response)
@@ -121,4 +146,4 @@ def forward_headers(source: CIMultiDictProxy[str] | CIMultiDict[str], *, drop_pr
     )
 
 
-__all__ = ["Answer", "AttemptFailed", "UpstreamClient", "forward_headers"]
+__all__ = ["Answer", "AttemptFailed", "MisdirectedRequest", "UpstreamClient", "forward_headers"]

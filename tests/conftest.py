@@ -173,7 +173,8 @@ async def start_sidecar(platforms: Platforms, clock: Clock) -> AsyncIterator[Sid
                     ratelimit: str = "{enabled: true}", breaker: str = "{}", **kwargs: Any) -> Running:
         cfg, ports = make_config(platforms, extra, limits, retry, ratelimit, breaker)
         registry = CollectorRegistry()
-        sidecar = Sidecar(cfg, clock=kwargs.get("clock", clock), registry=registry)
+        sidecar = Sidecar(cfg, clock=kwargs.get("clock", clock), registry=registry,
+                          upstream_traces=kwargs.get("upstream_traces", ()))
         await sidecar.start()
         started.append(sidecar)
         return Running(sidecar, f"http://127.0.0.1:{ports['listen']}", f"http://127.0.0.1:{ports['api_port']}",

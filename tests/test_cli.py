@@ -85,3 +85,63 @@ def test_demo_faults_take_a_share_or_a_percentage(capsys: pytest.CaptureFixture[
     assert exited.value.code == 2
     assert "'5' is not a share between 0 and 1 (0.05) or a percentage (5%)" in capsys.readouterr().err
     assert "5% of platform calls fail" in banner("127.0.0.1:8080", "127.0.0.1:9464", 0.05)
+
+
+def minimal_config(tmp_path: Path, platforms: Platforms, listen: int, admin: int, limits: str = "{}") -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+listen: 127.0.0.1:{listen}
+admin_listen: 127.0.0.1:{admin}
+limits: {limits}
+logging: {{format: json}}
+apps:
+  - name: sales-bot
+    platform: feishu
+    app_id: cli_test
+    app_secret: {FEISHU_SECRET}
+    upstreams: {{open: {{base_url: "{platforms.feishu_url}"}}}}
+""")
+    return path
+
+
+async def test_a_port_in_use_is_one_line_and_exit_2(platforms: Platforms, tmp_path: Path) -> None:
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = taken.sockets[0].getsockname()[1]
+    try:
+        process = await spawn("run", "--config", str(minimal_config(tmp_path, platforms, port, unused_port())))
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        taken.close()
+    lines = [line for line in stderr.decode().splitlines() if not line.startswith("{")]
+    assert process.returncode == 2
+    assert lines == [f"imsidecar: cannot start: cannot listen on 127.0.0.1:{port}: address already in use"], lines
+    assert "Traceback" not in stderr.decode()
+
+
+async def test_a_config_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"listen: 127.0.0.1:8080\napps: []\n# caf\xe9\n")
+    for command in (["run", "--config", str(path)], ["check-config", str(path)]):
+        process = await spawn(*command)
+        _, stderr = await asyncio.wait_for(process.communicate(), 20)
+        assert process.returncode == 2
+        assert stderr.decode().strip() == f"imsidecar: config: {path}: not UTF-8 text (byte 37 is 0xe9)"
+
+
+async def test_sigterm_answers_a_request_the_platform_never_answers_then_exits_0(platforms: Platforms,
+                                                                                 tmp_path: Path) -> None:
+    listen, admin = unused_port(), unused_port()
+    path = minimal_config(tmp_path, platforms, listen, admin, "{drain_timeout: 1s, deadline: 60s}")
+    process = await spawn("run", "--config", str(path))
+    platforms.feishu.faults.hang_seconds = 30
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, f"http://127.0.0.1:{admin}/readyz", process)
+        platforms.feishu.faults.script.append("hang")
+        stuck = asyncio.create_task(http.post(f"http://127.0.0.1:{listen}/sales-bot/open-apis/im/v1/messages",
+                                              json=MESSAGE))
+        await asyncio.sleep(0.2)   # the request is now waiting on the platform
+        process.send_signal(signal.SIGTERM)
+        response = await asyncio.wait_for(stuck, 20)
+        assert response.status == 503 and response.headers["X-Imsidecar-Error"] == "ShuttingDown"
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, stderr.decode()[-2000:]

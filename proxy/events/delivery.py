@@ -38,6 +38,7 @@ T = TypeVar("T")
 _PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 413, 415, 422})
 IDLE_WAIT = 5.0   # seconds an idle lane sleeps before looking again (the store wakes it sooner on an arrival)
 DEPTH_EVERY = 1.0   # seconds between reads of the queue depth for its gauge while the lane is busy
+CLOSE_GRACE = 2.0   # seconds a POST under way may take to finish when the lane stops
 
 
 class Delivery:
@@ -85,11 +86,12 @@ class Delivery:
             self._worker = asyncio.create_task(self._run(), name=f"events-delivery-{self.app}")
 
     async def close(self) -> None:
-        """Stop: a POST in flight may finish (within `attempt_timeout`), waits end at once; what is queued stays
-        stored for the next start (or the next owner); then hand the lane over."""
+        """Stop: a POST in flight may finish (within CLOSE_GRACE, so the sidecar's stop fits its drain timeout),
+        waits end at once; what is queued stays stored for the next start (or the next owner); then hand the lane
+        over. A POST cut short leaves its event at the head: it is sent again after the restart."""
         self._stop.set()
         if self._worker is not None:
-            await asyncio.wait({self._worker}, timeout=self._settings.attempt_timeout + 1)
+            await asyncio.wait({self._worker}, timeout=min(self._settings.attempt_timeout, CLOSE_GRACE))
             self._worker.cancel()
             await asyncio.wait({self._worker}, timeout=1.0)
             self._worker = None

@@ -13,6 +13,7 @@ Owns construction, route mounting and start/stop order; it does not parse config
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -105,13 +106,11 @@ class EventsRuntime:
     async def stop_intake(self) -> None:
         """Close the long connections and give up their leases; the platforms push what is not yet acked to the
         connection another replica opens, or again later."""
-        for stream in self.streams:
-            await stream.close()
+        await asyncio.gather(*(stream.close() for stream in self.streams))
 
     async def close(self) -> None:
         await self.stop_intake()
-        for lane in self.lanes.values():
-            await lane.close()
+        await asyncio.gather(*(lane.close() for lane in self.lanes.values()))
         await self._count_lost()
         await self.store.close()
 

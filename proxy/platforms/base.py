@@ -27,10 +27,17 @@ TOKEN_UNAVAILABLE = 9_990_503
 CIRCUIT_OPEN = 9_990_513
 DEADLINE_EXCEEDED = 9_990_504
 BAD_REQUEST = 9_990_400
+REQUEST_TIMEOUT = 9_990_408
+EXPECTATION_FAILED = 9_990_417
+CLIENT_GONE = 9_990_499
+INTERNAL_ERROR = 9_990_500
+SHUTTING_DOWN = 9_990_515
 CODE_NAMES = {
     NO_ROUTE: "noRoute", TOO_LARGE: "requestTooLarge", RATE_LIMITED: "rateLimited",
     UPSTREAM_UNREACHABLE: "upstreamUnreachable", TOKEN_UNAVAILABLE: "tokenUnavailable",
     CIRCUIT_OPEN: "circuitOpen", DEADLINE_EXCEEDED: "deadlineExceeded", BAD_REQUEST: "badRequest",
+    REQUEST_TIMEOUT: "requestTimeout", EXPECTATION_FAILED: "expectationFailed", CLIENT_GONE: "clientGone",
+    INTERNAL_ERROR: "internalError", SHUTTING_DOWN: "shuttingDown",
 }
 
 PLACEHOLDER = "imsidecar-managed"   # what the sidecar hands out instead of a real token

@@ -1,13 +1,15 @@
 """Delivering one message to one robot target: queue for the rate limit, sign at send time, read, retry in time.
 
-Owns the send loop and its back-off within the caller's deadline; it does not render messages or answer HTTP.
+Owns the send loop and its back-off within the caller's deadline, and what a caller that gives up cancels (a send
+not yet gone out, and its rate-limit slot; one already on the wire is let finish); it does not render or answer HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +43,23 @@ class Delivery:
                  policy: DeliveryPolicy = DeliveryPolicy(), rand: Callable[[], float] = random.random) -> None:
         self._session, self._clock, self._limiters = session, clock, limiters
         self._metrics, self._policy, self._rand = metrics, policy, rand
+        self._on_the_wire: set[asyncio.Task[Reading]] = set()   # sends whose caller left after they went out
 
     async def send(self, target: RobotTarget, message: Message, deadline: float, resend: bool = False) -> Receipt:
         """Deliver or raise a RobotError; every outcome is counted once under the target's name (as a re-send when
-        the caller recognised a notification that failed before)."""
+        the caller recognised a notification that failed before).
+
+        Cancelled (the caller disconnected: Alertmanager timed out and will retry), a send still queued or in
+        back-off is dropped and its rate-limit slot given back, so the retry is the only one sent.
+        """
         started = self._clock.now()
         try:
             receipt = await self._send(target, message, deadline)
         except RobotError as exc:
             self._metrics.finished(target.name, result_of(exc), self._clock.now() - started, resend)
+            raise
+        except asyncio.CancelledError:
+            self._metrics.finished(target.name, "abandoned", self._clock.now() - started, resend)
             raise
         self._metrics.finished(target.name, "delivered", self._clock.now() - started, resend)
         return receipt
@@ -61,7 +71,7 @@ class Delivery:
         waited, retry_of = 0.0, None
         for attempt in range(1, self._policy.max_attempts + 1):
             waited += await self._queue(target, limiter, deadline)
-            reading = await self._attempt(target, message, deadline, retry_of)
+            reading = await self._on_wire(self._attempt(target, message, deadline, retry_of))
             verdict = reading.verdict
             if verdict.outcome is Outcome.SUCCESS:
                 return Receipt(attempt, waited)
@@ -77,6 +87,14 @@ class Delivery:
                 await self._back_off(target, reading, attempt, deadline)
         raise Unavailable(f"{target.platform} robot {target.name!r}: {reading.cause} (gave up after "
                           f"{self._policy.max_attempts} tries)", retry_after=self._policy.backoff_cap)
+
+    async def _on_wire(self, attempt: Coroutine[Any, Any, Reading]) -> Reading:
+        """A send that has gone out is not cut off when its caller leaves: half a request helps nobody, and the
+        platform's answer (a throttle, say) still has to reach the limiter."""
+        task = asyncio.ensure_future(attempt)
+        self._on_the_wire.add(task)
+        task.add_done_callback(self._on_the_wire.discard)
+        return await asyncio.shield(task)
 
     async def _queue(self, target: RobotTarget, limiter: RobotLimiter, deadline: float) -> float:
         try:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from proxy.robots.settings import RobotTarget
 
 # Label values are bounded: target names come from config, results and reasons from fixed tables.
-RESULTS = ("delivered", "refused", "unavailable", "rate_limited", "bad_message")
+RESULTS = ("delivered", "refused", "unavailable", "rate_limited", "bad_message", "abandoned")   # abandoned: the caller left
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WAIT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 

@@ -1,0 +1,108 @@
+"""SIGTERM's drain, in virtual time: waits end with the last real answer, the drain's end answers what is left,
+and the whole stop takes `limits.drain_timeout`, not aiohttp's shutdown timeout twice over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from proxy.clock import Clock, VirtualClock
+from tests.conftest import Platforms, Running, SidecarFactory
+
+MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
+MESSAGES = "/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id"
+BOUND = 5.0   # real seconds any of these steps may take before the test calls it wedged
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return VirtualClock()
+
+
+async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(BOUND / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never: {what}")
+
+
+async def post(http: aiohttp.ClientSession, running: Running) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
+    async with http.post(running.base + MESSAGES, json=MESSAGE) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+async def test_a_request_in_back_off_is_answered_with_its_last_real_answer(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 15s}")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
+    platforms.feishu.faults.script.append("throttle")   # 429, "come back in 1 s": the retry waits in back-off
+    request = asyncio.create_task(post(http, running))
+    await until(lambda: platforms.feishu.throttled == 1 and running.sidecar.drain._waiting, "the back-off")
+    stop = asyncio.create_task(running.sidecar.stop())
+    status, headers, body = await asyncio.wait_for(request, BOUND)
+    assert status == 429 and body["code"] == 99991400 and headers["X-Imsidecar-Attempts"] == "1"
+    await asyncio.wait_for(stop, BOUND)
+    assert clock.now() < 1.0   # nobody had to wait for the back-off (or anything else) to run out
+    assert platforms.feishu.messages == []
+
+
+async def test_a_request_queued_for_a_rate_limit_slot_is_answered_at_once(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 60s}", ratelimit="{per_minute: 1}")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
+    assert (await post(http, running))[0] == 200
+    queued = asyncio.create_task(post(http, running))   # the next slot is a minute away
+    await until(lambda: running.sidecar.drain._waiting, "the queue")
+    stop = asyncio.create_task(running.sidecar.stop())
+    status, headers, body = await asyncio.wait_for(queued, BOUND)
+    assert status == 503 and headers["X-Imsidecar-Error"] == "ShuttingDown" and headers["Retry-After"] == "1"
+    assert body["code"] == 9990515 and headers["X-Imsidecar-Attempts"] == "0"
+    await asyncio.wait_for(stop, BOUND)
+    assert len(platforms.feishu.messages) == 1
+
+
+async def test_a_request_still_at_the_platform_is_answered_before_the_drain_ends(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
+    platforms.feishu.faults.hang_seconds = 3 * BOUND   # longer than this test may take
+    platforms.feishu.faults.script.append("hang")
+    request = asyncio.create_task(post(http, running))
+    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
+    stop = asyncio.create_task(running.sidecar.stop())
+    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight requests")
+    await clock.advance(3.0)
+    assert not request.done()   # still inside the drain: it may yet finish
+    await clock.advance(1.0)    # the drain's 4 s, of which the last share answers and closes
+    status, headers, body = await asyncio.wait_for(request, BOUND)
+    assert status == 503 and headers["X-Imsidecar-Error"] == "ShuttingDown"
+    assert "may have been applied" in body["msg"]
+    await asyncio.wait_for(stop, BOUND)
+    outcome = running.metric("imsidecar_requests_total", app="sales-bot", upstream="open",
+                             route="/open-apis/im/v1/messages", method="POST", status_class="5xx",
+                             outcome="sidecar_error")
+    assert outcome == 1
+    assert running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open", error="ShuttingDown") == 1
+
+
+async def test_a_request_that_finishes_within_the_drain_gets_its_answer(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}")
+    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
+    platforms.feishu.faults.hang_seconds = 0.2
+    platforms.feishu.faults.script.append("hang")
+    request = asyncio.create_task(post(http, running))
+    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
+    stop = asyncio.create_task(running.sidecar.stop())
+    status, _, body = await asyncio.wait_for(request, BOUND)
+    assert status == 200 and body["code"] == 0
+    await asyncio.wait_for(stop, BOUND)
+    assert clock.now() == 0.0   # it did not take the drain's time: in-flight work ending ends the drain
