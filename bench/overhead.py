@@ -96,6 +96,7 @@ apps:
     upstreams: {{open: {{base_url: "http://127.0.0.1:{upstream_port}"}}}}
     expose: [{{upstream: open, listen: "127.0.0.1:{port}"}}]
     ratelimit: {{per_second: 1000000}}   # armed, with a quota the load never reaches
+    coalesce: {{enabled: false}}          # every one of wrk's identical GETs proxied, as the other proxies do
 """)
     return conf
 

@@ -229,6 +229,34 @@ OTHER_ALERTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+# The platforms' monthly call allowances (docs/quota.md): a group of its own, per quota account, not per app.
+QUOTA_ALERTS: list[tuple[str, dict[str, Any]]] = [
+    ("At this month's pace the allowance runs out before the month does. A month's first hours are a guess at its "
+     "pace (the projection measures at least an hour), hence an hour of `for`.",
+     alert("ImsidecarQuotaProjectedOverAllowance",
+           "max by (account) (imsidecar_quota_projected_calls)\n"
+           "  > max by (account) (imsidecar_quota_allowance_calls > 0)\n", "warning",
+           "imsidecar quota {{ $labels.account }}: on course for {{ $value | humanize }} calls this month, over its "
+           "allowance",
+           "At this month's pace so far account {{ $labels.account }} makes {{ $value | humanize }} metered calls by "
+           "the end of the month (Asia/Shanghai), more than its configured allowance. Past the allowance the platform "
+           "refuses metered calls until the 1st (Feishu 99991403, DingTalk 90020).", "60m")),
+    ("Nine tenths of the month's allowance used (Feishu warns at 90% too).",
+     alert("ImsidecarQuotaNearlySpent",
+           "max by (account) (imsidecar_quota_used_calls)\n"
+           "  / max by (account) (imsidecar_quota_allowance_calls > 0) >= 0.9\n", "critical",
+           "imsidecar quota {{ $labels.account }}: {{ $value | humanizePercentage }} of the month's allowance used",
+           "Account {{ $labels.account }} has used {{ $value | humanizePercentage }} of its monthly allowance of "
+           "metered calls (critical from 90% for 5 minutes). When it is spent the platform refuses metered calls "
+           "until the month turns (Asia/Shanghai).", "5m")),
+]
+
+
+def quota_alerts(c: Choices) -> list[tuple[str, dict[str, Any]]]:
+    return [(note, {**rule, "annotations": {**rule["annotations"], "runbook_url": c.runbook(rule["alert"])}})
+            for note, rule in QUOTA_ALERTS]
+
+
 # Writing ---------------------------------------------------------------------------------------------------------
 
 class _Literal(str):
@@ -279,6 +307,7 @@ def render(c: Choices, kept: str = "") -> str:
                          base=c.runbook_base)
     text += "  - name: imsidecar-recording\n    rules:\n" + "".join(rule_text(n, r) for n, r in recording())
     text += "\n  - name: imsidecar-alerts\n    rules:\n" + "".join(rule_text(n, r) for n, r in alerts(c))
+    text += "\n  - name: imsidecar-quota\n    rules:\n" + "".join(rule_text(n, r) for n, r in quota_alerts(c))
     return text + "\n" + END_OF_GENERATED + "\n" + kept
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import admin_app
-from proxy.bindings import AppLimiters, AppTokens, Binding, UpstreamStages
+from proxy.bindings import AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
 from proxy.config import Address, AppConfig, Config
 from proxy.drain import Drain
@@ -35,6 +35,8 @@ from proxy.retry import RetryEngine
 from proxy.robots.handlers import RobotService
 from proxy.robots.handlers import dispatch as robot_dispatch
 from proxy.routing import RouteLabels, Router
+from proxy.saving.lanes import LanedLimiters
+from proxy.saving.stages import SavingStages
 from proxy.store import open_store
 from proxy.upstream import UpstreamClient
 
@@ -57,6 +59,7 @@ class Sidecar:
         self.drain = Drain()
         self._traces = upstream_traces   # aiohttp tracing on every upstream session (tests watch where calls go)
         self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
+        self.saving = SavingStages.build(config.apps, self.store.values, self.clock, self.metrics.registry, self.guard)
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
         self.stages: dict[str, dict[str, UpstreamStages]] = {}   # app → upstream → its breaker and monitor
@@ -64,8 +67,8 @@ class Sidecar:
         for app in config.apps:
             self._bind(app)
         retry = RetryEngine(self.clock, self.metrics, self.drain)
-        self.pipeline = Pipeline(self.router, retry, self.clock, config.limits, self.metrics, guard=self.guard,
-                                 drain=self.drain)
+        self.pipeline = Pipeline(self.router, retry, self.clock, config.limits, self.metrics, self.saving,
+                                 guard=self.guard, drain=self.drain)
         self._runners: list[web.BaseRunner] = []
         self._stopping: asyncio.Future[None] | None = None
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots
@@ -88,7 +91,8 @@ class Sidecar:
         routes = RouteLabels()
         stages = {name: UpstreamStages.build(app_config, name, self.clock, self.metrics, self.guard) for name in clients}
         self.stages[app_config.name] = stages
-        limiters = AppLimiters(app_config, self.clock, self.metrics, self.store.quota, guard=self.guard, drain=self.drain)
+        limiters = LanedLimiters(app_config, self.clock, self.metrics, self.store.quota, app_config.priority,
+                                 self.saving.metrics, guard=self.guard, drain=self.drain)
         for exposure in app_config.expose:
             up = exposure.upstream
             binding = Binding(app_config, platform, up, clients[up], tokens, routes, stages[up], limiters)
@@ -108,6 +112,7 @@ class Sidecar:
 
     async def _start(self) -> None:
         await self.store.start()
+        await self.saving.start()
         if self.config.robots is not None:
             self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
         for tokens in self.tokens.values():
@@ -206,6 +211,7 @@ class Sidecar:
             await self._session.close()
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
         await asyncio.gather(*(client.close() for client in self.clients))
+        await self.saving.stop()
         await self.store.close()
 
     async def _stop_accepting(self) -> None:

@@ -21,6 +21,10 @@ from proxy.configtree import Address, Node, expand
 from proxy.egress import EgressSettings, parse_egress
 from proxy.events.settings import EventsSettings, parse_events
 from proxy.robots.settings import RobotsSettings, parse_robots
+from proxy.saving.settings import (
+    CacheSettings, CardSettings, CoalesceSettings, PrioritySettings, QuotaSettings, check_accounts, parse_cache,
+    parse_cards, parse_coalesce, parse_priority, parse_quota,
+)
 from proxy.secret import Secret
 from proxy.store import StoreSettings, parse_store
 
@@ -106,6 +110,12 @@ class AppConfig:
     codes: CodeOverrides = CodeOverrides()
     breaker: BreakerSettings = BreakerSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
+    # Spending less of the platform's quota (proxy/saving/settings.py).
+    cache: CacheSettings = CacheSettings()
+    coalesce: CoalesceSettings = CoalesceSettings()
+    cards: CardSettings = CardSettings()
+    priority: PrioritySettings = PrioritySettings()
+    quota: QuotaSettings = QuotaSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +227,7 @@ def _parse_config(root: Node, env: Mapping[str, str]) -> Config | None:
     if not apps and not extra and events is None and robots is None:
         root.problem("at least one app is required", "apps")
     _check_unique(root, apps, listen, admin)
+    check_accounts(root, [(f"apps[{i}].quota", app.quota) for i, app in enumerate(apps) if app is not None])
     if events is not None and events.listen is not None and events.listen.port in {a.port for a in (listen, admin) if a}:
         root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
     if events is not None and events.queue.backend == "redis" and store is not None and not store.shared:
@@ -245,10 +256,14 @@ def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings)
     codes = _parse_codes(node.child("codes"))
     breaker = _parse_breaker(node.child("breaker"))
     ratelimit = _parse_ratelimit(node.child("ratelimit"))
+    cache = parse_cache(node.child("cache")) if node.has("cache") else CacheSettings()
+    saving = (parse_coalesce(node.child("coalesce")), parse_cards(node.child("cards")),
+              parse_priority(node.child("priority")), parse_quota(node.child("quota"), name))
     node.finish()
     if not (client_id and secret and listen):
         return None
-    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes, breaker, ratelimit)
+    return AppConfig(name, platform, client_id, secret, token_kind, upstreams, expose, retry, codes, breaker, ratelimit,
+                     cache, *saving)
 
 
 def _parse_upstreams(node: Node, platform: str) -> dict[str, Upstream]:

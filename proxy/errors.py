@@ -17,6 +17,7 @@ belongs to each platform.
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
     ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
+    ├── QuotaReserved            429  bulk, past the month's reserve (proxy/saving/meter.py)      throttled
     ├── CircuitOpen              503  the upstream is known to be down
     └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
         ├── ConnectFailure            never reached the platform
@@ -91,6 +92,14 @@ class DeadlineExceeded(SidecarError):
 
 class LocallyRateLimited(SidecarError):
     status, code, counted_as = 429, codes.RATE_LIMITED, THROTTLED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaReserved(SidecarError):
+    status, code, counted_as = 429, codes.QUOTA_RESERVED, THROTTLED
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)

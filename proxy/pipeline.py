@@ -26,6 +26,7 @@ from proxy.outcome import Verdict
 from proxy.platforms.base import BAD_REQUEST, INTERNAL_ERROR, dump
 from proxy.retry import Attempt, RetryEngine
 from proxy.routing import Router
+from proxy.saving.stages import SavingStages
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
@@ -56,15 +57,19 @@ class Exchange:
     client_deadline: bool = False   # the client shortened the deadline (X-Imsidecar-Timeout)
     verdict: Verdict | None = None        # the platform's classification of the answer relayed (set by the retry loop)
     error: SidecarError | None = None     # the sidecar's own error, when it answered with one
+    priority: str = "interactive"                          # its lane (proxy/saving/lanes.py)
+    marks: dict[str, str] = field(default_factory=dict)    # X-Imsidecar-* and Age headers the stages add to the answer
 
 
 class Pipeline:
     def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics,
-                 *, guard: Guard | None = None, drain: Drain | None = None) -> None:
+                 saving: SavingStages, *, guard: Guard | None = None, drain: Drain | None = None) -> None:
         self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
         self.guard = guard or Guard(metrics.stage_failures)
         self.drain = drain or retry.drain
         self.bodies = BodyReader(limits, clock)
+        self.saving = saving
+        self.metered_attempt = saving.meter.counting(self.send_attempt)
 
     async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
         try:
@@ -118,9 +123,26 @@ class Pipeline:
         local = await self.answer_token_endpoint(exchange)
         if local is not None:
             return local
+        self.saving.lanes.assign(exchange, request.headers)   # interactive or bulk, before anything waits
         body = await self.bodies.read(request, exchange.deadline)
-        answer = await self.retry.run(exchange, body, self.send_attempt)
+        answer = await self.saving.cache.through(exchange, body, self.coalesced)
         return await self.relay(request, exchange, answer)
+
+    # The quota-saving stages (proxy/saving/), outermost first; each may answer without calling the next --------
+
+    async def coalesced(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Identical concurrent reads share one platform call."""
+        return await self.saving.coalescer.through(exchange, body, self.merged)
+
+    async def merged(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """One card's updates go in order, the newest of a run replacing the ones before it."""
+        return await self.saving.cards.through(exchange, body, self.call_platform)
+
+    async def call_platform(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Past the month's reserve a bulk call stops here; otherwise the retry loop, every attempt counted."""
+        self.saving.meter.admit(exchange)
+        self.saving.lanes.enter(exchange)
+        return await self.retry.run(exchange, body, self.metered_attempt)
 
     # Stages ---------------------------------------------------------------------------------------------------
 
@@ -258,6 +280,7 @@ class Pipeline:
         headers["X-Imsidecar-Attempts"] = str(exchange.attempts)
         if exchange.retry_reasons:
             headers["X-Imsidecar-Retry-Reasons"] = ",".join(exchange.retry_reasons)
+        headers.update(exchange.marks)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
         """Count the request once, under the outcome class of what its client got."""

@@ -5,6 +5,7 @@ the Redis implementation lives in proxy/store_redis.py and is imported only when
 
 Errors:
     SharedQuotaExceeded   the shared slot would come after the request's deadline; carries retry_after
+    ValuesUnavailable     the shared values cannot be read or written now (Redis away): the caller keeps its own
 """
 
 from __future__ import annotations
@@ -244,9 +245,24 @@ class SharedQuota(Protocol):
         `deadline` is a `clock.now()` time; raises SharedQuotaExceeded when the slot would come after it."""
 
 
+class ValuesUnavailable(Exception):
+    pass
+
+
+class SharedValues(Protocol):
+    """Small values every replica sees: cached platform answers and the monthly call counts (proxy/saving/).
+    Keys are the caller's (the store adds its prefix); every method raises ValuesUnavailable while unreachable."""
+
+    async def get(self, key: str) -> str | None: ...
+    async def put(self, key: str, value: str, ttl: float) -> None: ...
+    async def add(self, key: str, amount: int, ttl: float) -> int:
+        """Add to a counter (created at 0), keep it `ttl` seconds, and return its new value."""
+
+
 class Store(Protocol):
     tokens: SharedTokens
     quota: SharedQuota
+    values: SharedValues | None   # None: nothing is shared (one replica)
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -316,6 +332,7 @@ class MemoryStore:
     clock: Clock
     tokens: SharedTokens = field(init=False)
     quota: SharedQuota = field(init=False)
+    values: SharedValues | None = None
 
     def __post_init__(self) -> None:
         self.tokens = LocalTokens(self.clock)

@@ -29,7 +29,9 @@ from proxy.store import (
     SharedQuota,
     SharedQuotaExceeded,
     SharedTokens,
+    SharedValues,
     StoreSettings,
+    ValuesUnavailable,
 )
 
 log = logging.getLogger("imsidecar.store")
@@ -39,7 +41,7 @@ T = TypeVar("T")
 # Connection refused, timeouts, authentication, a replica that became read-only in a failover: all mean
 # "no shared state now", never "fail the request".
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-OPS = ("tokens", "invalidate", "quota")
+OPS = ("tokens", "invalidate", "quota", "values")
 
 # Release the fetch lock only if we still hold it: a holder slower than the lock's expiry must not delete the
 # lock another replica has taken since.
@@ -78,6 +80,14 @@ end
 local next_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
 return {1, wait}
+"""
+
+
+# A counter that expires: the quota meter's monthly count (ARGV: amount, time to keep it in ms).
+ADD = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return value
 """
 
 
@@ -321,8 +331,36 @@ class RedisQuota:
         return self._clock.now() - start
 
 
+class RedisValues:
+    """Cached answers and call counts for every replica (proxy/saving/); while Redis is away, each keeps its own."""
+
+    def __init__(self, client: aioredis.Redis, health: Health, settings: StoreSettings, metrics: StoreMetrics) -> None:
+        self._redis, self._health, self._prefix, self._metrics = client, health, settings.key_prefix, metrics
+        self._add = client.register_script(ADD)
+
+    async def get(self, key: str) -> str | None:
+        value = await self._call(lambda: self._redis.get(self._prefix + key))
+        return None if value is None else str(value)
+
+    async def put(self, key: str, value: str, ttl: float) -> None:
+        await self._call(lambda: self._redis.set(self._prefix + key, value, px=ms(ttl)))
+
+    async def add(self, key: str, amount: int, ttl: float) -> int:
+        return int(await self._call(lambda: self._add(keys=[self._prefix + key], args=[amount, ms(ttl)])))
+
+    async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
+        """One command, or ValuesUnavailable at once while Redis is known to be away (the health probe watches)."""
+        try:
+            if not self._health.up:
+                raise StoreDown("unreachable")
+            return await self._health.call(command())
+        except StoreDown as exc:
+            self._metrics.fallbacks.labels("values").inc()
+            raise ValuesUnavailable(f"the shared store is unreachable ({exc})") from exc
+
+
 class RedisStore:
-    """`backend: redis`: the client, its health, and the shared tokens and quotas built on it."""
+    """`backend: redis`: the client, its health, and the shared tokens, quotas and values built on it."""
 
     def __init__(self, settings: StoreSettings, clock: Clock, registry: CollectorRegistry) -> None:
         self.settings = settings
@@ -331,6 +369,7 @@ class RedisStore:
         self.health = Health(self._client.ping, self._client.connection_pool.disconnect, clock, settings, metrics)
         self.tokens: SharedTokens = RedisTokens(self._client, self.health, clock, settings, metrics)
         self.quota: SharedQuota = RedisQuota(self._client, self.health, clock, settings, metrics)
+        self.values: SharedValues | None = RedisValues(self._client, self.health, settings, metrics)
 
     async def start(self) -> None:
         """Say at start-up whether Redis answers; never refuse to start because it does not."""

@@ -185,6 +185,7 @@ async def test_an_upstream_answering_ever_new_codes_and_headers_cannot_mint_seri
     upstreams: {{open: {{base_url: "{str(server.make_url("")).rstrip("/")}"}}}}
     expose: [{{upstream: open, prefix: /rogue}}]
     ratelimit: {{per_second: 100000}}
+    coalesce: {{enabled: false}}   # every one of the identical GETs must reach the rogue upstream
 """)
 
     async def call(session: aiohttp.ClientSession) -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.events.metrics import EventMetrics
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, SavingsMetrics
 from proxy.robots.metrics import RobotMetrics
 
 CATALOGUE = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
@@ -20,9 +20,10 @@ SUFFIX = {"counter": "_total", "info": "_info"}   # the name a user queries, as 
 
 
 def registered() -> dict[str, tuple[str, frozenset[str]]]:
-    """Exposed metric name → (type, label names), for every metric of the three metric factories."""
+    """Exposed metric name → (type, label names), for every metric of the four metric factories."""
     registry = CollectorRegistry()
     Metrics(registry)
+    SavingsMetrics(registry)
     RobotMetrics(registry)
     EventMetrics(registry)
     found = {}

@@ -1,4 +1,5 @@
-"""A fake DingTalk platform: one app token for both hosts, oapi errors inside HTTP 200, api `{code, message}` errors.
+"""A fake DingTalk platform: one app token for both hosts, oapi errors inside HTTP 200, api `{code, message}` errors,
+AI card streaming and card updates, and the organisation's monthly call allowance.
 
 Owns DingTalk's observable behaviour for tests and the demo. Serve `oapi_app()` and `api_app()` on two ports.
 """
@@ -18,6 +19,9 @@ from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang
 
 TOKEN_LIFETIME = 7200
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
+# Not counted against the monthly allowance (basic-interfaces-such-as-log-off-and-address-book): tokens, the
+# address book (users, departments), among others.
+UNMETERED = ("/gettoken", "/topapi/v2/user/", "/topapi/v2/department/", "/v1.0/oauth2/", "/v1.0/contact/")
 
 
 @dataclass
@@ -35,6 +39,10 @@ class FakeDingTalk:
     sent: list[dict[str, Any]] = field(default_factory=list)
     throttled: int = 0
     requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
+    monthly_allowance: int | None = None   # the organisation's metered calls a month; None: unlimited
+    metered_calls: int = 0
+    cards: dict[str, dict[str, str]] = field(default_factory=dict)   # outTrackId → streamed variables as shown
+    card_frames: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # outTrackId → updates, in order
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     _windows: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
@@ -90,7 +98,7 @@ class FakeDingTalk:
             if refused is not None:
                 return refused
             fault = self.faults.pick(request.path)
-            if fault == "throttle" or self.over_quota(token or "", request.path):
+            if fault == "throttle" or self.over_quota(token or "", api_of(request)):
                 self.throttled += 1
                 return host.answers["throttle"]()
             if fault in ("unavailable", "busy"):
@@ -99,11 +107,22 @@ class FakeDingTalk:
                 return drop_connection(request)
             if fault == "hang":
                 await hang(self.faults)
+            if self.month_spent(request.path):
+                return host.answers["month_spent"]()
             response = await handler(request)
             if fault in AFTER:
                 return drop_connection(request) if fault == "reset_after" else host.answers["error_after"]()
+            self.meter(request.path, response.status)
             return response
         return wrapped
+
+    def month_spent(self, path: str) -> bool:
+        return self.monthly_allowance is not None and metered(path) and self.metered_calls >= self.monthly_allowance
+
+    def meter(self, path: str, status: int) -> None:
+        """Counted: metered calls the platform served (QPS refusals and undelivered calls are not)."""
+        if metered(path) and status < 400:
+            self.metered_calls += 1
 
     async def user_get(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -124,6 +143,8 @@ class FakeDingTalk:
         app.router.add_post("/v1.0/oauth2/accessToken", self.api_access_token)
         app.router.add_get("/v1.0/contact/users/{union_id}", self.api_guarded(self.contact_user))
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self.api_guarded(self.batch_send))
+        app.router.add_put("/v1.0/card/streaming", self.api_guarded(self.card_streaming))
+        app.router.add_put("/v1.0/card/instances", self.api_guarded(self.card_update))
         return app
 
     async def api_access_token(self, request: web.Request) -> web.Response:
@@ -152,12 +173,41 @@ class FakeDingTalk:
         self.sent.append(body)
         return web.json_response({"processQueryKey": f"pqk{next(self._seq)}", "invalidStaffIdList": []})
 
+    async def card_streaming(self, request: web.Request) -> web.Response:
+        """AI card streaming: `isFull` overwrites the variable, otherwise the content is appended to it."""
+        body = await request.json()
+        card, key, content = body.get("outTrackId"), body.get("key"), body.get("content")
+        if not all(isinstance(v, str) for v in (card, key, content)) or not body.get("guid"):
+            return api_error(400, "param.invalid", "参数错误")
+        shown = self.cards.setdefault(card, {})
+        shown[key] = content if body.get("isFull") is True else shown.get(key, "") + content
+        self.card_frames.setdefault(card, []).append(body)
+        return web.json_response({"success": True, "result": True})
+
+    async def card_update(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        card = body.get("outTrackId")
+        if not isinstance(card, str):
+            return api_error(400, "param.invalid", "参数错误")
+        self.card_frames.setdefault(card, []).append(body)
+        return web.json_response({"success": True, "result": True})
+
     def over_quota(self, token: str, path: str) -> bool:
         if self.quota_per_second is None:
             return False
         key = (self.tokens.get(token, (token, 0))[0], path, int(self.clock.wall()))
         self._windows[key] = self._windows.get(key, 0) + 1
         return self._windows[key] > self.quota_per_second
+
+
+def api_of(request: web.Request) -> str:
+    """The API a request calls (its route pattern, IDs left out): the 20 QPS limit is per app per API."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
+def metered(path: str) -> bool:
+    return not path.startswith(UNMETERED)
 
 
 def errcode(code: int, message: str, **fields: Any) -> web.Response:
@@ -202,6 +252,8 @@ OAPI = HostRules(
         "throttle": lambda: errcode(90018, "当前企业调用该接口的QPS超过了上限，请稍后重试"),
         "busy": lambda: errcode(-1, "系统繁忙"),
         "error_after": lambda: web.Response(status=500, text="error"),
+        "month_spent": lambda: errcode(90020, "您的企业本月api调用量已超过限制,调用量:10001次,额度:10000次,"
+                                              "请登录开发者后台-资源管理-查看用量明细"),
     },
 )
 # api: `{code, message}` with a 4xx/5xx status.
@@ -213,5 +265,6 @@ API = HostRules(
         "throttle": lambda: api_error(403, "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "调用频率超过限制"),
         "busy": lambda: api_error(429, "system.busy", "系统繁忙"),
         "error_after": lambda: api_error(500, "systemError", "系统错误"),
+        "month_spent": lambda: api_error(403, "Forbidden.AccessDenied.ApiCountLimitForOrg", "企业本月API调用量已超过限制"),
     },
 )

@@ -1,4 +1,5 @@
-"""A fake Feishu open platform: tenant/app tokens with the real expiry rule, messages and bitable records.
+"""A fake Feishu open platform: tenant/app tokens with the real expiry rule, messages, bitable records, contact and
+bot reads, card updates with their per-message and per-card limits, and the Basic plan's monthly call allowance.
 
 Owns Feishu's observable behaviour for tests and the demo; it checks every token it is sent, at its own clock's time.
 """
@@ -18,6 +19,10 @@ from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang
 
 TOKEN_LIFETIME = 7200
 NEW_TOKEN_BELOW = 1800   # Feishu hands out a new token only when the current one has < 30 min left
+MESSAGE_UPDATES_PER_SECOND = 5   # PATCH im/v1/messages/:message_id: "单条消息更新频控为 5 QPS" (230020 beyond)
+CARD_OPERATIONS_PER_SECOND = 10  # cardkit: at most 10 operations a second on one card entity
+# Not counted against the monthly allowance (custom-app-api-call-limit): authentication and contacts, among others.
+UNMETERED = ("/open-apis/auth/", "/open-apis/authen/", "/open-apis/contact/")
 
 
 @dataclass
@@ -45,6 +50,12 @@ class FakeFeishu:
     client_tokens: dict[str, Any] = field(default_factory=dict)
     throttled: int = 0
     requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
+    users: dict[str, str] = field(default_factory=lambda: {"ou_7d8a6e6df7621556": "Zhang San", "ou_8e9b7f7ea8732667": "Li Si"})
+    monthly_allowance: int | None = None   # the Basic plan's 10,000 calls a month; None: an unlimited plan
+    metered_calls: int = 0                 # successful calls of metered APIs, as the platform counts them
+    card_updates: dict[str, list[Any]] = field(default_factory=dict)   # message or card id → what it showed, in order
+    card_sequences: dict[str, int] = field(default_factory=dict)
+    card_throttled: int = 0                # card updates refused for the per-message or per-card limit
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     _windows: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
@@ -89,6 +100,14 @@ class FakeFeishu:
         r.add_get("/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/records", self.guarded(self.list_records))
         r.add_post("/open-apis/im/v1/files", self.guarded(self.upload_file))
         r.add_get("/open-apis/im/v1/files/{file_key}", self.guarded(self.download_file))
+        r.add_get("/open-apis/contact/v3/users/{user_id}", self.guarded(self.get_user))
+        r.add_get("/open-apis/bot/v3/info", self.guarded(self.bot_info))
+        r.add_patch("/open-apis/im/v1/messages/{message_id}", self.guarded(self.update_message))
+        r.add_post("/open-apis/cardkit/v1/cards", self.guarded(self.create_card))
+        r.add_put("/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content",
+                  self.guarded(self.stream_content))
+        r.add_patch("/open-apis/cardkit/v1/cards/{card_id}/settings", self.guarded(self.card_settings))
+        r.add_get("/open-apis/contact/v3/departments/{department_id}", self.guarded(self.get_department))
         return app
 
     def token_endpoint(self, kind: str):  # type: ignore[no-untyped-def]
@@ -131,14 +150,25 @@ class FakeFeishu:
             early = await self.fault_before(request, fault)
             if early is not None:
                 return early
-            limited = self.rate_limit(token, request.path)
+            limited = self.rate_limit(token, api_of(request))
             if limited is not None:
                 return limited
+            if self.month_spent(request.path):
+                return answer(99991403, "This month's API call quota has been exceeded", status=429)
             response = await handler(request)
             if fault in AFTER:
                 return drop_connection(request) if fault == "reset_after" else answer(1500, "internal error", status=500)
+            self.meter(request.path, response.status)
             return response
         return wrapped
+
+    def month_spent(self, path: str) -> bool:
+        return self.monthly_allowance is not None and metered(path) and self.metered_calls >= self.monthly_allowance
+
+    def meter(self, path: str, status: int) -> None:
+        """Counted: successful calls of metered APIs ("calls failing with 4xx/5xx do not count")."""
+        if metered(path) and status < 400:
+            self.metered_calls += 1
 
     async def fault_before(self, request: web.Request, fault: str | None) -> web.StreamResponse | None:
         if fault == "unavailable":
@@ -210,6 +240,67 @@ class FakeFeishu:
         table = self.records.get(request.match_info["table_id"], [])
         return answer(0, "success", data={"items": table[:500], "total": len(table), "has_more": len(table) > 500})
 
+    async def get_user(self, request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        if user_id not in self.users:
+            return answer(99992402, "field validation failed", status=400)
+        return answer(0, "success", data={"user": {"open_id": user_id, "name": self.users[user_id]}})
+
+    async def bot_info(self, request: web.Request) -> web.Response:
+        return answer(0, "ok", bot={"activate_status": 2, "app_name": "fake bot", "open_id": "ou_bot0000001"})
+
+    async def update_message(self, request: web.Request) -> web.Response:
+        """PATCH a card message: the whole content is replaced; 5 updates a second per message at most."""
+        message_id = request.match_info["message_id"]
+        if self.over(("message", message_id), MESSAGE_UPDATES_PER_SECOND):
+            self.card_throttled += 1
+            return answer(230020, "This operation triggers the frequency limit.", status=400)
+        content = (await request.json()).get("content")
+        if not isinstance(content, str):
+            return answer(230001, "Your request contains an invalid request parameter.", status=400)
+        self.card_updates.setdefault(message_id, []).append(content)
+        return answer(0, "success", data={})
+
+    async def create_card(self, request: web.Request) -> web.Response:
+        card_id = f"{next(self._seq) + 7355439197428236000}"
+        self.card_updates[card_id] = []
+        return answer(0, "success", data={"card_id": card_id})
+
+    async def stream_content(self, request: web.Request) -> web.Response:
+        """PUT an element's full text (the client types out what is new)."""
+        return await self.card_operation(request, lambda body: body.get("content"))
+
+    async def card_settings(self, request: web.Request) -> web.Response:
+        """PATCH the card's settings: `{"config": {"streaming_mode": false}}` ends its streaming."""
+        return await self.card_operation(request, lambda body: {"settings": body.get("settings")})
+
+    async def card_operation(self, request: web.Request, shown: Any) -> web.Response:
+        """Every cardkit operation on a card: `sequence` must grow; 10 operations a second per card at most."""
+        card_id = request.match_info["card_id"]
+        if card_id not in self.card_updates:
+            return answer(200740, "The card entity does not exist", status=400)
+        if self.over(("card", card_id), CARD_OPERATIONS_PER_SECOND):
+            self.card_throttled += 1
+            return answer(99991400, "request trigger frequency limit", status=429,
+                          headers={"x-ogw-ratelimit-limit": str(CARD_OPERATIONS_PER_SECOND), "x-ogw-ratelimit-reset": "1"})
+        body = await request.json()
+        sequence = body.get("sequence")
+        if not isinstance(sequence, int) or sequence <= self.card_sequences.get(card_id, 0):
+            return answer(300317, "The sequence number for operating on the card did not increment consecutively",
+                          status=400)
+        self.card_sequences[card_id] = sequence
+        self.card_updates[card_id].append(shown(body))
+        return answer(0, "success", data={})
+
+    async def get_department(self, request: web.Request) -> web.Response:
+        department = request.match_info["department_id"]
+        return answer(0, "success", data={"department": {"department_id": department, "name": f"dept {department}"}})
+
+    def over(self, what: tuple[str, str], per_second: int) -> bool:
+        key = (what[0], what[1], int(self.clock.wall()))
+        self._windows[key] = self._windows.get(key, 0) + 1
+        return self._windows[key] > per_second
+
     async def upload_file(self, request: web.Request) -> web.Response:
         size = 0
         async for chunk in request.content.iter_chunked(65536):
@@ -226,6 +317,16 @@ class FakeFeishu:
             await response.write(block[: min(len(block), size - start)])
         await response.write_eof()
         return response
+
+
+def api_of(request: web.Request) -> str:
+    """The API a request calls (its route pattern, IDs left out): frequency limits count per app per API."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
+def metered(path: str) -> bool:
+    return not path.startswith(UNMETERED)
 
 
 def answer(code: int, msg: str, *, status: int = 200, headers: dict[str, str] | None = None, **fields: Any) -> web.Response:

@@ -32,12 +32,14 @@ EXPECTATION_FAILED = 9_990_417
 CLIENT_GONE = 9_990_499
 INTERNAL_ERROR = 9_990_500
 SHUTTING_DOWN = 9_990_515
+QUOTA_RESERVED = 9_990_430
 CODE_NAMES = {
     NO_ROUTE: "noRoute", TOO_LARGE: "requestTooLarge", RATE_LIMITED: "rateLimited",
     UPSTREAM_UNREACHABLE: "upstreamUnreachable", TOKEN_UNAVAILABLE: "tokenUnavailable",
     CIRCUIT_OPEN: "circuitOpen", DEADLINE_EXCEEDED: "deadlineExceeded", BAD_REQUEST: "badRequest",
     REQUEST_TIMEOUT: "requestTimeout", EXPECTATION_FAILED: "expectationFailed", CLIENT_GONE: "clientGone",
     INTERNAL_ERROR: "internalError", SHUTTING_DOWN: "shuttingDown",
+    QUOTA_RESERVED: "quotaReserved",
 }
 
 PLACEHOLDER = "imsidecar-managed"   # what the sidecar hands out instead of a real token
@@ -72,6 +74,19 @@ class KeySpot:
 
     where: str   # "query" | "body"
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CardUpdate:
+    """A request that changes a card (or card message) the platform renders: updates of one card are sent in order.
+
+    Two updates with the same `merge_key` leave the card as the later one alone would (each replaces that part of
+    the card whole), so the earlier can be skipped; None means it can never be skipped (append, partial updates).
+    """
+
+    card: str
+    merge_key: str | None
+    final: bool = False   # the card's last frame (DingTalk isFinalize / isError): never replaced by a later one
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +153,40 @@ class Platform(ABC):
         """Every `reason` a retry to `upstream` can carry that is known before it happens (metric series at 0)."""
         added = self.codes.retryable | self.codes.throttled
         return GENERIC_RETRY_REASONS + tuple(f"code_{code}" for code in sorted(added))
+
+    # What the quota-saving stages (proxy/saving/) ask; each platform answers from route tables of its own ---------
+
+    def user_token(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
+        """The user's own token when the application sent one (the sidecar then passes it through)."""
+        return None
+
+    def cached_reads(self, upstream: str) -> Mapping[str, float]:
+        """Read-mostly route templates worth caching, with a TTL in seconds: the curated defaults."""
+        return {}
+
+    def post_reads(self, upstream: str) -> frozenset[str]:
+        """Route templates that read although they are POSTs (the body says what): safe to share and cache."""
+        return frozenset()
+
+    def card_update(self, upstream: str, method: str, path: str, body: bytes | None) -> CardUpdate | None:
+        """The card this request updates, if it is a card update."""
+        return None
+
+    def metered(self, upstream: str, template: str) -> bool:
+        """Whether a successful call of this route counts against the platform's monthly allowance."""
+        return False
+
+    def counted(self, status: int, verdict: Verdict) -> bool:
+        """Whether an answer the platform gave counts as a call against the monthly allowance."""
+        return status < 400 and verdict.outcome is not Outcome.THROTTLED
+
+    def quota_exhausted(self, status: int, body: bytes | None) -> bool:
+        """The platform says this month's allowance is spent (its metered APIs now refuse)."""
+        return False
+
+    def bulk_routes(self, upstream: str) -> frozenset[str]:
+        """Route templates that are bulk by nature (batch writes): their default priority lane."""
+        return frozenset()
 
     # Shared helpers ------------------------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from proxy.outcome import Outcome, Signal, Verdict
 from proxy.platforms.routes import shapes
 from proxy.routing import RouteShapes
 from proxy.platforms.base import (
-    PLACEHOLDER, CODE_NAMES, SUCCESS, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
-    load_json, number, parse_retry_after, verdict_for, verdict_for_status, with_query_param,
+    PLACEHOLDER, CODE_NAMES, SUCCESS, CardUpdate, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant,
+    code_text, dump, load_json, number, parse_retry_after, verdict_for, verdict_for_status, with_query_param,
 )
 
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
@@ -142,6 +142,36 @@ class DingTalk(Platform):
         own = API_RETRY_REASONS if upstream == "api" else tuple(f"code_{c}" for c in sorted(OAPI_RETRIED))
         return super().retry_reasons(upstream) + own
 
+    # Quota saving: the route tables below -------------------------------------------------------------------------
+
+    def user_token(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
+        sent = headers.get(TOKEN_HEADER)
+        return sent if upstream == "api" and sent and sent != PLACEHOLDER else None
+
+    def cached_reads(self, upstream: str) -> Mapping[str, float]:
+        return CACHED_READS.get(upstream, {})
+
+    def post_reads(self, upstream: str) -> frozenset[str]:
+        return POST_READS if upstream == "oapi" else frozenset()
+
+    def card_update(self, upstream: str, method: str, path: str, body: bytes | None) -> CardUpdate | None:
+        if upstream != "api" or method != "PUT" or path not in CARD_ROUTES:
+            return None
+        update = load_json(body)
+        card = update.get("outTrackId") if update else None
+        if update is None or not isinstance(card, str) or not card:
+            return None
+        return CARD_ROUTES[path](card, update)
+
+    def metered(self, upstream: str, template: str) -> bool:
+        return not template.startswith(UNMETERED_PREFIXES[upstream])
+
+    def quota_exhausted(self, status: int, body: bytes | None) -> bool:
+        answer = load_json(body)
+        if answer is None:
+            return False
+        return code_text(answer.get("errcode")) == "90020" or answer.get("code") == ORG_QUOTA_EXHAUSTED
+
     def error_body(self, upstream: str, code: int, message: str) -> bytes:
         if upstream == "api":
             return dump({"code": f"imsidecar.{CODE_NAMES.get(code, 'error')}", "message": message, "requestid": ""})
@@ -154,3 +184,55 @@ def _api_reason(code: str, status: int) -> str:
     if code in known or API_THROTTLED.match(code):
         return f"code_{code}"
     return f"http_{status}" if status in (400, 401, 403, 404, 409, 429, 500, 502, 503, 504) else "http_other"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Route tables for the quota-saving stages (docs/quota.md has the sources).
+
+# Read-mostly routes, cached when an app turns the cache on. The old oapi reads are POSTs whose body names what
+# is read, so their body is part of what makes two reads the same.
+CACHED_READS: Mapping[str, Mapping[str, float]] = {
+    "oapi": {"/topapi/v2/user/get": 60.0, "/topapi/v2/department/get": 60.0, "/topapi/user/getbyunionid": 60.0},
+    "api": {"/v1.0/contact/users/:union_id": 60.0},   # `me` too: its key holds the user token's digest
+}
+POST_READS = frozenset({"/topapi/v2/user/get", "/topapi/v2/department/get", "/topapi/v2/department/listsub",
+                        "/topapi/user/getbyunionid"})
+
+
+def _streaming(card: str, update: Mapping[str, object]) -> CardUpdate:
+    """PUT /v1.0/card/streaming: `isFull` true overwrites the variable `key`, false appends to it (never merged);
+    `isFinalize` / `isError` is the card's last frame."""
+    final = update.get("isFinalize") is True or update.get("isError") is True
+    merge = f"streaming:{update.get('key')}" if update.get("isFull") is True else None
+    return CardUpdate(card, merge, final)
+
+
+def _card_data(options_key: str):  # type: ignore[no-untyped-def]
+    """PUT /v1.0/card/instances and /v1.0/im/interactiveCards replace the card data they carry unless
+    `updateCardDataByKey` / `updatePrivateDataByKey` say "by key" (a partial update, never merged). Two updates
+    replace the same state only when they carry the same fields."""
+    def update(card: str, body: Mapping[str, object]) -> CardUpdate:
+        options = body.get(options_key)
+        by_key = isinstance(options, dict) and any(options.get(k) is True for k in BY_KEY_OPTIONS)
+        fields = ",".join(sorted(k for k in body if k not in CARD_BOOKKEEPING))
+        return CardUpdate(card, None if by_key else f"data:{fields}")
+    return update
+
+
+BY_KEY_OPTIONS = ("updateCardDataByKey", "updatePrivateDataByKey")
+CARD_BOOKKEEPING = frozenset({"outTrackId", "guid", "userIdType", "robotCode"})
+CARD_ROUTES = {
+    "/v1.0/card/streaming": _streaming,
+    "/v1.0/card/instances": _card_data("cardUpdateOptions"),
+    "/v1.0/im/interactiveCards": _card_data("cardOptions"),
+}
+# Not counted against the organisation's monthly allowance ("basic-interfaces-such-as-log-off-and-address-book"):
+# access tokens and tickets, log-in (免登) identity, the address book (users, departments, roles, external
+# contacts) and smart HR. Calls refused for QPS or never delivered are not counted either.
+UNMETERED_PREFIXES: Mapping[str, tuple[str, ...]] = {
+    "oapi": ("/gettoken", "/get_jsapi_ticket", "/sso/", "/sns/", "/user/", "/department/", "/role/",
+             "/topapi/user/", "/topapi/v2/user/", "/topapi/department/", "/topapi/v2/department/", "/topapi/role/",
+             "/topapi/extcontact/", "/topapi/smartwork/hrm/"),
+    "api": ("/v1.0/oauth2/", "/v1.0/contact/", "/v1.0/hrm/"),
+}
+ORG_QUOTA_EXHAUSTED = "Forbidden.AccessDenied.ApiCountLimitForOrg"   # api; oapi says errcode 90020

@@ -6,6 +6,7 @@ which apps it knows: an app of one brand does not exist on the other, which the 
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from multidict import CIMultiDict
@@ -14,8 +15,8 @@ from proxy.outcome import Outcome, Verdict
 from proxy.platforms.routes import shapes
 from proxy.routing import RouteShapes
 from proxy.platforms.base import (
-    PLACEHOLDER, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump, load_json,
-    number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
+    PLACEHOLDER, CardUpdate, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant, code_text, dump,
+    load_json, number, parse_retry_after, verdict_for, verdict_for_status, SUCCESS,
 )
 
 TOKEN_PATHS = {
@@ -26,8 +27,11 @@ PLACEHOLDERS = {"tenant": f"t-{PLACEHOLDER}", "app": f"a-{PLACEHOLDER}"}
 
 # 99991663/99991665 tenant token invalid, 99991664 app token invalid, 99991671 malformed: refresh and replay once.
 TOKEN_INVALID = frozenset({"99991663", "99991664", "99991665", "99991671"})
-# 99991400 the API's frequency limit; 11232/11233/11247 message rate limits; 1254290 bitable "too many requests".
-THROTTLED = frozenset({"99991400", "11232", "11233", "11247", "1254290"})
+# 99991400 the API's frequency limit; 11232/11233/11247 message rate limits; 1254290 bitable "too many requests";
+# 230020 "This operation triggers the frequency limit" (IM: e.g. more than 5 updates a second of one message).
+THROTTLED = frozenset({"99991400", "11232", "11233", "11247", "1254290", "230020"})
+# 99991403 "This month's API call quota has been exceeded" (HTTP 429): no wait inside a request's deadline helps.
+QUOTA_EXHAUSTED = "99991403"
 # Refused before anything was written: 1254291 bitable write conflict, 1254607 data not ready yet.
 BUSY_NOT_PROCESSED = frozenset({"1254291", "1254607"})
 # "Internal error, retry later" (1500, 1663, 1668, 10101, 40006), 2200/5000 internal (often under high rate),
@@ -132,6 +136,8 @@ class Feishu(Platform):
             return verdict_for(outcome, reason, retry_after=retry_after)
         if code in TOKEN_INVALID:
             return verdict_for(Outcome.TOKEN_INVALID, reason)
+        if code == QUOTA_EXHAUSTED:
+            return verdict_for(Outcome.PERMANENT, reason)
         if code in THROTTLED or status == 429:
             return verdict_for(Outcome.THROTTLED, reason, retry_after=retry_after)
         if code in BUSY_NOT_PROCESSED:
@@ -154,6 +160,82 @@ class Feishu(Platform):
     def retry_reasons(self, upstream: str) -> tuple[str, ...]:
         retried = THROTTLED | BUSY_NOT_PROCESSED | BUSY_MAYBE_PROCESSED
         return super().retry_reasons(upstream) + tuple(f"code_{code}" for code in sorted(retried))
+
+    # Quota saving: the route tables below -------------------------------------------------------------------------
+
+    def user_token(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
+        auth = headers.get("Authorization", "")
+        return auth if auth.startswith("Bearer u-") else None
+
+    def cached_reads(self, upstream: str) -> Mapping[str, float]:
+        return CACHED_READS
+
+    def post_reads(self, upstream: str) -> frozenset[str]:
+        return POST_READS
+
+    def card_update(self, upstream: str, method: str, path: str, body: bytes | None) -> CardUpdate | None:
+        if method == "GET" or not path.startswith(CARD_PREFIXES):
+            return None   # most requests: no pattern to try
+        for pattern, methods, merge in CARD_ROUTES:
+            found = pattern.match(path)
+            if found and method in methods:
+                card, element = found.group(1), found.groupdict().get("element")
+                return CardUpdate(card, merge.format(element=element) if merge else None)
+        return None
+
+    def metered(self, upstream: str, template: str) -> bool:
+        return not template.startswith(UNMETERED_PREFIXES)
+
+    def quota_exhausted(self, status: int, body: bytes | None) -> bool:
+        answer = load_json(body) if status >= 400 else None
+        return answer is not None and code_text(answer.get("code")) == QUOTA_EXHAUSTED
+
+    def bulk_routes(self, upstream: str) -> frozenset[str]:
+        return BULK_ROUTES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Route tables for the quota-saving stages (docs/quota.md has the sources).
+
+# Read-mostly routes, cached when an app turns the cache on. Contact reads are not metered on Feishu but are
+# rate-limited per app, and every incoming message tends to look up the same few people; bot info never changes,
+# so a once-a-minute health probe (43,200 calls a month) costs 6 an hour.
+CACHED_READS: Mapping[str, float] = {
+    "/open-apis/contact/v3/users/:user_id": 60.0,
+    "/open-apis/contact/v3/users/batch": 60.0,
+    "/open-apis/contact/v3/departments/:department_id": 60.0,
+    "/open-apis/im/v1/chats/:chat_id": 60.0,
+    "/open-apis/bot/v3/info": 600.0,
+}
+POST_READS = frozenset({"/open-apis/contact/v3/users/batch_get_id"})   # IDs by email or mobile, in the body
+# Card updates. PATCH im/v1/messages/:message_id replaces the card message's whole content (5 updates/s per
+# message, 230020 beyond); cardkit's card PUT replaces the whole card, element PUT one element, and element
+# content PUT takes the element's full text (the client types out the difference). Element PATCH (some
+# attributes), element create/delete, settings and batch_update change parts: kept in order, never skipped.
+# Every cardkit operation on one card carries a `sequence` that must grow, so one order per card.
+_CARD = r"^/open-apis/cardkit/v1/cards/([^/]+)"
+CARD_PREFIXES = ("/open-apis/im/v1/messages/", "/open-apis/cardkit/v1/cards/")
+CARD_ROUTES: tuple[tuple[re.Pattern[str], frozenset[str], str | None], ...] = (
+    (re.compile(r"^/open-apis/im/v1/messages/([^/]+)$"), frozenset({"PATCH"}), "message"),
+    (re.compile(_CARD + r"$"), frozenset({"PUT"}), "card"),
+    (re.compile(_CARD + r"/elements/(?P<element>[^/]+)/content$"), frozenset({"PUT"}), "content:{element}"),
+    (re.compile(_CARD + r"/elements/(?P<element>[^/]+)$"), frozenset({"PUT"}), "element:{element}"),
+    (re.compile(_CARD + r"/elements/(?P<element>[^/]+)$"), frozenset({"PATCH", "DELETE"}), None),
+    (re.compile(_CARD + r"/(elements|settings|batch_update)$"), frozenset({"POST", "PATCH"}), None),
+)
+# Not counted against the Basic plan's monthly allowance ("custom-app-api-call-limit"): authentication and
+# authorisation, event subscription, contacts, Feishu People (ehr, corehr), hiring, performance, access control,
+# the app engine, the AI APIs and aily. Everything else is, when it succeeds (4xx/5xx answers are not counted).
+UNMETERED_PREFIXES = tuple(f"/open-apis/{business}/" for business in (
+    "auth", "authen", "passport", "event", "contact", "ehr", "corehr", "hire", "performance", "acs", "apaas",
+    "optical_char_recognition", "speech_to_text", "translation", "document_ai", "aily",
+))
+# Batch writes are bulk by nature: the priority lane they get unless the request or the config says otherwise.
+BULK_ROUTES = frozenset({
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_create",
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_update",
+    "/open-apis/bitable/v1/apps/:app_token/tables/:table_id/records/batch_delete",
+})
 
 
 def _reset_after(headers: Mapping[str, str]) -> float | None:
