@@ -344,14 +344,27 @@ def events_row() -> list[Panel]:
                 (per_app("delivered_total"), "{{app}} delivered"),
                 (per_app("duplicates_dropped_total"), "{{app}} duplicates dropped"),
                 (per_app("delivery_retries_total"), "{{app}} delivery retries")], "reqps"),
-        series("Events rejected and dropped", "Rejected: refused before delivery. Dropped: given up on after "
-               "delivery failed.",
+        series("Events rejected, dead-lettered and lost", "Rejected: refused before they were stored (the platform "
+               "pushes them again). Dead-lettered: older than delivery.max_age or refused by the application; "
+               "`imsidecar events dead-letters` lists them. Lost: only the memory backend at shutdown, or a bot "
+               "message that could not be stored.",
                [(per_app("rejected_total", "app, reason"), "{{app}} rejected {{reason}}"),
-                (per_app("dropped_total", "app, reason"), "{{app}} dropped {{reason}}")], "reqps"),
+                (per_app("dead_lettered_total", "app, reason"), "{{app}} dead-lettered {{reason}}"),
+                (per_app("dropped_total", "app, reason"), "{{app}} lost {{reason}}")], "reqps"),
         series("Events queue and connections", "Events waiting for delivery; long connections up; reconnects.",
                [(f"max by (app) (imsidecar_events_queue_depth{{{PODS}}})", "{{app}} queued"),
                 (f"max by (app) (imsidecar_events_connection_up{{{PODS}}})", "{{app}} connected"),
                 (f"sum by (app) (increase(imsidecar_events_reconnects_total{{{PODS}}}[{W}]))", "{{app}} reconnects")]),
+        series("Events delivery delay", "From the sidecar storing an event to the application accepting it (p50, "
+               "p99), and the age of the oldest event still waiting: it grows while the application is down.",
+               [(quantile(0.5, f"imsidecar_events_delivery_delay_seconds_bucket{{{PODS}}}", "app, le"), "{{app}} p50"),
+                (quantile(0.99, f"imsidecar_events_delivery_delay_seconds_bucket{{{PODS}}}", "app, le"),
+                 "{{app}} p99"),
+                (f"max by (app) (imsidecar_events_queue_oldest_seconds{{{PODS}}})", "{{app}} oldest waiting")], "s"),
+        series("Events leases and card answers", "How many replicas hold each role of each app (deliver, "
+               "connection: one each by default), and card callbacks answered in time, late or failed.",
+               [(f"sum by (app, role) (imsidecar_events_lease_held{{{PODS}}})", "{{app}} {{role}} owners"),
+                (per_app("card_answers_total", "app, outcome"), "{{app}} cards {{outcome}}")], width=16),
     ]
 
 

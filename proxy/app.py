@@ -176,12 +176,12 @@ class Sidecar:
         return min(1.0, self.config.limits.drain_timeout / 10)
 
     async def _start_events(self, settings: EventsSettings) -> None:
-        self.events = EventsRuntime(settings.apps, self.session, self.metrics.registry, self.clock)
+        self.events = EventsRuntime(settings, self.config.store, self.session, self.metrics.registry, self.clock)
+        await self.events.start()   # the store first: a callback is acknowledged only once it is stored
         if settings.listen is not None:
             app = web.Application()
             self.events.mount(app.router)
             await self._serve(app, settings.listen)
-        await self.events.start()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -199,6 +199,8 @@ class Sidecar:
 
     async def _stop(self) -> None:
         await self._stop_accepting()
+        if self.events is not None:
+            await self.events.stop_intake()   # long connections close with the listeners; queued events stay stored
         self.drain.begin()
         cut = await self.drain.settle(self.clock, max(0.0, self.config.limits.drain_timeout - 2 * self.closing_time))
         if cut:

@@ -233,6 +233,8 @@ def _parse_config(root: Node, env: Mapping[str, str]) -> Config | None:
     check_accounts(root, [(f"apps[{i}].quota", app.quota) for i, app in enumerate(apps) if app is not None])
     if events is not None and events.listen is not None and events.listen.port in {a.port for a in (listen, admin) if a}:
         root.problem(f"port {events.listen.port} is already the sidecar's listen or admin port", "events.listen")
+    if events is not None and events.queue.backend == "redis" and store is not None and not store.shared:
+        root.problem("redis needs the connection from `store: {backend: redis, url: ...}`", "events.queue.backend")
     if listen is None or admin is None or store is None or any(a is None for a in apps):
         return None
     return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store,  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Shared set-up for the events tests: virtual time, a fresh registry, a fake application and delivery lanes to it.
+"""Shared set-up for the events tests: virtual time, a fresh registry, a fake application, event stores (memory,
+the SQLite journal, a real Redis) and delivery lanes to the application.
 
 Owns fixtures and helpers only (a test module imports the fixtures it uses by name); what each test checks stays
 in its own file. These override tests/conftest.py's `clock` (a SystemClock) where imported.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -17,11 +20,16 @@ from aiohttp.test_utils import TestServer
 from aiohttp.web import Application
 from prometheus_client import CollectorRegistry
 
-from proxy.clock import VirtualClock
+from proxy.clock import Clock, VirtualClock
 from proxy.events.delivery import Delivery
+from proxy.events.journal import Journal
 from proxy.events.metrics import EventMetrics
+from proxy.events.queue import EventStore
+from proxy.events.queue_memory import MemoryEventStore
 from proxy.events.settings import DeliverySettings
 from proxy.fakes.events import FakeApplication
+from proxy.store import StoreSettings
+from tests.redis_support import running_redis
 
 ServerFactory = Callable[[Application], Awaitable[TestServer]]
 LaneFactory = Callable[..., Delivery]
@@ -86,15 +94,58 @@ async def started(session: aiohttp.ClientSession) -> AsyncIterator[Callable[[R],
         await runnable.close()
 
 
+@asynccontextmanager
+async def open_store(kind: str, clock: Clock, workdir: Path, **options: Any) -> AsyncIterator[EventStore]:
+    """A started event store of `kind` (memory, journal, redis), closed after; redis starts a redis-server of its own
+    (skipped where none is installed, failed in CI)."""
+    if kind == "redis":
+        async with running_redis(workdir) as server:
+            from proxy.events.redis_stream import RedisEventStore
+            store: EventStore = RedisEventStore(StoreSettings(backend="redis", url=server.url), clock, 100,
+                                                poll_interval=options.pop("poll_interval", 0.05), **options)
+            await store.start()
+            try:
+                yield store
+            finally:
+                await store.close()
+        return
+    store = MemoryEventStore(clock, 100) if kind == "memory" else Journal(str(workdir / "events.db"), clock, 100)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def memory_store(clock: VirtualClock, tmp_path: Path) -> AsyncIterator[EventStore]:
+    async with open_store("memory", clock, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture(params=["memory", "journal", "redis"])
+async def any_store(request: pytest.FixtureRequest, clock: VirtualClock, tmp_path: Path) -> AsyncIterator[EventStore]:
+    async with open_store(request.param, clock, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture(params=["journal", "redis"])
+async def durable_store(request: pytest.FixtureRequest, clock: VirtualClock,
+                        tmp_path: Path) -> AsyncIterator[EventStore]:
+    async with open_store(request.param, clock, tmp_path) as store:
+        yield store
+
+
 @pytest.fixture
 def make_lane(fake_app: FakeApplication, session: aiohttp.ClientSession, metrics: EventMetrics,
-              clock: VirtualClock, started: Callable[[Delivery], Delivery]) -> LaneFactory:
-    """`make_lane(app, rng, **delivery_settings)`: a delivery lane to the fake application, started (and closed
-    at teardown) unless start=False."""
+              clock: VirtualClock, memory_store: EventStore, started: Callable[[Delivery], Delivery]) -> LaneFactory:
+    """`make_lane(app, rng, store=..., **delivery_settings)`: a delivery lane to the fake application (on the
+    memory store unless given one), started (and closed at teardown) unless start=False."""
 
-    def make(name: str, rng: random.Random | None = None, *, start: bool = True, **overrides: Any) -> Delivery:
+    def make(name: str, rng: random.Random | None = None, *, start: bool = True, store: EventStore | None = None,
+             **overrides: Any) -> Delivery:
         settings = DeliverySettings(url=fake_app.url, **overrides)  # type: ignore[attr-defined]
-        lane = Delivery(name, settings, session, metrics, clock, rng)
+        lane = Delivery(name, settings, store or memory_store, session, metrics, clock, rng, lease_interval=1.0)
         return started(lane) if start else lane
 
     return make

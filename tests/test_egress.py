@@ -316,6 +316,7 @@ async def test_an_event_streams_endpoint_and_websocket_go_through_the_proxy(aioh
 listen: 127.0.0.1:{listen}
 admin_listen: 127.0.0.1:{admin}
 events:
+  queue: {{backend: memory}}
   apps:
     - {{name: fs, platform: feishu, mode: stream, app_id: cli_ws, app_secret: ws-secret,
        domain: "https://127.0.0.1:{discovery.port}", deliver_to: "{app_url}"}}

@@ -6,21 +6,25 @@ import pytest
 from aiohttp import web
 
 from proxy.events.callbacks import DingTalkCallback, FeishuCallback
-from proxy.events.settings import DingTalkEvents, FeishuEvents, Secret
+from proxy.events.cards import CardRelay
+from proxy.events.queue import EventStoreUnavailable
+from proxy.events.settings import CardSettings, DingTalkEvents, FeishuEvents, Secret
 from proxy.fakes.events import DingTalkPusher, FeishuPusher, wait_for
 from tests.events_support import (  # noqa: F401 (fixtures, used by name)
-    clock, fake_app, make_lane, metrics, registry, session, started)
+    clock, fake_app, make_lane, memory_store, metrics, registry, session, started)
 
 AES = "Nzk5ZjFiODIxMzkyNGMyNWIyMmFiZWZkNjIzNjIxYTg"
 
 
 @pytest.fixture
-async def sidecar(aiohttp_client, make_lane, metrics, clock):
+async def sidecar(aiohttp_client, make_lane, metrics, clock, fake_app, session):
     """The sidecar's callback endpoints, mounted the way the app assembly will, in front of a fake application."""
+    cards = CardRelay("fs", CardSettings(fake_app.url, deadline=2.5, late_toast="try again"), session, metrics,
+                      clock)
     feishu = FeishuCallback("fs", FeishuEvents(app_id="cli_1", verification_token=Secret("vt"),
-                                               encrypt_key=Secret("ek")), make_lane("fs"), metrics, clock)
+                                               encrypt_key=Secret("ek")), make_lane("fs"), metrics, clock, cards)
     ding = DingTalkCallback("dt", DingTalkEvents(app_key="dingapp", token=Secret("tok"), aes_key=Secret(AES)),
-                            make_lane("dt", queue_size=1), metrics, clock, random.Random(1))
+                            make_lane("dt", queue_size=2), metrics, clock, random.Random(1))
     web_app = web.Application()
     web_app.router.add_post("/events/fs", feishu.handle)
     web_app.router.add_post("/events/dt", ding.handle)
@@ -87,6 +91,7 @@ async def test_feishu_bad_input_is_refused_in_feishu_shape_and_counted(sidecar, 
     assert response.status == status
     payload = await response.json()
     assert set(payload) == {"code", "msg"} and payload["code"] >= 1990101
+    assert response.headers["X-Imsidecar-Error"] == "".join(p.title() for p in reason.split("_"))
     assert "ek" not in payload["msg"]
     assert rejected(registry, "fs", reason) == 1
     assert fake_app.received == []
@@ -109,12 +114,13 @@ async def test_dingtalk_check_url_gets_the_encrypted_success_without_delivery(si
     assert fake_app.received == []
 
 
-async def test_dingtalk_event_is_acked_encrypted_and_delivered(sidecar, ding_push, fake_app):
+async def test_dingtalk_event_is_acked_encrypted_and_delivered_with_its_type(sidecar, ding_push, fake_app):
     body, query = ding_push.request(json.dumps({"EventType": "user_add_org", "UserId": ["u1"]}).encode())
     response = await sidecar.post("/events/dt", data=body, params=query)
     assert ding_push.read_reply(await response.json()) == "success"
     await wait_for(lambda: fake_app.received)
     assert fake_app.received == [{"EventType": "user_add_org", "UserId": ["u1"]}]
+    assert fake_app.seen_headers[0]["X-Imsidecar-Event-Type"] == "user_add_org"
 
 
 @pytest.mark.parametrize("kwargs, reason, status", [
@@ -140,13 +146,68 @@ async def test_dingtalk_undecryptable_and_malformed_bodies_are_refused(sidecar, 
 
 
 async def test_dingtalk_is_not_acked_when_the_queue_is_full(sidecar, ding_push, fake_app, registry):
-    fake_app.fail_next = 100   # the first event sits in back-off; the queue (size 1) fills behind it
+    fake_app.down = True   # the first event sits in back-off; the queue (size 2, the head included) fills behind it
     statuses = []
     for n in range(3):
         body, query = ding_push.request(json.dumps({"EventType": "e", "n": n}).encode())
         response = await sidecar.post("/events/dt", data=body, params=query)
         statuses.append(response.status)
         if n == 0:
-            await wait_for(lambda: fake_app.fail_next < 100)
+            await wait_for(lambda: fake_app.started)
     assert statuses == [200, 200, 503]
     assert rejected(registry, "dt", "queue_full") == 1
+
+
+async def test_an_event_the_store_cannot_take_is_not_acknowledged(sidecar, feishu_push, memory_store, fake_app,
+                                                                  registry, monkeypatch):
+    async def store_away(*args, **kwargs):
+        raise EventStoreUnavailable("Redis at redis://r:6379/0: ConnectionError")
+    monkeypatch.setattr(memory_store, "admit", store_away)
+    body, headers = feishu_push.request(feishu_push.envelope({"text": "hi"}, event_id="e-1"))
+    response = await sidecar.post("/events/fs", data=body, headers=headers)
+    assert response.status == 503 and response.headers["X-Imsidecar-Error"] == "StoreUnavailable"
+    assert (await response.json())["code"] == 1990108   # Feishu keeps the event and pushes it again
+    assert rejected(registry, "fs", "store_unavailable") == 1
+
+
+# ---- Feishu card callbacks: the application's answer, inline, within the deadline --------------------------
+
+
+def card_action(pusher, action="approve"):
+    return pusher.envelope({"operator": {"open_id": "ou_1"}, "action": {"value": {"do": action}}},
+                           event_type="card.action.trigger")
+
+
+async def test_a_card_callback_gets_the_applications_answer_inline(sidecar, feishu_push, fake_app, registry):
+    fake_app.card_answer = {"toast": {"type": "success", "content": "approved"}, "card": {"type": "raw", "data": {}}}
+    body, headers = feishu_push.request(card_action(feishu_push))
+    response = await sidecar.post("/events/fs", data=body, headers=headers)
+    assert response.status == 200 and await response.json() == fake_app.card_answer
+    assert fake_app.cards[0]["event"]["action"] == {"value": {"do": "approve"}}
+    assert fake_app.received == []   # answered, not queued
+    assert registry.get_sample_value("imsidecar_events_card_answers_total", {"app": "fs", "outcome": "answered"}) == 1
+
+
+async def test_a_slow_application_gets_the_user_a_toast_before_feishus_3_s(sidecar, feishu_push, fake_app, clock,
+                                                                           registry):
+    fake_app.card_gate = asyncio.Event()          # the application never answers in time
+    body, headers = feishu_push.request(card_action(feishu_push))
+    posted = asyncio.create_task(sidecar.post("/events/fs", data=body, headers=headers))
+    await wait_for(lambda: fake_app.cards)
+    await clock.advance(2.4)
+    assert not posted.done()
+    await clock.advance(0.2)                      # the 2.5 s deadline passes, well inside Feishu's 3 s
+    response = await posted
+    assert response.status == 200 and response.headers["X-Imsidecar-Error"] == "CardAnswerLate"
+    assert await response.json() == {"toast": {"type": "error", "content": "try again"}}
+    assert registry.get_sample_value("imsidecar_events_card_answers_total", {"app": "fs", "outcome": "late"}) == 1
+    fake_app.card_gate.set()
+
+
+async def test_a_failing_card_answer_is_said_plainly(sidecar, feishu_push, fake_app, registry, caplog):
+    fake_app.card_answer = ["not", "an", "object"]
+    body, headers = feishu_push.request(card_action(feishu_push))
+    response = await sidecar.post("/events/fs", data=body, headers=headers)
+    assert response.headers["X-Imsidecar-Error"] == "CardAnswerFailed"
+    assert registry.get_sample_value("imsidecar_events_card_answers_total", {"app": "fs", "outcome": "failed"}) == 1
+    assert "not a JSON object" in caplog.text and "vt" not in caplog.text

@@ -101,6 +101,7 @@ apps: [{{name: lark-bot, platform: lark, app_id: cli_lark, app_secret: {SECRET}}
 robots:
   targets: [{{name: lark-ops, platform: lark, token: lark-hook}}]
 events:
+  queue: {{backend: memory}}
   apps: [{{name: lark-events, platform: lark, mode: stream, app_id: cli_lark, app_secret: {SECRET},
           deliver_to: "{app_url}"}}]
 """, {"open.larksuite.com": lark.port})

@@ -1,7 +1,8 @@
 """aiohttp handlers for the platforms' HTTP event callbacks: verify, decrypt, answer the platform, hand on the event.
 
 Owns the Feishu and DingTalk callback protocols (challenge, check_url, token, signature, clock skew, app check,
-encrypted reply); it does not deliver events (Delivery does) nor own the web application they are mounted on.
+encrypted reply, Feishu card callbacks answered inline); it does not store or deliver events (Delivery does), nor
+own the web application they are mounted on. The platform gets its 200 only once the event is stored.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from proxy.events.crypto import (
     dingtalk_signature,
     feishu_decrypt,
 )
+from proxy.events.cards import CardAnswer, CardRelay
 from proxy.events.delivery import Delivery, Event
 from proxy.events.metrics import EventMetrics
+from proxy.events.queue import EventStoreUnavailable
 from proxy.events.settings import DingTalkEvents, FeishuEvents
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,9 @@ REJECTIONS: dict[str, Rejection] = {
     "bad_token": Rejection(401, 1990105, "verification token does not match"),
     "unknown_app": Rejection(403, 1990106, "callback is for an app this endpoint does not serve"),
     "queue_full": Rejection(503, 1990107, "event queue is full; redeliver later"),
+    "store_unavailable": Rejection(503, 1990108, "event store unavailable; redeliver later"),
 }
+COUNTED_BY_THE_LANE = ("queue_full", "store_unavailable")
 
 
 class CallbackRejected(Exception):
@@ -66,6 +71,14 @@ def _json_object(raw: bytes, reason: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CallbackRejected(reason)
     return value
+
+
+def _feishu_type(event: dict[str, Any]) -> str:
+    header = event.get("header")
+    if isinstance(header, dict):
+        return str(header.get("event_type") or "")                 # v2 schema
+    inner = event.get("event")
+    return str(inner.get("type") or "") if isinstance(inner, dict) else ""   # v1 schema
 
 
 def _fallback_key(plaintext: bytes) -> str:
@@ -86,14 +99,22 @@ class _Callback:
         try:
             return await self._handle(request)
         except CallbackRejected as rejected:
-            if rejected.reason != "queue_full":   # the delivery lane already counted that one
+            if rejected.reason not in COUNTED_BY_THE_LANE:
                 self._metrics.reject(self.name, rejected.reason)
             log.info("events: refused a %s callback for app %s: %s", self.platform, self.name, rejected.reason)
-            return self._error(REJECTIONS[rejected.reason])
+            response = self._error(REJECTIONS[rejected.reason])
+            response.headers["X-Imsidecar-Error"] = "".join(p.title() for p in rejected.reason.split("_"))
+            return response
 
-    def _submit(self, key: str, plaintext: bytes) -> None:
-        if not self._delivery.submit(Event(key, plaintext)).accepted:
-            raise CallbackRejected("queue_full")   # no ack: the platform keeps the event and pushes it again
+    async def _submit(self, key: str, plaintext: bytes, event_type: object) -> None:
+        """Store the event; unless it is stored the platform gets no ack and pushes it again later."""
+        headers = (("X-Imsidecar-Event-Type", str(event_type)),) if event_type else ()
+        try:
+            admission = await self._delivery.submit(Event(key, plaintext, headers, self._clock.wall()))
+        except EventStoreUnavailable as exc:
+            raise CallbackRejected("store_unavailable") from exc
+        if not admission.stored:
+            raise CallbackRejected("queue_full")
 
     platform = ""
 
@@ -110,9 +131,9 @@ class FeishuCallback(_Callback):
     platform = "feishu"
 
     def __init__(self, name: str, settings: FeishuEvents, delivery: Delivery, metrics: EventMetrics,
-                 clock: Clock) -> None:
+                 clock: Clock, cards: CardRelay | None = None) -> None:
         super().__init__(name, delivery, metrics, clock)
-        self._settings = settings
+        self._settings, self._cards = settings, cards
 
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -126,8 +147,20 @@ class FeishuCallback(_Callback):
         if self._settings.encrypt_key and not signed:
             raise CallbackRejected("bad_signature")   # only the URL check may come without X-Lark-Signature
         self._check_app(event)
-        self._submit(self._event_key(event, plaintext), plaintext)
+        event_type = _feishu_type(event)
+        if self._cards is not None and event_type in self._settings.card_types:
+            return self._card_reply(await self._cards.ask(plaintext, (("X-Imsidecar-Event-Type", event_type),)))
+        await self._submit(self._event_key(event, plaintext), plaintext, event_type)
         return web.json_response({"msg": "success"})
+
+    def _card_reply(self, answer: CardAnswer) -> web.Response:
+        """The application's answer as is (lark-oapi's dispatcher returns the handler's JSON), or a toast telling
+        the user to try again, still inside Feishu's 3 s (a missing answer shows them error 200340)."""
+        if answer.answered:
+            return web.Response(body=answer.body, content_type="application/json")
+        toast = {"toast": {"type": "error", "content": self._cards.settings.late_toast if self._cards else ""}}
+        kind = "CardAnswerLate" if answer.outcome == "late" else "CardAnswerFailed"
+        return web.json_response(toast, headers={"X-Imsidecar-Error": kind})
 
     def _check_signature(self, request: web.Request, raw: bytes) -> bool:
         """Verify X-Lark-Signature when an encrypt key is set and the headers are present; True if verified."""
@@ -212,7 +245,7 @@ class DingTalkCallback(_Callback):
         event = _json_object(plaintext, "undecryptable")
         if event.get("EventType") != "check_url":
             # check_url is answered at once, without delivery: DingTalk allows it 1.5 s.
-            self._submit(_fallback_key(plaintext), plaintext)
+            await self._submit(_fallback_key(plaintext), plaintext, event.get("EventType"))
         return web.json_response(self.encrypted_reply("success"))
 
     def _check_signature(self, request: web.Request, encrypted: str) -> None:

@@ -1,12 +1,18 @@
-"""Feishu/Lark long-connection client: fetch the endpoint, speak pbbp2 frames, relay events, answer each one.
+"""Feishu/Lark long-connection client: fetch the endpoint, speak pbbp2 frames, store events, answer each one.
 
-Owns /callback/ws/endpoint, ping/pong, split-message reassembly, response frames and the server-sent reconnect
-settings; it does not deliver events (Delivery does) and ignores card callbacks (they need the app's answer inline).
+Owns /callback/ws/endpoint, ping/pong, split-message reassembly, response frames, the server-sent reconnect
+settings and card callbacks answered inline; it does not deliver events (Delivery does).
+
+An event frame is answered code 200 once the event is stored, 500 when it could not be (Feishu pushes it again).
+A card callback (an event frame whose header.event_type is in `card_types`, card.action.trigger by default) is
+answered with the application's answer in `data`, base64-encoded JSON, as lark-oapi's ws client does with its
+handler's result. Frames of type "card" (the old card protocol) are left unanswered, as lark-oapi leaves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -18,11 +24,13 @@ from urllib.parse import parse_qs, urlparse
 import aiohttp
 
 from proxy.clock import Clock
+from proxy.events.cards import CardAnswer, CardRelay
 from proxy.events.delivery import Delivery, Event
+from proxy.events.lease import LeaseKeeper
 from proxy.events.metrics import EventMetrics
 from proxy.events.pbbp2 import METHOD_CONTROL, METHOD_DATA, Frame, FrameError, decode_frame, encode_frame
 from proxy.events.settings import FeishuEvents, StreamSettings
-from proxy.events.stream_client import StreamClient
+from proxy.events.stream_client import Liveness, StreamClient
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +83,15 @@ class Reassembly:
 
 
 class FeishuLongConnection(StreamClient):
-    """One app's long connection. An event is answered code 200 once the application accepted it, 500 otherwise
-    (Feishu then pushes it again); Feishu allows 3 s, and a late answer only costs a redelivery dedupe drops."""
+    """One app's long connection, with lark-oapi's reconnect rules as the server sets them."""
 
     task_prefix = "events-feishu-ws"
 
     def __init__(self, name: str, settings: FeishuEvents, stream: StreamSettings, delivery: Delivery,
                  session: aiohttp.ClientSession, metrics: EventMetrics, clock: Clock,
-                 rng: random.Random | None = None) -> None:
-        super().__init__(name, stream, delivery, session, metrics, clock, rng)
+                 rng: random.Random | None = None, *, keeper: LeaseKeeper | None = None,
+                 cards: CardRelay | None = None) -> None:
+        super().__init__(name, stream, delivery, session, metrics, clock, rng, keeper=keeper, cards=cards)
         self._settings = settings
         self.config = ClientConfig()
         self._reassembly = Reassembly(stream.reassembly_ttl, clock)
@@ -91,33 +99,40 @@ class FeishuLongConnection(StreamClient):
 
     async def run(self) -> None:
         """Connect; after a drop wait a random part of ReconnectNonce, then retry every ReconnectInterval,
-        ReconnectCount times (or forever when it is negative), as the server configured."""
-        await self._attempt()
-        while True:
+        ReconnectCount times (or forever when it is negative), as the server configured. A connection given up
+        because another replica took the lease is not a drop: it waits for the lease and connects at once."""
+        outcome = await self._attempt()
+        while outcome != "gave_up":
             self._metrics.connected.labels(self.name).set(0)
+            if outcome == "lease":
+                outcome = await self._attempt()
+                continue
             await self._clock.sleep(self._rng.random() * self.config.reconnect_nonce)
-            tries = 0
-            while not await self._reconnect():
-                tries += 1
-                if 0 <= self.config.reconnect_count <= tries:
-                    self.gave_up = True
-                    log.error("events: feishu long connection %s gave up after %d tries", self.name, tries)
-                    return
-                await self._clock.sleep(self.config.reconnect_interval)
+            outcome = await self._reconnect()
 
-    async def _reconnect(self) -> bool:
-        self._metrics.reconnects.labels(self.name).inc()
-        return await self._attempt()
+    async def _reconnect(self) -> str:
+        tries = 0
+        while True:
+            self._metrics.reconnects.labels(self.name).inc()
+            outcome = await self._attempt()
+            if outcome != "failed":
+                return outcome
+            tries += 1
+            if 0 <= self.config.reconnect_count <= tries:
+                self.gave_up = True
+                log.error("events: feishu long connection %s gave up after %d tries", self.name, tries)
+                return "gave_up"
+            await self._clock.sleep(self.config.reconnect_interval)
 
-    async def _attempt(self) -> bool:
-        """Open and serve one connection; True if it was established (and has now ended)."""
+    async def _attempt(self) -> str:
+        """Wait for the lease, open and serve one connection: "failed", or why an established one ended."""
+        await self._wait_owned()
         try:
-            url, service_id = await self._endpoint()
-            await self._serve(url, service_id)
-            return True
+            url, service_id = await self._bounded(self._endpoint())
+            return await self._serve(url, service_id)
         except (LongConnectionError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
             log.warning("events: feishu long connection %s failed: %s", self.name, type(exc).__name__)
-            return False
+            return "failed"
 
     async def _endpoint(self) -> tuple[str, int]:
         body = {"AppID": self._settings.app_id, "AppSecret": self._settings.app_secret.reveal()}
@@ -134,19 +149,29 @@ class FeishuLongConnection(StreamClient):
         service_id = int(parse_qs(urlparse(url).query).get("service_id", ["0"])[0])
         return url, service_id
 
-    async def _serve(self, url: str, service_id: int) -> None:
-        async with self._session.ws_connect(url) as ws:
+    async def _serve(self, url: str, service_id: int) -> str:
+        ws = await self._bounded(self._session.ws_connect(url))
+        liveness = Liveness(self._clock)
+        reader = asyncio.create_task(self._read(ws, liveness))
+        pinger = asyncio.create_task(self._ping_loop(ws, service_id))
+        try:
             self._metrics.connected.labels(self.name).set(1)
-            pinger = asyncio.create_task(self._ping_loop(ws, service_id))
-            try:
-                async for message in ws:
-                    if message.type is not aiohttp.WSMsgType.BINARY:
-                        break
-                    await self._on_frame(ws, message.data)
-            finally:
-                pinger.cancel()
+            # lark-oapi pings every PingInterval; a server silent for two of them is gone.
+            return await self._hold(reader, liveness, lambda: 2 * self.config.ping_interval)
+        finally:
+            for task in (reader, pinger):
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await pinger
+                    await task
+            await ws.close()
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, liveness: Liveness) -> str:
+        async for message in ws:
+            if message.type is not aiohttp.WSMsgType.BINARY:
+                break
+            liveness.touch()
+            self._on_frame(ws, message.data)
+        return "closed"
 
     async def _ping_loop(self, ws: aiohttp.ClientWebSocketResponse, service_id: int) -> None:
         while not ws.closed:
@@ -154,7 +179,7 @@ class FeishuLongConnection(StreamClient):
             await _send(ws, encode_frame(ping))
             await self._clock.sleep(self.config.ping_interval)
 
-    async def _on_frame(self, ws: aiohttp.ClientWebSocketResponse, data: bytes) -> None:
+    def _on_frame(self, ws: aiohttp.ClientWebSocketResponse, data: bytes) -> None:
         try:
             frame = decode_frame(data)
         except FrameError:
@@ -173,7 +198,7 @@ class FeishuLongConnection(StreamClient):
 
     def _on_data(self, ws: aiohttp.ClientWebSocketResponse, frame: Frame) -> None:
         if frame.header("type") != "event":
-            return   # card callbacks need the application's answer inline; not relayed (yet)
+            return   # "card": the old card protocol, which lark-oapi's ws client does not answer either
         message_id = frame.header("message_id")
         try:
             payload = self._reassembly.add(message_id, int(frame.header("sum", "1")), int(frame.header("seq", "0")),
@@ -184,17 +209,45 @@ class FeishuLongConnection(StreamClient):
         if payload is None:
             return
         self._metrics.received.labels(self.name, "stream").inc()
-        ticket = self._delivery.submit(Event(_event_key(payload, message_id), payload))
-        self._spawn(self._answer_when_delivered(ws, frame, ticket.delivered))
+        event_type = _event_type(payload)
+        headers = (("X-Imsidecar-Event-Type", event_type),) if event_type else ()
+        if self._cards is not None and event_type in self._settings.card_types:
+            self._spawn(self._answer_card(ws, frame, payload, headers))
+        else:
+            event = Event(_event_key(payload, message_id), payload, headers, self._clock.wall())
+            self._spawn(self._store_and_answer(ws, frame, event))
 
-    async def _answer_when_delivered(self, ws: aiohttp.ClientWebSocketResponse, frame: Frame,
-                                     delivered: asyncio.Future[bool]) -> None:
+    async def _store_and_answer(self, ws: aiohttp.ClientWebSocketResponse, frame: Frame, event: Event) -> None:
         started = self._clock.now()
-        ok = await asyncio.shield(delivered)
-        elapsed_ms = int((self._clock.now() - started) * 1000)
-        response = {"code": 200 if ok else 500, "headers": None, "data": None}
-        answer = frame.with_header("biz_rt", str(elapsed_ms))
-        await _send(ws, encode_frame(replace(answer, payload=json.dumps(response).encode())))
+        stored = await self._store(event)
+        await _send(ws, _response(frame, started, self._clock.now(), 200 if stored else 500, None))
+
+    async def _answer_card(self, ws: aiohttp.ClientWebSocketResponse, frame: Frame, payload: bytes,
+                           headers: tuple[tuple[str, str], ...]) -> None:
+        assert self._cards is not None
+        started = self._clock.now()
+        answer = await self._cards.ask(payload, headers)
+        await _send(ws, _response(frame, started, self._clock.now(), 200, self._card_body(answer)))
+
+    def _card_body(self, answer: CardAnswer) -> bytes:
+        if answer.answered:
+            return answer.body
+        toast = {"toast": {"type": "error", "content": self._cards.settings.late_toast if self._cards else ""}}
+        return json.dumps(toast).encode()
+
+
+def _response(frame: Frame, started: float, ended: float, code: int, data: bytes | None) -> bytes:
+    """The frame sent back: the same frame with biz_rt added and a JSON Response payload (data base64-encoded)."""
+    body = {"code": code, "headers": None, "data": base64.b64encode(data).decode() if data is not None else None}
+    answer = frame.with_header("biz_rt", str(int((ended - started) * 1000)))
+    return encode_frame(replace(answer, payload=json.dumps(body).encode()))
+
+
+def _event_type(payload: bytes) -> str:
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        header = json.loads(payload).get("header") or {}
+        return str(header.get("event_type") or "")
+    return ""
 
 
 def _event_key(payload: bytes, message_id: str) -> str:

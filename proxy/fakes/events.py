@@ -7,23 +7,33 @@ Owns test doubles only; production code never imports it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 
 @dataclass
 class FakeApplication:
-    """The intranet application: records every event body it accepts; `fail_next` makes it answer 503 first."""
+    """The intranet application: records every event body it accepts. `fail_next` makes it answer 503 (or
+    `status_when_failing`) that many times; `down` answers 503 until cleared; `gate`, while set to an unset
+    asyncio.Event, holds every request until it is set (a slow application, or one killed mid-delivery).
+    Card callbacks (X-Imsidecar-Event-Kind: card) get `card_answer`, after `card_gate` if one is set."""
 
     received: list[dict] = field(default_factory=list)
     fail_next: int = 0
     status_when_failing: int = 503
+    down: bool = False
+    gate: asyncio.Event | None = None
+    started: list[dict] = field(default_factory=list)       # every request body, whatever it was answered
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    card_answer: dict = field(default_factory=lambda: {"toast": {"type": "success", "content": "done"}})
+    card_gate: asyncio.Event | None = None
+    cards: list[dict] = field(default_factory=list)
 
     def app(self) -> web.Application:
         application = web.Application()
@@ -31,13 +41,27 @@ class FakeApplication:
         return application
 
     async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.started.append(body)
+        if request.headers.get("X-Imsidecar-Event-Kind") == "card":
+            return await self._card(body)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            return web.json_response({"error": "starting"}, status=503)
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.json_response({"error": "busy"}, status=self.status_when_failing)
-        self.received.append(await request.json())
+        self.received.append(body)
         self.seen_headers.append(dict(request.headers))
         self.arrived.set()
         return web.json_response({"ok": True})
+
+    async def _card(self, body: dict) -> web.Response:
+        self.cards.append(body)
+        if self.card_gate is not None:
+            await self.card_gate.wait()
+        return web.json_response(self.card_answer)
 
 
 async def wait_for(condition: Callable[[], bool], rounds: int = 500) -> None:
@@ -123,15 +147,23 @@ class DingTalkPusher:
 
 
 class FakeDingTalkGateway:
-    """connections/open plus the websocket gateway. Keeps every pushed message until it is ACKed with success,
-    redelivers the unacked ones on each new connection, pings, sends SYSTEM disconnect, and can drop connections."""
+    """connections/open plus the websocket gateway, as dingtalk-stream-sdk-python meets it: keeps every EVENT
+    until it is ACKed with SUCCESS and redelivers the unacked ones on each new connection; CALLBACK pushes (bot
+    messages, card callbacks) are fire-and-forget, never pushed again, as DingTalk's stream protocol documents.
+    Pings, sends SYSTEM disconnect, can drop connections, hang (stop answering while TCP stays open) and hold
+    connections/open unanswered."""
 
     def __init__(self, client_id: str, client_secret: str) -> None:
         self.client_id, self.client_secret = client_id, client_secret
-        self.unacked: dict[str, dict] = {}          # messageId → frame, in push order
+        self.unacked: dict[str, dict] = {}          # messageId → EVENT frame, in push order
+        self.pushed: dict[str, dict] = {}
         self.acks: list[dict] = []
         self.opened = 0
+        self.subscriptions: list[list[dict]] = []
         self.connections: list[web.WebSocketResponse] = []
+        self.live_when_connected: list[int] = []    # open connections at each new connection (itself included)
+        self.hung = False
+        self.open_hangs = False
         self._tickets: set[str] = set()
         self._counter = 0
 
@@ -148,8 +180,11 @@ class FakeDingTalkGateway:
 
     async def _open(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.open_hangs:
+            await asyncio.Event().wait()              # a gateway that accepts the request and never answers
         if (body.get("clientId"), body.get("clientSecret")) != (self.client_id, self.client_secret):
             return web.json_response({"code": "invalidClientIdOrSecret", "message": "bad credentials"}, status=400)
+        self.subscriptions.append(body.get("subscriptions") or [])
         self._counter += 1
         ticket = f"ticket/{self._counter}+x"          # characters that need quoting, like real tickets may
         self._tickets.add(ticket)
@@ -162,13 +197,17 @@ class FakeDingTalkGateway:
         if ticket not in self._tickets:
             return web.json_response({"code": "invalidTicket"}, status=401)
         self._tickets.discard(ticket)                 # one use only
-        ws = web.WebSocketResponse()
+        ws = web.WebSocketResponse(autoping=False)
         await ws.prepare(request)
         self.connections.append(ws)
+        self.live_when_connected.append(sum(1 for c in self.connections if not c.closed))
         for frame in list(self.unacked.values()):     # redeliver what the last connection left unacked
             await ws.send_str(json.dumps(frame))
         async for message in ws:
-            self._on_ack(json.loads(message.data))
+            if message.type == WSMsgType.PING and not self.hung:
+                await ws.pong(message.data)
+            elif message.type == WSMsgType.TEXT:
+                self._on_ack(json.loads(message.data))
         return ws
 
     def _on_ack(self, ack: dict) -> None:
@@ -177,15 +216,25 @@ class FakeDingTalkGateway:
         if ack.get("code") == 200 and json.loads(ack.get("data") or "{}").get("status") != "LATER":
             self.unacked.pop(message_id, None)
 
-    async def push(self, data: dict, *, kind: str = "EVENT", topic: str = "*", event_id: str | None = None) -> str:
+    def lose_ack(self, message_id: str) -> None:
+        """As if our ACK for that EVENT never arrived: the gateway pushes it again on the next connection."""
+        self.unacked[message_id] = self.pushed[message_id]
+
+    def ack_for(self, message_id: str) -> dict | None:
+        return next((a for a in self.acks if a.get("headers", {}).get("messageId") == message_id), None)
+
+    async def push(self, data: dict, *, kind: str = "EVENT", topic: str = "*", event_id: str | None = None,
+                   event_type: str = "chat_update_title", corp_id: str = "ding-corp-1") -> str:
         self._counter += 1
         message_id = f"msg-{self._counter}"
         headers = {"messageId": message_id, "topic": topic, "contentType": "application/json",
-                   "time": "1700000000000"}
-        if kind == "EVENT":
-            headers.update(eventId=event_id or f"evt-{self._counter}", eventType="chat_update_title")
+                   "time": "1700000000000", "appId": "app-1"}
+        if kind == "EVENT":   # the event fields dingtalk-stream's frames.Headers reads
+            headers.update(eventId=event_id or f"evt-{self._counter}", eventType=event_type, eventCorpId=corp_id,
+                           eventBornTime="1700000000000", eventUnifiedAppId="unified-1")
         frame = {"specVersion": "1.0", "type": kind, "headers": headers, "data": json.dumps(data)}
-        if kind != "SYSTEM":
+        self.pushed[message_id] = frame
+        if kind == "EVENT":
             self.unacked[message_id] = frame
         if self.live is not None:
             await self.live.send_str(json.dumps(frame))
@@ -215,7 +264,8 @@ class FakeDingTalkGateway:
 class FakeFeishuGateway:
     """/callback/ws/endpoint plus the pbbp2 websocket, encoded with lark-oapi's own generated classes so our codec
     is checked against an independent one. Answers pings with pongs carrying ClientConfig, splits big events,
-    re-pushes events not answered with code 200 on the next connection, and can drop the connection."""
+    re-pushes events not answered with code 200 on the next connection, and can drop the connection, hang
+    (answer no pings while TCP stays open) or hold /callback/ws/endpoint unanswered."""
 
     def __init__(self, app_id: str, app_secret: str, client_config: dict | None = None) -> None:
         self.app_id, self.app_secret = app_id, app_secret
@@ -227,6 +277,8 @@ class FakeFeishuGateway:
         self.pings = 0
         self.endpoint_calls = 0
         self.connections: list[web.WebSocketResponse] = []
+        self.hung = False
+        self.endpoint_hangs = False
         self._counter = 0
 
     def app(self) -> web.Application:
@@ -243,6 +295,8 @@ class FakeFeishuGateway:
     async def _endpoint(self, request: web.Request) -> web.Response:
         self.endpoint_calls += 1
         body = await request.json()
+        if self.endpoint_hangs:
+            await asyncio.Event().wait()
         if (body.get("AppID"), body.get("AppSecret")) != (self.app_id, self.app_secret):
             return web.json_response({"code": 403, "msg": "forbidden"})
         url = request.url.with_path("/ws").with_query({"device_id": "d1", "service_id": "33"})
@@ -268,6 +322,8 @@ class FakeFeishuGateway:
         headers = {h.key: h.value for h in frame.headers}
         if frame.method == 0 and headers.get("type") == "ping":
             self.pings += 1
+            if self.hung:
+                return
             pong = Frame(SeqID=0, LogID=0, service=frame.service, method=0)
             header = pong.headers.add()
             header.key, header.value = "type", "pong"
@@ -301,6 +357,13 @@ class FakeFeishuGateway:
             for data in frames:
                 await self.live.send_bytes(data)
         return message_id
+
+    def answer_data(self, message_id: str) -> dict | None:
+        """The JSON a response frame carried in `data` (base64, as lark-oapi's ws client encodes its result)."""
+        for answered_id, answer, _ in self.responses:
+            if answered_id == message_id and answer.get("data"):
+                return json.loads(base64.b64decode(answer["data"]))
+        return None
 
     async def drop(self) -> None:
         if self.live is not None:
