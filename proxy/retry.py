@@ -280,7 +280,7 @@ class RetryEngine:
         if history.write and isinstance(exc, DeadlineExceeded):
             history.maybe_applied.append("timeout")
         if history.last is not None or history.maybe_applied:
-            exchange.outcome = history.applied().value
+            self.record_outcome(exchange, history)
             exchange.retry_safe = False
 
     def retrying(self, exchange: Exchange, tried: Tried, attempt: Attempt, history: History) -> None:
@@ -306,12 +306,14 @@ class RetryEngine:
     def settle(self, exchange: Exchange, history: History) -> Answer:
         """The honest final answer of a request that was sent at least once, with what the client may assume
         about it recorded on the exchange (the X-Imsidecar-Outcome header)."""
-        applied = history.applied()
-        exchange.outcome = applied.value
+        self.record_outcome(exchange, history)
         exchange.retry_safe = history.retry_safe
-        self.metrics.request_outcomes.labels(exchange.binding.app.name, exchange.binding.upstream,
-                                             applied.value).inc()
         return history.final(self.clock.now(), exchange.deadline)
+
+    def record_outcome(self, exchange: Exchange, history: History) -> None:
+        exchange.outcome = history.applied().value
+        b = exchange.binding
+        self.metrics.request_outcomes.labels(b.app.name, b.upstream, exchange.outcome).inc()
 
     async def admit(self, exchange: Exchange, limiter: AdaptiveRateLimiter | None, history: History) -> bool:
         """The breaker, then the sidecar's own rate limit. True: send the attempt; False: stop with what the

@@ -92,6 +92,10 @@ async def test_a_sync_through_mixed_faults_writes_every_record_once_and_fails_no
     assert failed == [] and again == keys
     assert sum(written(platforms).values()) == RECORDS
     assert batch_attempts(platforms) > first_run                 # it did reach the platform, which deduplicated
+    # What the outcome counter claims is what happened: every batch of both runs, each applied.
+    outcomes = {o: running.metric("imsidecar_request_outcomes_total", app="sales-bot", upstream="open", outcome=o)
+                for o in ("applied", "not-applied", "unknown")}
+    assert outcomes == {"applied": 2 * RECORDS // BATCH, "not-applied": 0, "unknown": 0}
 
 
 async def test_the_same_run_without_idempotency_keys_duplicates(start_sidecar: SidecarFactory,
