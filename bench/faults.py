@@ -179,6 +179,7 @@ apps:
     upstreams: {{open: {{base_url: "http://127.0.0.1:{platform_port}"}}}}
     retry: {retry}
     ratelimit: {ratelimit}
+    coalesce: {{enabled: false}}   # every request its own attempts: the policies compare retries, not shared reads
 """
 
 

@@ -42,6 +42,7 @@ class History:
     last_answer: Answer | None = None       # the last answer read whole (a streamed one is never held back)
     maybe_applied: list[str] = field(default_factory=list)   # reasons of attempts that may have acted
     counted: int = 0                        # attempts that count against max_attempts (not throttles, not tokens)
+    throttled: int = 0                      # ...and the throttled ones, which have an allowance of their own
     timeouts: int = 0
 
     def add(self, tried: Tried) -> None:
@@ -51,7 +52,9 @@ class History:
         verdict = tried.verdict
         if self.write and verdict.outcome is Outcome.RETRYABLE and verdict.processed:
             self.maybe_applied.append(verdict.reason)
-        if verdict.outcome not in (Outcome.THROTTLED, Outcome.TOKEN_INVALID):
+        if verdict.outcome is Outcome.THROTTLED:
+            self.throttled += 1
+        elif verdict.outcome is not Outcome.TOKEN_INVALID:
             self.counted += 1
 
     def applied(self) -> Applied:

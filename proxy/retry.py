@@ -229,8 +229,11 @@ class RetryEngine:
         throttled = verdict.outcome is Outcome.THROTTLED
         if verdict.outcome not in RETRIED_OUTCOMES:
             return Decision(False, "final")
-        if params.max_attempts <= 1 or (not throttled and history.counted >= params.max_attempts):
-            return Decision(False, "attempts")   # throttles never count here (but 1 attempt means no retry at all)
+        # Throttles never use up the attempts the loss needs: they have as many again of their own (a cap, so a
+        # client without a limiter does not retry a quota it overruns until its deadline). 1 attempt means no retry.
+        spent = history.throttled if throttled else history.counted
+        if params.max_attempts <= 1 or spent >= params.max_attempts:
+            return Decision(False, "attempts")
         if not body.replayable:
             return Decision(False, "body_too_large")
         if verdict.processed and not self.idempotent(exchange):

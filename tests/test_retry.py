@@ -202,6 +202,19 @@ class TestInVirtualTime:
         status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
         assert status == 429 and headers["X-Imsidecar-Attempts"] == "1"
 
+    async def test_throttles_do_not_use_up_the_attempts_the_loss_needs(self, start_sidecar: SidecarFactory,
+                                                                         platforms: Platforms, clock: AutoClock,
+                                                                         http: aiohttp.ClientSession) -> None:
+        running = await start_sidecar(retry="{max_attempts: 3, backoff_base: 1ms}", ratelimit="{enabled: false}",
+                                      limits="{deadline: 30s}")
+        platforms.feishu.faults.script.extend(["throttle", "unavailable", "throttle", "unavailable"])
+        status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
+        assert status == 200 and headers["X-Imsidecar-Attempts"] == "5"   # 2 throttles + 2 losses + the success
+        platforms.feishu.faults.script.extend(["throttle"] * 5)            # ...but they have an allowance too
+        status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
+        assert status == 429 and headers["X-Imsidecar-Attempts"] == "3"
+        assert running.metric("imsidecar_retries_withheld_total", app="sales-bot", upstream="open", why="attempts") == 1
+
     async def test_the_deadline_bounds_attempts_and_waits_together(self, start_sidecar: SidecarFactory,
                                                                    platforms: Platforms, clock: AutoClock,
                                                                    http: aiohttp.ClientSession) -> None:

@@ -169,8 +169,8 @@ class Feishu(Platform):
     # Quota saving: the route tables below -------------------------------------------------------------------------
 
     def user_token(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
-        auth = headers.get("Authorization", "")
-        return auth if auth.startswith("Bearer u-") else None
+        """The caller's own token, whenever token_kind says it is one (a JWT user_access_token included)."""
+        return headers.get("Authorization") if self.token_kind(upstream, headers) is None else None
 
     def cached_reads(self, upstream: str) -> Mapping[str, float]:
         return CACHED_READS
