@@ -52,6 +52,12 @@ ENV PATH=/opt/imsidecar/bin:$PATH \
     HOME=/tmp \
     TMPDIR=/tmp
 
+# The events journal's directory (events: queue: journal, the default when events are configured), owned by the
+# runtime user and declared a volume, so it stays writable on a read-only root filesystem and outlives the container;
+# the Kubernetes manifests mount a volume here.
+RUN mkdir -p /var/lib/imsidecar && chown 65532:65532 /var/lib/imsidecar
+VOLUME /var/lib/imsidecar
+
 # A numeric user, so Kubernetes' runAsNonRoot can verify it without a passwd entry (distroless "nonroot" uid).
 USER 65532:65532
 WORKDIR /tmp
