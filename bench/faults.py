@@ -1,6 +1,7 @@
-"""Resilience under faults: four retry policies through the real sidecar process, five platform scenarios.
+"""Resilience under faults: four retry policies through the real sidecar process, seven platform scenarios; and
+mixed faults at 10-40% (bench/mixed_faults.py) with `--mixed`.
 
-Run: python -m bench.faults [--rate 40] [--scale 1.0] [--only SCENARIO] [--policy NAME]
+Run: python -m bench.faults [--rate 40] [--scale 1.0] [--only SCENARIO] [--policy NAME] [--mixed [--requests N]]
 The fake Feishu platform and an open-loop load generator (fixed offered rate) run in this process; the sidecar
 runs as its own process (`python -m proxy run`), one per policy and scenario, in real time. Upstream attempts are
 read from the sidecar's own metrics, so attempts that never reached the platform (refused connections) count too.
@@ -55,7 +56,7 @@ class Platform:
 
     async def up(self) -> None:
         if self.runner is None:
-            self.runner = web.AppRunner(self.fake.app(), access_log=None)
+            self.runner = web.AppRunner(self.fake.app(), access_log=None, shutdown_timeout=1.0)
             await self.runner.setup()
         self.site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
         await self.site.start()
@@ -89,6 +90,7 @@ class Run:
     recovered_after: float | None = None
     attempts_while_open: float | None = None
     offered_while_open: int = 0
+    opened_after: float | None = None    # the blackhole: seconds from its start to the breaker opening
 
 
 Timeline = Callable[[Platform, float], Awaitable[None]]   # changes the platform as the run goes on
@@ -129,12 +131,33 @@ async def outage(platform: Platform, duration: float) -> None:
     await platform.up()
 
 
+async def slow(platform: Platform, duration: float) -> None:
+    """Fast for a third (the learned per-try timeout sits at its 0.5 s floor), then every answer 800 +- 400 ms."""
+    platform.fake.faults = Faults(latency=0.05)
+    await asyncio.sleep(duration / 3)
+    platform.fake.faults = Faults(latency=0.8, latency_spread=0.4)
+
+
+BLACKHOLE_AT, BLACKHOLE = 5.0, 10.0
+
+
+async def blackhole(platform: Platform, duration: float) -> None:
+    """Connections are accepted and requests read, but nothing is ever answered; then the platform is back."""
+    platform.fake.faults = Faults(latency=0.05)
+    await asyncio.sleep(BLACKHOLE_AT)
+    platform.fake.faults = Faults(rates={"hang": 1.0}, hang_seconds=BLACKHOLE)   # over by the end of the run
+    await asyncio.sleep(BLACKHOLE)
+    platform.fake.faults = Faults(latency=0.05)
+
+
 SCENARIOS: dict[str, tuple[Timeline, float]] = {
     "1 steady 20% 503": (steady_503, 12.0),
     "2 random loss 5%": (random_loss, 12.0),
     "3 latency spike": (latency_spike, 15.0),
     "4 throttling": (throttling, 12.0),
     "5 outage 30s": (outage, 5.0 + OUTAGE + 10.0),
+    "6 slow 800+-400ms": (slow, 15.0),
+    "7 blackhole 10s": (blackhole, BLACKHOLE_AT + BLACKHOLE + 5.0),
 }
 
 
@@ -156,6 +179,7 @@ apps:
     upstreams: {{open: {{base_url: "http://127.0.0.1:{platform_port}"}}}}
     retry: {retry}
     ratelimit: {ratelimit}
+    coalesce: {{enabled: false}}   # every request its own attempts: the policies compare retries, not shared reads
 """
 
 
@@ -209,7 +233,7 @@ async def drive(url: str, rate: float, duration: float, run: Run) -> None:
 
 async def one_run(policy: str, scenario: str, rate: float, scale: float) -> Run:
     timeline, duration = SCENARIOS[scenario]
-    duration = duration if scenario.startswith("5") else duration * scale
+    duration = duration if scenario.startswith(("5", "7")) else duration * scale
     platform = Platform(FakeFeishu(apps={"cli_bench": SECRET}), unused_port())
     await platform.up()
     workdir = Path(tempfile.mkdtemp(prefix="imsidecar-faults-"))
@@ -219,12 +243,12 @@ async def one_run(policy: str, scenario: str, rate: float, scale: float) -> Run:
         async with aiohttp.ClientSession() as http:
             before = await scrape_attempts(http, admin)
             changes = asyncio.create_task(timeline(platform, duration))
-            if scenario.startswith("5"):
-                watcher = asyncio.create_task(watch_outage(http, admin, run, rate))
+            watcher = asyncio.create_task(watch_outage(http, admin, run, rate) if scenario.startswith("5") else
+                                          watch_breaker(http, admin, run) if scenario.startswith("7") else
+                                          asyncio.sleep(0))
             await drive(f"http://127.0.0.1:{listen}/bench{ROUTE}", rate, duration, run)
             await changes
-            if scenario.startswith("5"):
-                await watcher
+            await watcher
             run.attempts = await scrape_attempts(http, admin) - before
             if DEBUG:
                 async with http.get(f"http://127.0.0.1:{admin}/metrics") as r:
@@ -249,6 +273,24 @@ async def watch_outage(http: aiohttp.ClientSession, admin: int, run: Run, rate: 
     await asyncio.sleep(OUTAGE - 5.0)
     run.attempts_while_open = await scrape_attempts(http, admin) - before
     run.offered_while_open = int(rate * (OUTAGE - 5.0))
+
+
+async def circuit_opens(http: aiohttp.ClientSession, admin: int) -> float:
+    async with http.get(f"http://127.0.0.1:{admin}/metrics") as r:
+        text = await r.text()
+    return sum(float(v) for v in re.findall(r'^imsidecar_circuit_transitions_total\{[^}]*state="open"[^}]*\} ([\d.e+]+)$',
+                                            text, re.M))
+
+
+async def watch_breaker(http: aiohttp.ClientSession, admin: int, run: Run) -> None:
+    """When the breaker first opens after the blackhole began, polled every 20 ms."""
+    await asyncio.sleep(BLACKHOLE_AT)
+    began, before = time.monotonic(), await circuit_opens(http, admin)
+    while time.monotonic() - began < BLACKHOLE:
+        if await circuit_opens(http, admin) > before:
+            run.opened_after = time.monotonic() - began
+            return
+        await asyncio.sleep(0.02)
 
 
 def recovery_time(run: Run, outage_end: float) -> float | None:
@@ -279,6 +321,8 @@ def summarise(run: Run) -> dict[str, float | None]:
         "open_share": (run.attempts_while_open / run.offered_while_open
                        if run.attempts_while_open is not None and run.offered_while_open else None),
         "throttled": run.throttled_at_platform,
+        "opened_after": run.opened_after,
+        "waited_out": sum(1 for o in run.outcomes if o.latency >= CLIENT_DEADLINE - 0.5),
     }
 
 
@@ -310,6 +354,17 @@ def verdicts(results: dict[str, dict[str, dict[str, float | None]]]) -> list[str
         met = share is not None and share <= 0.05 and rec is not None and rec <= 5.0
         out.append(f"{'MET ' if met else 'MISSED'} outage: attempts while open {share if share is None else f'{share:.1%}'}"
                    f" of offered (≤ 5%), recovery {rec if rec is None else f'{rec:.1f}s'} (≤ 5 s)")
+    if adaptive in results.get("6 slow 800+-400ms", {}):
+        s = results["6 slow 800+-400ms"][adaptive]
+        out.append(f"{'MET ' if s['success'] == 1.0 else 'MISSED'} 6 slow: success {s['success']:.2%} (no failures: "
+                   f"every answer arrives within 1.2 s), p99 {s['p99_ms']:.0f} ms")
+    if adaptive in results.get("7 blackhole 10s", {}):
+        s = results["7 blackhole 10s"][adaptive]
+        opened = s["opened_after"]
+        met = opened is not None and opened <= 1.6 and s["waited_out"] == 0
+        out.append(f"{'MET ' if met else 'MISSED'} 7 blackhole: breaker open {opened if opened is None else f'{opened:.2f}s'}"
+                   f" after the blackhole began (about a second after the first 0.5 s timeout), requests that waited out"
+                   f" their {CLIENT_DEADLINE:g} s deadline: {s['waited_out']}")
     for scenario, key, label in (("3 latency spike", "p99_ms", "p99"), ("4 throttling", "throttled", "429s at platform")):
         by = results.get(scenario, {})
         if adaptive in by and len(by) > 1:
@@ -338,6 +393,12 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     for line in verdicts(results):
         print(line)
+    for scenario, by_policy in results.items():
+        if scenario.startswith("7"):
+            for policy, summary in by_policy.items():
+                opened = summary["opened_after"]
+                print(f"  7 blackhole / {policy}: breaker open after "
+                      f"{'-' if opened is None else f'{opened:.2f}s'}, waited out the deadline: {summary['waited_out']}")
 
 
 def main() -> None:
@@ -347,12 +408,20 @@ def main() -> None:
     parser.add_argument("--only", help="run scenarios whose name starts with this (e.g. 3)")
     parser.add_argument("--policy", help="run policies whose name starts with this")
     parser.add_argument("--debug", action="store_true", help="print the sidecar's retry and state metrics per run")
+    parser.add_argument("--mixed", action="store_true", help="only the mixed-fault table at 10-40%% (in process)")
+    parser.add_argument("--requests", type=int, default=10_000, help="with --mixed: requests per fault rate")
     from proxy.cli import install_fast_loop
 
     install_fast_loop()
     args = parser.parse_args()
     global DEBUG
     DEBUG = args.debug
+    if args.mixed:
+        from bench import mixed_faults
+
+        policies = [p for p in mixed_faults.POLICIES if not args.policy or p.startswith(args.policy)]
+        asyncio.run(mixed_faults.run(args.requests, max(1, args.requests // 10), policies))
+        return
     asyncio.run(main_async(args))
 
 

@@ -25,6 +25,7 @@ from proxy.drain import Drain
 from proxy.egress import Egress
 from proxy.events.runtime import EventsRuntime
 from proxy.events.settings import EventsSettings
+from proxy.exactly_once import ExactlyOnce
 from proxy.guard import Guard, guard_metrics
 from proxy.listener import Listener
 from proxy.metrics import Metrics
@@ -58,7 +59,8 @@ class Sidecar:
         guard_metrics(self.metrics, self.guard)
         self.drain = Drain()
         self._traces = upstream_traces   # aiohttp tracing on every upstream session (tests watch where calls go)
-        self.store = open_store(config.store, self.clock, self.metrics.registry)   # shared tokens and quotas
+        # shared tokens, quotas and exactly-once keys
+        self.store = open_store(config.store, self.clock, self.metrics.registry, config.idempotency)
         self.saving = SavingStages.build(config.apps, self.store.values, self.clock, self.metrics.registry, self.guard)
         self.clients: list[UpstreamClient] = []
         self.tokens: dict[str, AppTokens] = {}
@@ -68,7 +70,8 @@ class Sidecar:
             self._bind(app)
         retry = RetryEngine(self.clock, self.metrics, self.drain)
         self.pipeline = Pipeline(self.router, retry, self.clock, config.limits, self.metrics, self.saving,
-                                 guard=self.guard, drain=self.drain)
+                                 guard=self.guard, drain=self.drain,
+                                 once=ExactlyOnce(self.store.once, self.clock, self.metrics))
         self._runners: list[web.BaseRunner] = []
         self._stopping: asyncio.Future[None] | None = None
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots

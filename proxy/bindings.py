@@ -116,7 +116,7 @@ class UpstreamStages:
         transitions = metrics.circuit_transitions
         breaker = CircuitBreaker(clock, app.breaker, on_transition=lambda old, new: transitions.labels(
             app.name, upstream, new.value).inc())
-        source = refreshed(monitor.retry_params, clock) if app.retry.adaptive else None
+        source = refreshed(monitor.retry_params, clock, changes=monitor.changes) if app.retry.adaptive else None
         policy = RetryPolicy(app.retry, clock, source)
         policy.budget = GuardedBudget(policy.budget, guard)
         stages = cls(monitor, GuardedBreaker(breaker, guard), policy)
@@ -220,6 +220,11 @@ class Binding:
         """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""
         self.stages.monitor.record(verdict, latency)
         self.stages.breaker.record(verdict)
+
+    def observe_late(self, latency: float) -> None:
+        """A timed-out attempt's answer that arrived after its cut-off, `latency` seconds after it was sent."""
+        self.stages.monitor.record_late(latency)
+        self.stages.breaker.record_late()
 
 
 __all__ = ["AppLimiters", "AppTokens", "Binding", "UpstreamStages"]

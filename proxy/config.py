@@ -20,6 +20,7 @@ from proxy.readiness import ReadinessSettings, parse_readiness
 from proxy.configtree import Address, Node, expand
 from proxy.egress import EgressSettings, parse_egress
 from proxy.events.settings import EventsSettings, parse_events
+from proxy.exactly_once_config import OnceSettings, parse_idempotency
 from proxy.robots.settings import RobotsSettings, parse_robots
 from proxy.saving.settings import (
     CacheSettings, CardSettings, CoalesceSettings, PrioritySettings, QuotaSettings, check_accounts, parse_cache,
@@ -161,6 +162,7 @@ class Config:
     store: StoreSettings = StoreSettings()                  # memory unless `store: {backend: redis, ...}`
     egress: EgressSettings = EgressSettings()               # direct unless `egress: {proxy: ...}` or trust_env
     readiness: ReadinessSettings = ReadinessSettings()      # what /readyz waits for
+    idempotency: OnceSettings = OnceSettings()              # the sidecar's own exactly-once store (Idempotency-Key)
 
     def listeners(self) -> list[Address]:
         seen = dict.fromkeys([self.listen] + [e.listen for app in self.apps for e in app.expose])
@@ -222,6 +224,7 @@ def _parse_config(root: Node, env: Mapping[str, str]) -> Config | None:
     store = parse_store(root.child("store")) if root.has("store") else StoreSettings()
     egress = parse_egress(root.child("egress"), env) if root.has("egress") else EgressSettings()
     readiness = parse_readiness(root.child("readiness"))
+    idempotency = parse_idempotency(root.child("idempotency")) if root.has("idempotency") else OnceSettings()
     extra = {key: root.get(key) for key in EXTRA_SECTIONS if root.has(key)}
     root.finish()
     if not apps and not extra and events is None and robots is None:
@@ -235,7 +238,7 @@ def _parse_config(root: Node, env: Mapping[str, str]) -> Config | None:
     if listen is None or admin is None or store is None or any(a is None for a in apps):
         return None
     return Config(listen, admin, apps, tokens, limits, logging_, events, robots, extra, store,  # type: ignore[arg-type]
-                  egress, readiness)
+                  egress, readiness, idempotency)
 
 
 def _parse_app(node: Node, listen: Address | None, default_retry: RetrySettings) -> AppConfig | None:

@@ -19,6 +19,9 @@ belongs to each platform.
     ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
     ├── QuotaReserved            429  bulk, past the month's reserve (proxy/saving/meter.py)      throttled
     ├── CircuitOpen              503  the upstream is known to be down
+    ├── OutcomeUnknown           502  an attempt may have been applied, and the last one says nothing about it
+    ├── IdempotencyKeyInFlight   409  the same Idempotency-Key is still being executed
+    ├── IdempotencyKeyReused     422  the same Idempotency-Key came with another request
     └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
         ├── ConnectFailure            never reached the platform
         ├── AttemptTimeout            no answer within the per-try timeout
@@ -112,6 +115,21 @@ class CircuitOpen(SidecarError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class OutcomeUnknown(SidecarError):
+    """Never a status the platforms use for "not processed" (429, 503): the client must not resend blindly."""
+
+    status, code = 502, codes.OUTCOME_UNKNOWN
+
+
+class IdempotencyKeyInFlight(SidecarError):
+    status, code = 409, codes.KEY_IN_FLIGHT
+    retry_after = 1.0
+
+
+class IdempotencyKeyReused(SidecarError):
+    status, code = 422, codes.KEY_REUSED
 
 
 class AttemptFailed(SidecarError):

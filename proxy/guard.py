@@ -70,6 +70,19 @@ class GuardedMonitor:
         except Exception as exc:
             self._guard.failed("monitor", exc)
 
+    def record_late(self, latency: float) -> None:
+        try:
+            self.inner.record_late(latency)
+        except Exception as exc:
+            self._guard.failed("monitor", exc)
+
+    def changes(self) -> int:
+        try:
+            return self.inner.changes()
+        except Exception as exc:
+            self._guard.failed("monitor", exc)
+            return -1   # differs from any count the monitor gave: cached parameters are read again
+
     @property
     def state(self) -> NetworkState:
         try:
@@ -125,6 +138,12 @@ class GuardedBreaker:
     def record(self, verdict: Verdict) -> None:
         try:
             self.inner.record(verdict)
+        except Exception as exc:
+            self._guard.failed("breaker", exc)
+
+    def record_late(self) -> None:
+        try:
+            self.inner.record_late()
         except Exception as exc:
             self._guard.failed("breaker", exc)
 

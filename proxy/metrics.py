@@ -45,6 +45,8 @@ _CLASS_OF = {Outcome.SUCCESS: SUCCESS, Outcome.THROTTLED: THROTTLED, Outcome.RET
 WITHHELD = ("attempts", "unsafe", "body_too_large", "retry_after_too_long", "deadline", "budget", "circuit_open")
 CIRCUIT_STATES = ("closed", "half_open", "open")
 TOKEN_RESULTS = ("success", "failure", "rejected")
+APPLIED_OUTCOMES = ("applied", "not-applied", "unknown")        # X-Imsidecar-Outcome (proxy/history.py)
+ONCE_RESULTS = ("executed", "replayed", "conflict", "mismatch")   # the exactly-once store (proxy/exactly_once.py)
 
 
 # RFC 9110's methods and PATCH. aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS, no C wheel) accepts any
@@ -285,6 +287,34 @@ class Metrics:
         self.local_answers = Counter(
             "imsidecar_token_endpoint_answers", "Calls to the platform's token endpoints answered by the sidecar.",
             ("app",), registry=r)
+        self._exactly_once(r)
+
+    def _exactly_once(self, r: CollectorRegistry) -> None:
+        """Honest final answers, keys the client sends, late answers and the sidecar's own exactly-once store."""
+        self.request_outcomes = Counter(
+            "imsidecar_request_outcomes",
+            "Requests sent to the platform at least once, by what their final answer says was done "
+            "(applied, not-applied, unknown: the X-Imsidecar-Outcome header).", ("app", "upstream", "outcome"),
+            registry=r)
+        self.idempotency_mapped = Counter(
+            "imsidecar_idempotency_keys_mapped",
+            "Idempotency-Key headers from clients put in place as the platform's own key.", ("app", "route"),
+            registry=r)
+        self.late_answers = Counter(
+            "imsidecar_upstream_late_answers",
+            "Attempts cut off by their per-try timeout whose answer arrived afterwards (the platform is slow, not "
+            "gone).", ("app", "upstream"), registry=r)
+        self.once_requests = Counter(
+            "imsidecar_idempotency_store_requests",
+            "Requests carrying Idempotency-Key, by what the sidecar's exactly-once store did: executed, replayed "
+            "(a stored answer), conflict (409: still in flight), mismatch (422: another request with that key).",
+            ("app", "result"), registry=r)
+        self.once_entries = Gauge(
+            "imsidecar_idempotency_store_entries", "Keys held by this process's exactly-once store (memory).",
+            registry=r)
+        self.once_bytes = Gauge(
+            "imsidecar_idempotency_store_bytes", "Bytes of stored answers held by this process's exactly-once store.",
+            registry=r)
 
     # Series at zero before their first event -----------------------------------------------------------------
 
@@ -300,10 +330,15 @@ class Metrics:
             self.sidecar_errors.labels(app, upstream, error)
         self.retry_budget_exhausted.labels(app, upstream)
         self.deadline_exceeded.labels(app, upstream)
+        for outcome in APPLIED_OUTCOMES:
+            self.request_outcomes.labels(app, upstream, outcome)
+        self.late_answers.labels(app, upstream)
 
     def prepare_app(self, app: str) -> None:
         self.token_replays.labels(app)
         self.local_answers.labels(app)
+        for result in ONCE_RESULTS:
+            self.once_requests.labels(app, result)
 
     def prepare_token(self, app: str, kind: str) -> None:
         for result in TOKEN_RESULTS:

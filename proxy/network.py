@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from proxy.clock import Clock
-from proxy.outcome import Signal, Verdict
+from proxy.outcome import Outcome, Signal, Verdict
 from proxy.window import DecayingMean, LatencyHistogram, SlidingWindow
 
 
@@ -23,13 +23,16 @@ class NetworkState(enum.Enum):
     CONGESTED = "congested"  # answers come, but much slower than this upstream's normal
     LOSSY = "lossy"          # a moderate share of attempts die at random (resets, timeouts, 5xx)
     THROTTLED = "throttled"  # the platform refuses for rate
-    DOWN = "down"            # nothing gets through
+    DOWN = "down"            # nothing answers: refused connections, or timeouts with no answer, not even late
 
 
 EVALUATE_EVERY = 0.1        # seconds between re-judging the state from the windows (they move slowly anyway)
-TARGET_FAILURE = 1e-4       # share of requests random loss may still fail, when attempts are derived from it
-MAX_LOSSY_ATTEMPTS = 8
-MAX_LOSSY_BUDGET = 0.5
+# Attempts are sized for a tenth of the 1e-4 failure share promised: the loss is an estimate, and a sizing that
+# only just reaches 1e-4 fails 1 request in 10,000 when the estimate is a little low (bench.faults --mixed did).
+TARGET_FAILURE = 1e-5       # share of requests random loss may still fail, when attempts are derived from it
+MAX_ATTEMPTS = 14           # 40% loss needs 13 attempts for TARGET_FAILURE (0.4**13 = 7e-6)
+MAX_BUDGET = 1.5            # retries per request the loss may claim: 1.5 x what 40% loss needs (0.67)
+CONFIDENCE_Z = 1.645        # one-sided 95%: attempts are sized for the loss the window cannot rule out
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +55,17 @@ class StateProfile:
     timeout_multiplier: float
 
 
-# Why these: healthy retries quickly but rarely (Envoy's 25 ms base, botocore's 3 attempts); a congested or
-# throttled upstream gets fewer, slower retries because more load only deepens the queue; random loss is beaten
-# by short timeouts and more attempts (at 20% independent loss, 5 attempts fail 0.03% of requests while
-# sending ~1.25 attempts per request); down sends one attempt and leaves recovery to the breaker's probes.
+# Why these: healthy retries quickly (Envoy's 25 ms base); a congested upstream gets slower retries because more
+# load only deepens the queue; random loss is beaten by short timeouts; down sends one attempt and leaves recovery
+# to the breaker's probes. `max_attempts` is a floor in every state but down: the measured loss raises it to what
+# TARGET_FAILURE needs (at 20% loss, 8 attempts fail 0.0003% of requests while sending ~1.25 attempts per request).
+# Throttled answers are paced by the limiter and the platform's reset headers, not by these back-offs, and never
+# count against the attempts: the throttled profile's back-off only paces the loss mixed in with the throttles.
 DEFAULT_PROFILES: Mapping[NetworkState, StateProfile] = MappingProxyType({
     NetworkState.HEALTHY: StateProfile(3, 0.025, 0.25, 0.99, 3.0),
     NetworkState.CONGESTED: StateProfile(2, 0.5, 5.0, 0.99, 4.0),
     NetworkState.LOSSY: StateProfile(5, 0.025, 0.25, 0.95, 2.0),
-    NetworkState.THROTTLED: StateProfile(2, 1.0, 10.0, 0.99, 3.0),
+    NetworkState.THROTTLED: StateProfile(3, 0.1, 2.0, 0.99, 3.0),
     NetworkState.DOWN: StateProfile(1, 1.0, 10.0, 0.99, 3.0),
 })
 
@@ -85,7 +90,9 @@ class AdaptiveSettings:
     lossy_exit: float = 0.01
     throttled_enter: float = 0.05   # share of attempts the platform refused for rate
     throttled_exit: float = 0.01
-    down_run: int = 8               # consecutive failures that mean down, whatever the volume
+    down_run: int = 8               # consecutive attempts without an answer that mean down, whatever the volume...
+    down_silence: float = 1.0       # ...when nothing at all (not even a late answer) came back for this long since
+                                    # the first of them: a slow platform's late answers arrive within it
     up_run: int = 3                 # consecutive answers that end down
 
     ewma_tau: float = 5.0           # horizon of the "now" latency
@@ -122,12 +129,15 @@ class NetworkSnapshot:
     loss_ratio: float
     throttle_ratio: float
     attempts: int
+    late_answers: int = 0
 
 
 _FAILURES = (Signal.CONNECT_FAILURE, Signal.TIMEOUT, Signal.RESET, Signal.SERVER_ERROR)
 _ANSWERS = (Signal.OK, Signal.SERVER_ERROR, Signal.THROTTLED)  # the platform replied: the latency is an RTT
+_SILENT = (Signal.CONNECT_FAILURE, Signal.TIMEOUT, Signal.RESET)   # no answer came back (yet)
 _SIGNALS = tuple(Signal)
 _TIMEOUT_ELAPSED = len(_SIGNALS)  # an extra column: seconds spent in attempts that timed out
+_LATE = _TIMEOUT_ELAPSED + 1      # ...and one for timed-out attempts whose answer arrived after the cut-off
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +145,24 @@ class _Stats:
     attempts: int
     loss_ratio: float
     throttle_ratio: float
-    failures: float
+    failures: float     # attempts lost: failed at the network or server level, minus those answered late
     throttles: float
+    late: float
+
+    @property
+    def loss_per_try(self) -> float:
+        """The share of attempts that are not throttled which are lost: what sizing attempts is about."""
+        tries = self.attempts - self.throttles
+        return self.failures / tries if tries > 0 else 0.0
+
+    def loss_bound(self) -> float:
+        """The upper one-sided 95% Wilson bound of `loss_per_try`: little evidence, a pessimistic loss."""
+        n = self.attempts - self.throttles
+        if n <= 0:
+            return 1.0
+        p, z2 = self.failures / n, CONFIDENCE_Z ** 2
+        spread = CONFIDENCE_Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+        return min(1.0, (p + z2 / (2 * n) + spread) / (1 + z2 / n))
 
 
 class NetworkMonitor:
@@ -145,13 +171,15 @@ class NetworkMonitor:
     def __init__(self, clock: Clock, settings: AdaptiveSettings = AdaptiveSettings()) -> None:
         self._clock = clock
         self._settings = settings
-        self._counts = SlidingWindow(len(_SIGNALS) + 1, settings.window, settings.bucket)
+        self._counts = SlidingWindow(len(_SIGNALS) + 2, settings.window, settings.bucket)
         self._latency = LatencyHistogram(settings.window, settings.bucket)
         self._ewma = DecayingMean(settings.ewma_tau)
         self._baseline = DecayingMean(settings.baseline_tau)
-        self._failure_run = 0
+        self._silent_run = 0
         self._answer_run = 0
         self._timeout_run = 0
+        self._silent_since = math.inf   # when the first attempt without an answer since the last answer ended
+        self._changes = 0   # attempts that were not plain successes: what makes cached parameters stale
         self._state = NetworkState.HEALTHY
         self._since = clock.now()
         self._evaluated = -EVALUATE_EVERY
@@ -168,7 +196,24 @@ class NetworkMonitor:
             self._ewma.update(now, latency)
         if signal is Signal.OK:
             self._baseline.update(now, latency)
-        self._count_runs(signal)
+        if verdict.outcome is not Outcome.SUCCESS:
+            self._changes += 1
+        self._count_runs(signal, now)
+        self._update_state(now)
+
+    def changes(self) -> int:
+        """A counter that moves with every attempt that was not a success (and every late answer)."""
+        return self._changes
+
+    def record_late(self, latency: float) -> None:
+        """A timed-out attempt's answer arrived after all, `latency` seconds after it was sent: the platform is
+        slow, not gone. The latency is what the per-try timeout must learn from, and the attempt is not lost."""
+        now = self._clock.now()
+        self._counts.add(now, _LATE)
+        self._changes += 1
+        self._latency.record(now, latency)
+        self._ewma.update(now, latency)
+        self._heard(now)
         self._update_state(now)
 
     @property
@@ -189,24 +234,34 @@ class NetworkMonitor:
         )
 
     def _budget_ratio(self, state: NetworkState) -> float | None:
-        """Random loss p needs p/(1-p) retries per request; give that (with headroom) while lossy, up to a cap.
+        """Loss p needs p/(1-p) retries per request; give that with headroom, in every state with loss, up to a cap.
 
-        Every other state keeps the configured budget: a down or throttled upstream is where a budget earns its keep.
+        A down upstream keeps the configured budget: that is where a budget earns its keep. Throttled retries are
+        paced by the limiter and are not charged to the budget (the retry engine's rule), so they need none here.
         """
-        if state is not NetworkState.LOSSY or self._settings.budget_ratio is not None:
+        if state is NetworkState.DOWN or self._settings.budget_ratio is not None:
             return self._settings.budget_ratio
-        loss = min(self._stats(self._clock.now()).loss_ratio, 0.5)
-        return min(MAX_LOSSY_BUDGET, 1.5 * loss / (1.0 - loss))
+        stats = self._stats(self._clock.now())
+        if stats.failures <= 0:
+            return None
+        loss = min(stats.loss_bound(), 0.6)
+        return min(MAX_BUDGET, 1.5 * loss / (1.0 - loss))
 
     def _attempts(self, state: NetworkState, profile: StateProfile) -> int:
-        """Under random loss p, n attempts all fail with p**n: take enough for TARGET_FAILURE, within bounds."""
-        if state is not NetworkState.LOSSY:
+        """Under random loss p, n attempts all fail with p**n: take enough for TARGET_FAILURE, within bounds.
+
+        p is the loss the window cannot rule out (its upper bound), so a few early failures already raise the
+        attempts instead of waiting for enough volume to name a state; throttles are not loss and do not lower it.
+        With no loss in the window, the state's own attempts.
+        """
+        if state is NetworkState.DOWN:
             return profile.max_attempts
-        loss = self._stats(self._clock.now()).loss_ratio
-        if not 0.0 < loss < 1.0:
+        stats = self._stats(self._clock.now())
+        if stats.failures <= 0:
             return profile.max_attempts
-        needed = math.ceil(math.log(TARGET_FAILURE) / math.log(loss))
-        return max(profile.max_attempts, min(MAX_LOSSY_ATTEMPTS, needed))
+        loss = stats.loss_bound()
+        needed = MAX_ATTEMPTS if loss >= 1.0 else math.ceil(math.log(TARGET_FAILURE) / math.log(max(loss, 1e-9)))
+        return max(profile.max_attempts, min(MAX_ATTEMPTS, needed))
 
     def snapshot(self) -> NetworkSnapshot:
         now = self._clock.now()
@@ -225,6 +280,7 @@ class NetworkMonitor:
             loss_ratio=stats.loss_ratio,
             throttle_ratio=stats.throttle_ratio,
             attempts=stats.attempts,
+            late_answers=round(stats.late),
         )
 
     # -- the per-try timeout ------------------------------------------------------------------------
@@ -244,6 +300,8 @@ class NetworkMonitor:
     def _censored_latency(self, now: float) -> float:
         totals = self._counts.totals(now)
         timeouts = totals[_SIGNALS.index(Signal.TIMEOUT)]
+        if timeouts <= 0:
+            return 0.0   # the run of timeouts may outlive the window that held them (issue 13: a ZeroDivisionError)
         attempts = sum(totals[: len(_SIGNALS)])
         s = self._settings
         dominant = timeouts >= s.min_events and timeouts >= s.escalate_timeout_share * attempts
@@ -253,18 +311,29 @@ class NetworkMonitor:
 
     # -- the state machine --------------------------------------------------------------------------
 
-    def _count_runs(self, signal: Signal) -> None:
+    def _count_runs(self, signal: Signal, now: float) -> None:
         self._timeout_run = self._timeout_run + 1 if signal is Signal.TIMEOUT else 0
-        if signal in _FAILURES:
-            self._failure_run += 1
+        if signal in _SILENT:
+            self._silent_run += 1
             self._answer_run = 0
+            self._silent_since = min(self._silent_since, now)
         else:
-            self._failure_run = 0
-            self._answer_run += 1
+            self._heard(now)
+
+    def _heard(self, now: float) -> None:
+        """The platform answered something (an error, a throttle or a late answer count): it is not down."""
+        self._silent_run = 0
+        self._answer_run += 1
+        self._silent_since = math.inf
+
+    def _silent(self, now: float) -> bool:
+        """Down needs evidence that nothing answers: a run of unanswered attempts, and no answer for a while."""
+        s = self._settings
+        return self._silent_run >= s.down_run and now - self._silent_since >= s.down_silence
 
     def _update_state(self, now: float) -> None:
         s = self._settings
-        if self._state is not NetworkState.DOWN and self._failure_run >= s.down_run:
+        if self._state is not NetworkState.DOWN and self._silent(now):
             self._enter(NetworkState.DOWN, now)
         elif self._state is NetworkState.DOWN:
             if self._answer_run >= s.up_run:
@@ -287,10 +356,11 @@ class NetworkMonitor:
     def _candidate(self, now: float) -> NetworkState:
         """The worst state whose condition holds; the current state is held to its (looser) exit threshold."""
         stats = self._stats(now)
-        if self._holds_throttled(stats):
-            return NetworkState.THROTTLED
+        # Loss before throttling: lost attempts want prompt retries, while throttled ones are paced whatever the state.
         if self._holds_lossy(stats):
             return NetworkState.LOSSY
+        if self._holds_throttled(stats):
+            return NetworkState.THROTTLED
         if self._holds_congested():
             return NetworkState.CONGESTED
         return NetworkState.HEALTHY
@@ -327,7 +397,8 @@ class NetworkMonitor:
         totals = self._counts.totals(now)
         by_signal = dict(zip(_SIGNALS, totals))
         attempts = sum(by_signal.values())
-        failures = sum(by_signal[sig] for sig in _FAILURES)
+        late = totals[_LATE]
+        failures = max(0.0, sum(by_signal[sig] for sig in _FAILURES) - late)
         throttles = by_signal[Signal.THROTTLED]
         return _Stats(
             attempts=round(attempts),
@@ -335,6 +406,7 @@ class NetworkMonitor:
             throttle_ratio=throttles / attempts if attempts else 0.0,
             failures=failures,
             throttles=throttles,
+            late=late,
         )
 
 

@@ -37,6 +37,7 @@ class Verdict:
     signal: Signal
     processed: bool = True       # False when the platform certainly did not act on the request
     retry_after: float | None = None  # seconds the platform asked us to wait, if it said
+    duplicate: bool = False      # the platform refused the key as already used: an earlier attempt applied it
 
     @property
     def safe_to_replay(self) -> bool:

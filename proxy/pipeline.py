@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -19,7 +20,9 @@ from proxy.config import Address, Limits
 from proxy.drain import Drain
 from proxy.errors import (AttemptFailed, AttemptTimeout, ClientGone, DeadlineExceeded, InternalError, NoRoute,
                           ShuttingDown, SidecarError, TokenUnavailableError)
+from proxy.exactly_once import ExactlyOnce, MemoryOnce, Stored
 from proxy.guard import Guard
+from proxy.idempotency import ECHO_HEADER
 from proxy.intake import BodyReader, RequestBody, target_problem
 from proxy.metrics import CLIENT_ERROR, SUCCESS, Metrics, outcome_class
 from proxy.outcome import Verdict
@@ -53,23 +56,32 @@ class Exchange:
     token_kind: str | None = None   # decided once, from what the client sent (None: its own user token)
     attempts: int = 0
     retry_reasons: list[str] = field(default_factory=list)
-    has_idempotency_key: bool = False
+    has_idempotency_key: bool = False   # the platform's own key is in the request (the client's, or ours)
     client_deadline: bool = False   # the client shortened the deadline (X-Imsidecar-Timeout)
     verdict: Verdict | None = None        # the platform's classification of the answer relayed (set by the retry loop)
     error: SidecarError | None = None     # the sidecar's own error, when it answered with one
     priority: str = "interactive"                          # its lane (proxy/saving/lanes.py)
     marks: dict[str, str] = field(default_factory=dict)    # X-Imsidecar-* and Age headers the stages add to the answer
+    client_key: str | None = None       # the client's Idempotency-Key
+    idempotency_key: str | None = None  # the key to send back as Idempotency-Key to rerun this request (echoed)
+    outcome: str = "not-applied"        # X-Imsidecar-Outcome: applied | not-applied | unknown
+    retry_safe: bool = True             # the final answer says the platform did not act: resending is safe
+    replayed: Stored | None = None      # the stored answer given again to a repeat of an Idempotency-Key
 
 
 class Pipeline:
     def __init__(self, router: Router[Binding], retry: RetryEngine, clock: Clock, limits: Limits, metrics: Metrics,
-                 saving: SavingStages, *, guard: Guard | None = None, drain: Drain | None = None) -> None:
+                 saving: SavingStages, *, guard: Guard | None = None, drain: Drain | None = None,
+                 once: ExactlyOnce | None = None) -> None:
         self.router, self.retry, self.clock, self.limits, self.metrics = router, retry, clock, limits, metrics
         self.guard = guard or Guard(metrics.stage_failures)
         self.drain = drain or retry.drain
         self.bodies = BodyReader(limits, clock)
         self.saving = saving
         self.metered_attempt = saving.meter.counting(self.send_attempt)
+        self.once = once or ExactlyOnce(MemoryOnce(clock), clock, metrics)
+        self.once.render = self.error_response   # what a stored sidecar error looked like to its client
+        self._late: dict[Binding, Callable[[float], None]] = {}
 
     async def handle(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
         try:
@@ -125,10 +137,15 @@ class Pipeline:
             return local
         self.saving.lanes.assign(exchange, request.headers)   # interactive or bulk, before anything waits
         body = await self.bodies.read(request, exchange.deadline)
-        answer = await self.saving.cache.through(exchange, body, self.coalesced)
+        answer = await self.once.through(exchange, body, self.cached)
         return await self.relay(request, exchange, answer)
 
-    # The quota-saving stages (proxy/saving/), outermost first; each may answer without calling the next --------
+    # The exactly-once and quota-saving stages, outermost first; each may answer without calling the next -------
+    # (a repeat of an Idempotency-Key gets its stored answer from proxy/exactly_once.py before any of proxy/saving/)
+
+    async def cached(self, exchange: Exchange, body: RequestBody) -> Answer:
+        """Read-mostly routes answered from the cache while fresh."""
+        return await self.saving.cache.through(exchange, body, self.coalesced)
 
     async def coalesced(self, exchange: Exchange, body: RequestBody) -> Answer:
         """Identical concurrent reads share one platform call."""
@@ -170,7 +187,7 @@ class Pipeline:
             return None
         source = b.tokens.source(kind)
         try:
-            await source.get()
+            await source.get(exchange.deadline)
         except TokenUnavailable as exc:
             raise TokenUnavailableError(f"app {b.app.name}: no token: {exc}") from exc
         answer = b.platform.token_endpoint_answer(kind, source.seconds_to_expiry())
@@ -188,7 +205,7 @@ class Pipeline:
         attempt.token = None
         if kind is not None:
             try:
-                attempt.token = await b.tokens.source(kind).get()
+                attempt.token = await b.tokens.source(kind).get(exchange.deadline)
             except TokenUnavailable as exc:
                 raise TokenUnavailableError(f"app {b.app.name}: no token: {exc}") from exc
             attempt.token_kind = kind
@@ -197,8 +214,9 @@ class Pipeline:
         if body.length is not None and not body.replayable:
             headers["Content-Length"] = str(body.length)
         path_qs = exchange.path + (f"?{query}" if query else "")
+        on_late = self.late_answers(b) if body.replayable else None   # a one-shot stream is not heard out
         try:
-            return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout)
+            return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late)
         except AttemptFailed as exc:
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None
@@ -206,6 +224,18 @@ class Pipeline:
                 raise DeadlineExceeded("the deadline this request asked for (X-Imsidecar-Timeout) passed "
                                        "before the platform answered") from exc
             raise
+
+    def late_answers(self, b: Binding) -> Callable[[float], None]:
+        """What hears a timed-out attempt's late answer: the binding's monitor and breaker, and a counter."""
+        heard = self._late.get(b)
+        if heard is None:
+            counter = self.metrics.late_answers.labels(b.app.name, b.upstream)
+
+            def heard(latency: float) -> None:
+                counter.inc()
+                b.observe_late(latency)
+            self._late[b] = heard
+        return heard
 
     def cut_by_client(self, exchange: Exchange, attempt: Attempt) -> bool:
         """An attempt cut short by the client's own, shorter deadline says nothing against the platform: it is
@@ -226,7 +256,7 @@ class Pipeline:
             response.content_length = answer.stream.content_length
         try:
             await response.prepare(request)
-            async for chunk in answer.stream.content.iter_chunked(CHUNK):
+            async for chunk in answer.chunks(CHUNK):
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError as exc:   # the client went away mid-download
@@ -280,6 +310,13 @@ class Pipeline:
         headers["X-Imsidecar-Attempts"] = str(exchange.attempts)
         if exchange.retry_reasons:
             headers["X-Imsidecar-Retry-Reasons"] = ",".join(exchange.retry_reasons)
+        headers["X-Imsidecar-Outcome"] = exchange.outcome
+        if exchange.idempotency_key is not None:
+            headers[ECHO_HEADER] = exchange.idempotency_key
+        if exchange.replayed is not None:
+            headers["X-Imsidecar-Replayed"] = "true" if exchange.replayed.body is not None else "true; body not kept"
+            if exchange.replayed.error:
+                headers["X-Imsidecar-Error"] = exchange.replayed.error
         headers.update(exchange.marks)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from proxy.clock import Clock
-from proxy.window import DecayingRate
+from proxy.window import DecayingRate, SlidingWindow
+
+_THROTTLED, _PASSED = 0, 1
 
 
 class RateLimitExceeded(Exception):
@@ -85,6 +87,13 @@ class LimiterSettings:
     max_retry_after: float = 60.0   # a platform's "wait N s" is honoured up to this (Envoy discards > 300 s)
     measure_tau: float = 2.0        # horizon of the measured sending rate (botocore: EWMA over 0.5 s buckets,
                                     # too jumpy for the per-second bursts a quota allows)
+    # A throttle among answers that mostly go through is noise (or another sender's), not our rate: a quota we
+    # overrun throttles every request past it, so its throttles come in runs and in a large share. Such an
+    # isolated throttle neither cuts the rate nor blocks the route; the throttled request waits its own turn.
+    evidence_window: float = 2.0    # seconds of answers a throttle is judged against
+    isolated_share: float = 0.25    # fewer throttles than this share of the answers...
+    isolated_answers: int = 10      # ...among at least this many answers...
+    isolated_run: int = 4           # ...and fewer than this many throttles in a row
 
 
 class AdaptiveRateLimiter:
@@ -111,6 +120,8 @@ class AdaptiveRateLimiter:
         self._cut_at = -math.inf
         self._next_paced = -math.inf
         self._sent = DecayingRate(settings.measure_tau)
+        self._answers = SlidingWindow(2, settings.evidence_window, settings.evidence_window / 8)
+        self._throttle_run = 0
 
     @property
     def current_rate(self) -> float:
@@ -145,6 +156,10 @@ class AdaptiveRateLimiter:
     def on_throttle(self, retry_after: float | None = None) -> None:
         """The platform refused for rate; `retry_after` is its own "wait N s", if it said."""
         now = self._clock.now()
+        self._answers.add(now, _THROTTLED)
+        self._throttle_run += 1
+        if self._isolated(now):
+            return
         if retry_after is not None and retry_after > 0:
             self._blocked_until = max(self._blocked_until, now + min(retry_after, self._settings.max_retry_after))
         if now - self._cut_at < self._settings.throttle_cooldown:
@@ -152,6 +167,8 @@ class AdaptiveRateLimiter:
         self._cut(now)
 
     def on_success(self) -> None:
+        self._answers.add(self._clock.now(), _PASSED)
+        self._throttle_run = 0
         if self._rate is None:
             return
         rate = self._cubic(self._clock.now())
@@ -218,6 +235,14 @@ class AdaptiveRateLimiter:
         self._sent.add(now)
 
     # -- adaptation ---------------------------------------------------------------------------------
+
+    def _isolated(self, now: float) -> bool:
+        """A throttle the answers around it contradict: most requests at this rate are going through."""
+        s = self._settings
+        throttled, passed = self._answers.totals(now)
+        answers = throttled + passed
+        return (answers >= s.isolated_answers and throttled < s.isolated_share * answers
+                and self._throttle_run < s.isolated_run)
 
     def _cut(self, now: float) -> None:
         s = self._settings

@@ -1,7 +1,9 @@
 """The attempt loop: send, classify, decide whether sending again is safe, useful and affordable, then wait.
 
 Owns the retry decision, back-off (the `backoff` package's generators, parameters read at call time), the one
-deadline and the budget check; sending is the pipeline's, classification the platform's.
+deadline and the budget check. Throttled answers are paced (the limiter, the platform's reset headers) and never
+use up the attempts the measured loss needs; parameters are read at each attempt, after any wait. Sending is the
+pipeline's, classification the platform's, the honest final answer proxy/history.py's.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from proxy.budget import RetryBudget
 from proxy.clock import Clock
 from proxy.config import RetrySettings
 from proxy.drain import Drain
-from proxy.errors import AttemptFailed, AttemptTimeout, CircuitOpen, DeadlineExceeded, LocallyRateLimited, ShuttingDown
-from proxy.idempotency import apply_key
+from proxy.errors import (AttemptFailed, BadRequest, CircuitOpen, DeadlineExceeded, LocallyRateLimited, ShuttingDown,
+                          SidecarError, TokenUnavailableError)
+from proxy.history import READS, History, Tried
+from proxy.idempotency import KeyProblem, apply_key
 from proxy.metrics import Metrics
 from proxy.network import AdaptiveSettings, RetryParams
 from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
@@ -45,14 +49,16 @@ def adaptive_settings(s: RetrySettings) -> AdaptiveSettings:
     return AdaptiveSettings(**{key: getattr(s, key) for key in sorted(s.pinned)})
 
 
-def refreshed(source: ParamsSource, clock: Clock, every: float = 0.25) -> ParamsSource:
-    """`source` evaluated at most every `every` seconds: the monitor's quantiles are not free, requests are many."""
-    cached: list[RetryParams | float] = [source(), clock.now()]
+def refreshed(source: ParamsSource, clock: Clock, every: float = 0.25,
+              changes: Callable[[], int] = lambda: 0) -> ParamsSource:
+    """`source` evaluated at most every `every` seconds (the monitor's quantiles are not free, requests are many),
+    and again whenever `changes()` moves: a failure must raise the attempts of the very next decision."""
+    cached: list[RetryParams | float | int] = [source(), clock.now(), changes()]
 
     def params() -> RetryParams:
-        now = clock.now()
-        if now - cached[1] >= every:  # type: ignore[operator]
-            cached[0], cached[1] = source(), now
+        now, seen = clock.now(), changes()
+        if now - cached[1] >= every or seen != cached[2]:  # type: ignore[operator]
+            cached[0], cached[1], cached[2] = source(), now, seen
         return cached[0]  # type: ignore[return-value]
 
     return params
@@ -64,6 +70,8 @@ class Attempt:
 
     number: int
     timeout: float
+    timeouts: int = 0            # attempts of this request that timed out so far (each grows the next cut-off)
+    retrying: str | None = None  # the reason of the retry about to be sent (counted once it is)
     extra_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     query: str | None = None     # set when an idempotency key goes into the query
     body: bytes | None = None    # set when an idempotency key goes into the body
@@ -112,44 +120,36 @@ class RetryEngine:
 
     async def run(self, exchange: Exchange, body: RequestBody, send: Send) -> Answer:
         b = exchange.binding
-        policy = b.policy
-        policy.budget.record_request()
+        b.policy.budget.record_request()
         attempt = self.prepare(exchange, body)
-        waits = policy.waits()
-        replayed = False
-        last_answer: Answer | None = None
-        verdict: Verdict | None = None
-        timeouts = 0
+        waits = b.policy.waits()
+        history = History(write=exchange.method not in READS)
         limiter = b.limiters.get(exchange.template, exchange.route) if b.limiters.enabled else None
+        replayed = False
         while True:
-            params = policy.params()
-            stop = await self.admit(exchange, limiter, last_answer)
-            if stop is not None:
-                return stop
-            if verdict is not None and verdict.outcome in RETRIED_OUTCOMES:   # a retry, counted once it is sent
-                self.metrics.capped_retries(b.app.name, b.upstream, verdict.reason).inc()
-            attempt.timeout = self.per_try_timeout(exchange, params, timeouts)
-            exchange.attempts += 1
-            answer, verdict, failure = await self.attempt(exchange, body, attempt, send)
+            if not await self.admit(exchange, limiter, history):
+                return self.settle(exchange, history)
+            self.count_retry(exchange, attempt)   # a retry is counted once it is sent
+            # Read after the limiter's wait: the state may have changed while this request queued.
+            attempt.timeout = self.per_try_timeout(exchange, b.policy.params(), attempt.timeouts)
+            tried = await self.attempt(exchange, body, attempt, send, history)
+            if tried is None:
+                return self.settle(exchange, history)
+            history.add(tried)
             if limiter is not None:
-                self.feed(limiter, verdict)
-            if answer is not None and answer.stream is None:
-                last_answer = answer
-            if self.should_replay_token(verdict, attempt, body, replayed):
-                replayed = True
-                self.replay_token(exchange, attempt, answer)
-                continue
-            decision = self.decide(exchange, body, attempt, verdict, params, waits)
+                self.feed(limiter, tried.verdict)
+            if self.token_refused(exchange, tried, attempt):
+                if body.replayable and not replayed:
+                    replayed = True
+                    self.replay_token(exchange, tried.answer)
+                    continue
+            decision = self.decide(exchange, body, tried.verdict, history, waits)
             if not decision.retry:
-                self.withheld(exchange, verdict, decision)
-                return self.final(exchange, answer, failure, last_answer)
-            if answer is not None and answer is not last_answer:
-                answer.release()
-            timeouts += verdict.signal is Signal.TIMEOUT
-            exchange.retry_reasons.append(verdict.reason)
-            attempt.number += 1
-            if not await self.drain.sleep(self.clock, decision.wait):
-                return self.final(exchange, None, failure, last_answer)   # draining: the last real answer now
+                self.withheld(exchange, tried.verdict, decision)
+                return self.settle(exchange, history)
+            self.retrying(exchange, tried, attempt, history)
+            if not await self.wait(exchange, decision.wait):
+                return self.settle(exchange, history)   # draining: the last real answer now
 
     # Steps ------------------------------------------------------------------------------------------------------
 
@@ -160,73 +160,108 @@ class RetryEngine:
         if exchange.method != "POST" or not body.replayable:
             return attempt
         spot = b.platform.idempotency_spot(b.upstream, exchange.template)
-        keyed = apply_key(spot, exchange.query, body.data, add=b.policy.settings.idempotency_keys)
+        try:
+            keyed = apply_key(spot, exchange.query, body.data, add=b.policy.settings.idempotency_keys,
+                              client=exchange.client_key)
+        except KeyProblem as exc:
+            raise BadRequest(str(exc)) from exc
         exchange.has_idempotency_key = keyed.has_key
+        exchange.idempotency_key = keyed.key or exchange.client_key
         if keyed.added:
             attempt.query, attempt.body = keyed.query, keyed.body
-            self.metrics.idempotency_keys.labels(b.app.name, exchange.route).inc()
+            counter = self.metrics.idempotency_keys if exchange.client_key is None else self.metrics.idempotency_mapped
+            counter.labels(b.app.name, exchange.route).inc()
         return attempt
 
-    async def attempt(self, exchange: Exchange, body: RequestBody, attempt: Attempt,
-                      send: Send) -> tuple[Answer | None, Verdict, AttemptFailed | None]:
+    async def attempt(self, exchange: Exchange, body: RequestBody, attempt: Attempt, send: Send,
+                      history: History) -> Tried | None:
+        """One attempt sent and classified. None: no attempt went out after earlier ones did (no token could be
+        had for the retry), and the request ends with what the earlier attempts said."""
         b = exchange.binding
         started = self.clock.now()
-        answer: Answer | None = None
-        failure: AttemptFailed | None = None
+        exchange.attempts += 1
         try:
             answer = await send(exchange, body, attempt)
         except AttemptFailed as exc:
-            verdict, failure = exc.verdict, exc
+            tried = Tried(None, exc.verdict, exc)
+        except TokenUnavailableError:
+            b.breaker.release_probe()   # it never reached the upstream: give the slot back
+            exchange.attempts -= 1
+            if history.last is None:
+                raise
+            return None
+        except SidecarError as exc:   # the client's doing while it was sent (its body, its own shorter deadline)
+            b.breaker.release_probe()
+            self.cut_by_client(exchange, history, exc)
+            raise
         except BaseException:
-            b.breaker.release_probe()   # it never reached the upstream (no token, cancelled): give the slot back
+            b.breaker.release_probe()   # it never reached the upstream (cancelled): give the slot back
             raise
         else:
             verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
             exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
+            tried = Tried(answer, verdict)
+        verdict = tried.verdict
         self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
         self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
         b.observe(verdict, self.clock.now() - started)
-        return answer, verdict, failure
+        return tried
 
-    @staticmethod
-    def should_replay_token(verdict: Verdict, attempt: Attempt, body: RequestBody, replayed: bool) -> bool:
-        # 99991663 / 40001 and friends: the platform refused the token without acting; refresh and replay once.
-        return verdict.outcome is Outcome.TOKEN_INVALID and bool(attempt.token) and not replayed and body.replayable
-
-    def replay_token(self, exchange: Exchange, attempt: Attempt, answer: Answer | None) -> None:
+    def token_refused(self, exchange: Exchange, tried: Tried, attempt: Attempt) -> bool:
+        """99991663 / 40001 and friends: the platform refused the token without acting. It is dropped whatever the
+        body (a large upload must not keep failing on it); whether to replay is the caller's."""
+        if tried.verdict.outcome is not Outcome.TOKEN_INVALID or not attempt.token:
+            return False
         b = exchange.binding
-        b.tokens.source(attempt.token_kind or b.app.token_kind).invalidate(attempt.token or "")
-        self.metrics.token_replays.labels(b.app.name).inc()
+        b.tokens.source(attempt.token_kind or b.app.token_kind).invalidate(attempt.token)
+        return True
+
+    def replay_token(self, exchange: Exchange, answer: Answer | None) -> None:
+        self.metrics.token_replays.labels(exchange.binding.app.name).inc()
         exchange.retry_reasons.append("token_invalid")
         if answer is not None:
             answer.release()
 
-    def decide(self, exchange: Exchange, body: RequestBody, attempt: Attempt, verdict: Verdict,
-               params: RetryParams, waits: Iterator[float]) -> Decision:
+    def decide(self, exchange: Exchange, body: RequestBody, verdict: Verdict, history: History,
+               waits: Iterator[float]) -> Decision:
         policy = exchange.binding.policy
+        params = policy.params()   # read now, after the attempt: not what held when the request arrived
+        throttled = verdict.outcome is Outcome.THROTTLED
         if verdict.outcome not in RETRIED_OUTCOMES:
             return Decision(False, "final")
-        if attempt.number >= params.max_attempts:
+        # Throttles never use up the attempts the loss needs: they have as many again of their own (a cap, so a
+        # client without a limiter does not retry a quota it overruns until its deadline). 1 attempt means no retry.
+        spent = history.throttled if throttled else history.counted
+        if params.max_attempts <= 1 or spent >= params.max_attempts:
             return Decision(False, "attempts")
         if not body.replayable:
             return Decision(False, "body_too_large")
         if verdict.processed and not self.idempotent(exchange):
             return Decision(False, "unsafe")   # it may have been applied: a retry could apply it twice
+        if verdict.retry_after is not None and verdict.retry_after > policy.settings.max_retry_after:
+            return Decision(False, "retry_after_too_long")
+        wait = self.wait_for(verdict, params, policy, waits)
+        remaining = exchange.deadline - self.clock.now()
+        if wait + min(MIN_USEFUL_ATTEMPT, params.per_try_timeout) > remaining:
+            return Decision(False, "deadline")
+        # A throttled retry is paced by the limiter and the platform's own wait: the budget guards against loss storms.
+        if not throttled and not policy.budget.try_spend(params.budget_ratio):
+            return Decision(False, "budget")
+        return Decision(True, "retry", wait)
+
+    @staticmethod
+    def wait_for(verdict: Verdict, params: RetryParams, policy: RetryPolicy, waits: Iterator[float]) -> float:
+        """Back-off, raised to what the platform asked for; after a timeout, the timeout itself was the wait."""
+        if verdict.outcome is Outcome.THROTTLED and verdict.retry_after is not None:
+            return verdict.retry_after * (1 + 0.2 * policy.rng())   # jitter within [i, 1.2i]
         wait = next(waits)
         if verdict.signal is Signal.TIMEOUT:
             # The attempt already waited its whole per-try timeout: that was the back-off. Retry promptly (the
             # next try gets a longer timeout), or a platform that just slowed down costs a timeout plus a wait.
             wait = min(wait, params.backoff_base)
         if verdict.retry_after is not None:
-            if verdict.retry_after > policy.settings.max_retry_after:
-                return Decision(False, "retry_after_too_long")
-            wait = max(wait, verdict.retry_after * (1 + 0.2 * policy.rng()))   # jitter within [i, 1.2i]
-        remaining = exchange.deadline - self.clock.now()
-        if wait + min(MIN_USEFUL_ATTEMPT, params.per_try_timeout) > remaining:
-            return Decision(False, "deadline")
-        if not policy.budget.try_spend(params.budget_ratio):
-            return Decision(False, "budget")
-        return Decision(True, "retry", wait)
+            wait = max(wait, verdict.retry_after * (1 + 0.2 * policy.rng()))
+        return wait
 
     def idempotent(self, exchange: Exchange) -> bool:
         settings = exchange.binding.policy.settings
@@ -242,35 +277,65 @@ class RetryEngine:
         if verdict.outcome in RETRIED_OUTCOMES and decision.why != "final":
             self.metrics.not_retried.labels(b.app.name, b.upstream, decision.why).inc()
 
-    def final(self, exchange: Exchange, answer: Answer | None, failure: AttemptFailed | None,
-              last_answer: Answer | None) -> Answer:
-        """The platform's own last answer when there is one; otherwise the sidecar's error for the last failure."""
-        if answer is not None:
-            return answer
-        if last_answer is not None:
-            return last_answer
-        assert failure is not None
-        if isinstance(failure, AttemptTimeout) and self.clock.now() >= exchange.deadline - 0.001:
-            raise DeadlineExceeded("the request's deadline passed with no answer from the platform") from failure
-        raise failure
+    def cut_by_client(self, exchange: Exchange, history: History, exc: SidecarError) -> None:
+        """An attempt the client ended (its own deadline passed, its body broke): what may have happened, for the
+        X-Imsidecar-Outcome of the error that follows. A write cut off by the deadline may have been applied."""
+        if history.write and isinstance(exc, DeadlineExceeded):
+            history.maybe_applied.append("timeout")
+        if history.last is not None or history.maybe_applied:
+            self.record_outcome(exchange, history)
+            exchange.retry_safe = False
 
-    async def admit(self, exchange: Exchange, limiter: AdaptiveRateLimiter | None,
-                    last_answer: Answer | None) -> Answer | None:
-        """The breaker, then the sidecar's own rate limit. None: send the attempt; an answer: stop with it."""
+    def retrying(self, exchange: Exchange, tried: Tried, attempt: Attempt, history: History) -> None:
+        verdict = tried.verdict
+        if tried.answer is not None and tried.answer is not history.last_answer:
+            tried.answer.release()   # a streamed answer that will not be the final one
+        attempt.timeouts += verdict.signal is Signal.TIMEOUT
+        attempt.number += 1
+        attempt.retrying = verdict.reason
+        exchange.retry_reasons.append(verdict.reason)
+
+    def count_retry(self, exchange: Exchange, attempt: Attempt) -> None:
+        if attempt.retrying is not None:
+            b = exchange.binding
+            self.metrics.capped_retries(b.app.name, b.upstream, attempt.retrying).inc()
+            attempt.retrying = None
+
+    async def wait(self, exchange: Exchange, seconds: float) -> bool:
+        """The one place the loop waits between attempts (back-off and the platform's own waits). False: the
+        sidecar is draining, and the request ends now with what its attempts said."""
+        return await self.drain.sleep(self.clock, seconds)
+
+    def settle(self, exchange: Exchange, history: History) -> Answer:
+        """The honest final answer of a request that was sent at least once, with what the client may assume
+        about it recorded on the exchange (the X-Imsidecar-Outcome header)."""
+        self.record_outcome(exchange, history)
+        exchange.retry_safe = history.retry_safe
+        return history.final(self.clock.now(), exchange.deadline)
+
+    def record_outcome(self, exchange: Exchange, history: History) -> None:
+        exchange.outcome = history.applied().value
+        b = exchange.binding
+        self.metrics.request_outcomes.labels(b.app.name, b.upstream, exchange.outcome).inc()
+
+    async def admit(self, exchange: Exchange, limiter: AdaptiveRateLimiter | None, history: History) -> bool:
+        """The breaker, then the sidecar's own rate limit. True: send the attempt; False: stop with what the
+        earlier attempts said (before the first attempt, a refusal is raised instead)."""
         b = exchange.binding
         # The breaker first: a request it refuses must not use up a slot of the platform's quota.
         if not b.breaker.allow():
-            return self.circuit_open(exchange, last_answer)
+            self.circuit_open(exchange, history)
+            return False
         if limiter is None:
-            return None
+            return True
         try:
             await self.pace(exchange, limiter)
         except (LocallyRateLimited, ShuttingDown):   # ShuttingDown: the drain ended the wait for a slot
             b.breaker.release_probe()
-            if last_answer is None:
+            if history.last is None:
                 raise
-            return last_answer
-        return None
+            return False
+        return True
 
     async def pace(self, exchange: Exchange, limiter: AdaptiveRateLimiter) -> None:
         """Wait for the sidecar's own rate limit inside the deadline; fail fast with 429 when it would overrun."""
@@ -292,11 +357,11 @@ class RetryEngine:
         elif verdict.signal is Signal.OK:
             limiter.on_success()
 
-    def circuit_open(self, exchange: Exchange, last_answer: Answer | None) -> Answer:
-        """The breaker refuses: the platform's last answer if a try already got one, else 503 at once."""
-        if last_answer is not None:
+    def circuit_open(self, exchange: Exchange, history: History) -> None:
+        """The breaker refuses: the request ends with what the earlier tries said if there were any, else 503."""
+        if history.last is not None:
             self.metrics.not_retried.labels(exchange.binding.app.name, exchange.binding.upstream, "circuit_open").inc()
-            return last_answer
+            return
         wait = exchange.binding.breaker.retry_after()
         raise CircuitOpen(f"the {exchange.binding.upstream} upstream is failing; calls are paused for "
                           f"{wait:.1f}s while it recovers", retry_after=wait)
@@ -307,3 +372,4 @@ class RetryEngine:
         again. Never past the request's deadline."""
         grown = params.per_try_timeout * (2 ** min(timeouts, 2))
         return max(0.001, min(grown, exchange.deadline - self.clock.now()))
+

@@ -14,14 +14,18 @@ import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 from urllib.parse import SplitResult, urlsplit
 
 from prometheus_client import CollectorRegistry
 
 from proxy.clock import Clock
 from proxy.configtree import Node
+from proxy.exactly_once_config import OnceSettings
 from proxy.secret import Secret
+
+if TYPE_CHECKING:
+    from proxy.exactly_once import OnceBackend
 
 BACKENDS = ("memory", "redis")
 REDIS_SCHEMES = ("redis", "rediss")
@@ -262,6 +266,7 @@ class SharedValues(Protocol):
 class Store(Protocol):
     tokens: SharedTokens
     quota: SharedQuota
+    once: OnceBackend   # the sidecar's own exactly-once keys (proxy/exactly_once.py)
     values: SharedValues | None   # None: nothing is shared (one replica)
 
     async def start(self) -> None: ...
@@ -324,19 +329,34 @@ class LocalQuota:
             await self._clock.sleep(wait)
         return wait
 
+    def take_backlog(self, key: str) -> tuple[float, float | None]:
+        """Seconds of the full-rate schedule that slots reserved here and not yet due still take up, handed over
+        (forgotten here); and what to `restore` should the hand-over fail."""
+        tat = self._tat.pop(key, None)
+        return (0.0 if tat is None else max(0.0, tat - self._clock.now()) * self._share), tat
+
+    def restore(self, key: str, tat: float | None) -> None:
+        if tat is not None:
+            self._tat[key] = max(tat, self._tat.get(key, tat))
+
 
 @dataclass
 class MemoryStore:
     """`backend: memory`: the default, for one replica."""
 
     clock: Clock
+    once_settings: OnceSettings = OnceSettings()
     tokens: SharedTokens = field(init=False)
     quota: SharedQuota = field(init=False)
+    once: OnceBackend = field(init=False)
     values: SharedValues | None = None
 
     def __post_init__(self) -> None:
+        from proxy.exactly_once import MemoryOnce   # it imports the pipeline's machinery, which imports config
+
         self.tokens = LocalTokens(self.clock)
         self.quota = UnsharedQuota()
+        self.once = MemoryOnce(self.clock, self.once_settings)
 
     async def start(self) -> None:
         return None
@@ -345,10 +365,11 @@ class MemoryStore:
         return None
 
 
-def open_store(settings: StoreSettings | None, clock: Clock, registry: CollectorRegistry) -> Store:
+def open_store(settings: StoreSettings | None, clock: Clock, registry: CollectorRegistry,
+               once: OnceSettings = OnceSettings()) -> Store:
     """The store the settings ask for; Redis (and the `redis` package) only when configured."""
     if settings is None or not settings.shared:
-        return MemoryStore(clock)
+        return MemoryStore(clock, once)
     # The redis package is an optional dependency (pip install 'imsidecar[redis]'); parse_store checked it.
     from proxy.store_redis import RedisStore
-    return RedisStore(settings, clock, registry)
+    return RedisStore(settings, clock, registry, once)

@@ -12,7 +12,7 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, TypeVar
 
 import backoff
 import redis.asyncio as aioredis
@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.clock import Clock
+from proxy.exactly_once_config import OnceSettings
 from proxy.store import (
     Fetch,
     LocalQuota,
@@ -34,6 +35,9 @@ from proxy.store import (
     ValuesUnavailable,
 )
 
+if TYPE_CHECKING:
+    from proxy.exactly_once import OnceBackend
+
 log = logging.getLogger("imsidecar.store")
 
 T = TypeVar("T")
@@ -41,7 +45,7 @@ T = TypeVar("T")
 # Connection refused, timeouts, authentication, a replica that became read-only in a failover: all mean
 # "no shared state now", never "fail the request".
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-OPS = ("tokens", "invalidate", "quota", "values")
+OPS = ("tokens", "invalidate", "quota", "values", "idempotency")
 
 # Release the fetch lock only if we still hold it: a holder slower than the lock's expiry must not delete the
 # lock another replica has taken since.
@@ -80,6 +84,17 @@ end
 local next_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
 return {1, wait}
+"""
+
+# Back from an outage: the part of the shared schedule this replica still holds in local reservations (ARGV[2], in
+# microseconds) is added to the quota's theoretical arrival time, unconditionally and once.
+CARRY = """
+local now = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+if tat < now then tat = now end
+tat = tat + tonumber(ARGV[2])
+redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+return 1
 """
 
 
@@ -301,7 +316,10 @@ class RedisQuota:
                  metrics: StoreMetrics) -> None:
         self._health, self._clock, self._settings, self._metrics = health, clock, settings, metrics
         self._gcra = client.register_script(GCRA)
+        self._carry = client.register_script(CARRY)
         self._local = LocalQuota(clock, settings.fallback_share)
+        self._rejoining: dict[str, asyncio.Future[None]] = {}
+        self._local_until: dict[str, float] = {}   # key -> when this replica's outage-time local slots end
 
     async def acquire(self, key: str, rate: float, burst: int, deadline: float) -> float:
         if rate <= 0 or burst < 1:
@@ -318,17 +336,53 @@ class RedisQuota:
 
     async def _shared(self, key: str, rate: float, burst: int, deadline: float) -> float:
         start, wall = self._clock.now(), self._clock.wall()
+        redis_key = f"{self._settings.key_prefix}quota:{key}"
+        await self._rejoin(key, redis_key, wall)
+        # No shared slot before this replica's own local ones from the outage are all sent: the two never overlap.
+        ahead = self._sending_locally(key, start)
+        if ahead > deadline - start:
+            raise SharedQuotaExceeded(ahead)
         # Wall time, not monotonic: it is the one clock replicas share (NTP keeps nodes within milliseconds).
-        args = [round(wall * 1e6), math.ceil(1e6 / rate), burst, math.floor(max(0.0, deadline - start) * 1e6)]
-        allowed, wait_us = await self._health.call(self._gcra(keys=[f"{self._settings.key_prefix}quota:{key}"],
-                                                              args=args))
-        wait = int(wait_us) / 1e6
+        args = [round((wall + ahead) * 1e6), math.ceil(1e6 / rate), burst,
+                math.floor(max(0.0, deadline - start - ahead) * 1e6)]
+        allowed, wait_us = await self._health.call(self._gcra(keys=[redis_key], args=args))
+        wait = ahead + int(wait_us) / 1e6
         if not int(allowed):
             raise SharedQuotaExceeded(wait)
         remaining = wall + wait - self._clock.wall()   # the slot is an instant; the round trip already took time
         if remaining > 0:
             await self._clock.sleep(remaining)
         return self._clock.now() - start
+
+    def _sending_locally(self, key: str, now: float) -> float:
+        """Seconds until the slots this replica reserved locally during an outage have all been sent."""
+        until = self._local_until.get(key)
+        if until is None or until <= now:
+            self._local_until.pop(key, None)
+            return 0.0
+        return until - now
+
+    async def _rejoin(self, key: str, redis_key: str, wall: float) -> None:
+        """Back from a Redis outage, the slots this replica reserved locally are still being sent: they join the
+        shared schedule first (their share of it added to its arrival time), or the cluster would send its local
+        shares and the shared quota at once (2x) for up to one deadline."""
+        handing_over = self._rejoining.get(key)
+        if handing_over is not None:
+            await asyncio.shield(handing_over)   # another request of this replica is handing the slots over
+            return
+        carry, held = self._local.take_backlog(key)
+        if carry <= 0 or held is None:
+            return
+        self._rejoining[key] = done = asyncio.get_running_loop().create_future()
+        try:
+            await self._health.call(self._carry(keys=[redis_key], args=[round(wall * 1e6), math.ceil(carry * 1e6)]))
+            self._local_until[key] = held
+        except StoreDown:
+            self._local.restore(key, held)
+            raise
+        finally:
+            del self._rejoining[key]
+            done.set_result(None)
 
 
 class RedisValues:
@@ -362,13 +416,17 @@ class RedisValues:
 class RedisStore:
     """`backend: redis`: the client, its health, and the shared tokens, quotas and values built on it."""
 
-    def __init__(self, settings: StoreSettings, clock: Clock, registry: CollectorRegistry) -> None:
+    def __init__(self, settings: StoreSettings, clock: Clock, registry: CollectorRegistry,
+                 once: OnceSettings = OnceSettings()) -> None:
+        from proxy.exactly_once_redis import RedisOnce   # it builds on this module's Health
+
         self.settings = settings
         self._client = connect(settings)
         metrics = StoreMetrics(registry)
         self.health = Health(self._client.ping, self._client.connection_pool.disconnect, clock, settings, metrics)
         self.tokens: SharedTokens = RedisTokens(self._client, self.health, clock, settings, metrics)
         self.quota: SharedQuota = RedisQuota(self._client, self.health, clock, settings, metrics)
+        self.once: OnceBackend = RedisOnce(self._client, self.health, clock, settings, once, metrics)
         self.values: SharedValues | None = RedisValues(self._client, self.health, settings, metrics)
 
     async def start(self) -> None:

@@ -1,15 +1,17 @@
 """Access tokens: fetched once per app and kind (single flight), refreshed ahead of expiry, dropped when refused.
 
-Owns caching, refresh timing and fetch retries; how a token is requested and attached is each platform's business.
+Owns caching, refresh timing, fetch retries and how long a request waits for a token (never past its deadline;
+after a failed fetch, not a fresh fetch per request); how a token is requested and attached is each platform's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 import backoff
 
@@ -23,8 +25,9 @@ DEFAULT_LIFETIME = 7200.0   # both platforms; DingTalk has answered expireIn 0, 
 MIN_LIFETIME = 60.0
 MAX_LIFETIME = 86400.0
 MIN_REFRESH_INTERVAL = 30.0  # never refetch more often than this from the background, whatever the platform said
-EXPIRY_SKEW = 10.0           # treat a token as expired this long before the platform would
+EXPIRY_SKEW = 10.0           # treat a token as expired this long before the platform would, while a new one can be had
 FOREGROUND_TRIES = 3         # a request waiting for a token tries this often before answering 503
+COOLDOWN_BASE, COOLDOWN_CAP = 1.0, 30.0   # after a failed fetch, the next one waits 1 s, 2 s, ... up to 30 s
 
 Fetch = Callable[[], Awaitable[TokenGrant]]
 Observer = Callable[[str], None]   # called with "success" | "failure" | "rejected" after every fetch
@@ -68,21 +71,53 @@ class TokenSource:
         self._inflight: asyncio.Task[HeldToken] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.last_error: str | None = None
+        self._retry_at = -math.inf             # no fetch for requests before this, after one failed
+        self._cooldowns = self._new_cooldowns()
 
     def current(self) -> HeldToken | None:
+        """The token to use now. Near its end (EXPIRY_SKEW) a new one is fetched; while none can be had, the
+        current one serves until it really expires: the platform still accepts it."""
         held = self._held
-        if held is not None and self._clock.now() < held.expires_at - EXPIRY_SKEW:
+        if held is None:
+            return None
+        now = self._clock.now()
+        if now < held.expires_at - EXPIRY_SKEW or (now < held.expires_at and self.last_error is not None):
             return held
         return None
 
     def seconds_to_expiry(self) -> float:
         return max(0.0, self._held.expires_at - self._clock.now()) if self._held else 0.0
 
-    async def get(self) -> str:
+    async def get(self, deadline: float | None = None) -> str:
+        """A valid token, waiting for a fetch at most until `deadline` (a `clock.now()` time)."""
         held = self.current()
-        if held is None:
-            held = await self.refresh()
-        return held.value
+        if held is not None:
+            return held.value
+        try:
+            return (await self._fetch_by(deadline)).value
+        except TokenUnavailable:
+            held = self.current()   # the fetch failed, but the token it was to replace is still good
+            if held is None:
+                raise
+            return held.value
+
+    async def _fetch_by(self, deadline: float | None) -> HeldToken:
+        now = self._clock.now()
+        if deadline is not None and self._inflight is None and self._retry_at >= deadline:
+            raise TokenUnavailable(f"{self.last_error or 'token fetch failed'}; the next try is in "
+                                   f"{self._retry_at - now:.1f}s, after the request's deadline")
+        if deadline is None:
+            return await self._next_fetch()
+        return await _within(self._clock, self._next_fetch(), deadline - now)
+
+    async def _next_fetch(self) -> HeldToken:
+        """The fetch in flight, or a new one; after a failed one, not before its cool-down (one fetch for all)."""
+        if self._inflight is None and self._retry_at > self._clock.now():
+            await self._clock.sleep(self._retry_at - self._clock.now())
+            held = self.current()   # the first one awake may have fetched it already
+            if held is not None:
+                return held
+        return await self.refresh()
 
     def invalidate(self, value: str) -> None:
         """The platform refused `value`: forget it, unless a newer token has already replaced it."""
@@ -99,8 +134,18 @@ class TokenSource:
 
     def _forget_inflight(self, task: asyncio.Task[HeldToken]) -> None:
         self._inflight = None
-        if not task.cancelled():
-            task.exception()   # retrieved here so an unawaited failure is not logged as "never retrieved"
+        if task.cancelled():
+            return
+        if task.exception() is None:   # retrieved here so an unawaited failure is not logged as "never retrieved"
+            self._retry_at, self._cooldowns = -math.inf, self._new_cooldowns()
+        else:
+            self._retry_at = self._clock.now() + next(self._cooldowns)
+
+    def _new_cooldowns(self) -> Iterator[float]:
+        """1 s, 2 s, 4 s ... up to 30 s, within +-10% so that replicas drift apart."""
+        for value in backoff.expo(base=2, factor=COOLDOWN_BASE, max_value=COOLDOWN_CAP):
+            if value is not None:
+                yield value * (0.9 + 0.2 * self._rng())
 
     async def _fetch_with_retries(self, tries: int) -> HeldToken:
         waits = fetch_waits()
@@ -159,3 +204,20 @@ class TokenSource:
             except Exception:   # a refresher must outlive any single surprise
                 log.exception("token refresher error")
                 self.last_error = "internal error"
+
+
+T = TypeVar("T")
+
+
+async def _within(clock: Clock, work: Awaitable[T], seconds: float) -> T:
+    """`work`, or TokenUnavailable once `seconds` of clock time have passed (the work itself goes on: shared)."""
+    task = asyncio.ensure_future(work)
+    timer = asyncio.ensure_future(clock.sleep(max(0.0, seconds)))
+    try:
+        await asyncio.wait((task, timer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+    if not task.done():
+        task.cancel()
+        raise TokenUnavailable(f"no token within the request's deadline ({seconds:.1f}s left when it began waiting)")
+    return task.result()

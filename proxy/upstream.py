@@ -1,8 +1,8 @@
 """One pooled keep-alive HTTP client per upstream, and a single attempt sent through it.
 
 Owns sessions, the URL each attempt goes to (always the configured scheme, host and port: checked at send time),
-what is read into memory (only answers small enough to classify) and error translation; it does not decide about
-retries or tokens.
+what is read into memory (never more than the classification limit: larger answers stream), the late answer of an
+attempt cut off by its per-try timeout, and error translation; it does not decide about retries or tokens.
 """
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass
-from typing import AsyncIterable, Sequence
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.egress import Egress, EgressSettings
-from proxy.errors import NETWORK_ERRORS, AttemptFailed, BadRequest, translate
+from proxy.errors import NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, translate
 from proxy.watchdog import Watchdog
 
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
+READ_CHUNK = 64 * 1024
+LATE_LIMIT = 10.0   # how long a timed-out attempt is still listened to: the longest per-try timeout there is
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
@@ -37,6 +39,7 @@ class Answer:
     headers: CIMultiDictProxy[str]
     body: bytes | None
     stream: aiohttp.ClientResponse | None = None
+    head: bytes = b""   # what was already read of a streamed answer (up to the classification limit)
 
     def plain_body(self) -> bytes | None:
         """The body as the platform meant it, for classification (decompressed when it came gzipped)."""
@@ -54,6 +57,17 @@ class Answer:
         if self.stream is not None:
             self.stream.release()
             self.stream = None
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        """A streamed answer's bytes, from the start: what was read to classify it, then the rest as it comes."""
+        if self.head:
+            yield self.head
+        if self.stream is not None:
+            async for chunk in self.stream.content.iter_chunked(size):
+                yield chunk
+
+
+LateAnswer = Callable[[float], None]   # told the latency, in seconds, of an answer that came after its cut-off
 
 
 class MisdirectedRequest(BadRequest):
@@ -80,7 +94,9 @@ class UpstreamClient:
             self._session = self._egress.session(
                 limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
                 auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
-                timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+                # sock_connect, not connect: waiting for a free pooled connection is the sidecar's own congestion,
+                # not the platform failing to accept one, and must not count (or open the breaker) as a connect failure.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
                 trace_configs=self._trace_configs or None,
             )
         return self._session
@@ -105,17 +121,32 @@ class UpstreamClient:
             self._session = None
 
     async def send(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                   body: bytes | AsyncIterable[bytes] | None, timeout: float) -> Answer:
-        """One attempt. Raises a translated AttemptFailed when the network fails it."""
+                   body: bytes | AsyncIterable[bytes] | None, timeout: float,
+                   on_late: LateAnswer | None = None) -> Answer:
+        """One attempt. Raises a translated AttemptFailed when the network fails it.
+
+        With `on_late`, an attempt cut off by `timeout` goes on in the background (up to LATE_LIMIT) and its
+        answer's latency is reported when it comes: the answer is dropped, but what it says about the platform's
+        speed is what a per-try timeout must learn, and a slow platform is told apart from one that is gone.
+        """
+        url = self.url(path_qs)   # refused here, before anything is sent, if it would leave the platform's origin
+        if on_late is None:
+            return await self._watched(self._exchange(method, url, headers, body), timeout)
+        exchange = asyncio.ensure_future(self._exchange(method, url, headers, body))
+        started = asyncio.get_running_loop().time()
+        try:
+            return await self._watched(asyncio.shield(exchange), timeout)
+        except AttemptTimeout:
+            _listen_late(exchange, started, on_late)
+            raise
+        except BaseException:
+            exchange.cancel()
+            raise
+
+    async def _watched(self, exchange: Awaitable[Answer], timeout: float) -> Answer:
         task = self._watchdog.watch(timeout)
         try:
-            response = await self.session.request(
-                method, self.url(path_qs), headers=headers, data=body, allow_redirects=False,
-            )
-            if not _should_read(response):
-                return Answer(response.status, response.headers, None, response)
-            async with response:
-                return Answer(response.status, response.headers, await response.read())
+            return await exchange
         except asyncio.CancelledError as exc:
             if self._watchdog.release(task):
                 raise translate(asyncio.TimeoutError()) from exc
@@ -125,9 +156,51 @@ class UpstreamClient:
         finally:
             self._watchdog.release(task)
 
+    async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
+                        body: bytes | AsyncIterable[bytes] | None) -> Answer:
+        response = await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
+        if not _should_read(response):
+            return Answer(response.status, response.headers, None, response)
+        try:
+            head, whole = await _read_up_to(response, CLASSIFY_LIMIT)
+        except BaseException:
+            response.release()
+            raise
+        if whole:
+            response.release()
+            return Answer(response.status, response.headers, head)
+        # Longer than anything worth classifying (a chunked text download): stream it, starting with what was read.
+        return Answer(response.status, response.headers, None, response, head)
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most a little over `limit` bytes of the answer, and whether that was all of it."""
+    buffer = bytearray()
+    while len(buffer) <= limit:
+        chunk = await response.content.read(READ_CHUNK)
+        if not chunk:
+            return bytes(buffer), True
+        buffer += chunk
+    return bytes(buffer), False
+
+
+def _listen_late(exchange: asyncio.Future[Answer], started: float, on_late: LateAnswer) -> None:
+    """Hear out a timed-out attempt, up to LATE_LIMIT after it was sent; its answer itself is not used."""
+    loop = asyncio.get_running_loop()
+    bound = loop.call_at(started + LATE_LIMIT, exchange.cancel)
+
+    def done(future: asyncio.Future[Answer]) -> None:
+        bound.cancel()
+        if future.cancelled() or future.exception() is not None:
+            return   # no answer after all (or the connection broke): nothing to learn
+        future.result().release()
+        on_late(loop.time() - started)
+
+    exchange.add_done_callback(done)
+
 
 def _should_read(response: aiohttp.ClientResponse) -> bool:
-    """Read error answers and small JSON/text answers; stream everything else (file downloads)."""
+    """Read error answers and JSON/text answers (up to the limit, whatever their length); stream everything else."""
     length = response.content_length
     if length is not None and length > CLASSIFY_LIMIT:
         return False

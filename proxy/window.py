@@ -135,19 +135,29 @@ class DecayingMean:
 
 class DecayingRate:
     """Events per second, each event's weight decaying as exp(-age / tau): a rate estimate that needs
-    no buckets and reads the same whether the events came evenly or in bursts of one per second."""
+    no buckets and reads the same whether the events came evenly or in bursts of one per second.
+
+    Within the first tau seconds it is corrected for the history it does not have yet (as Adam corrects its
+    moments), so 30 events in the first second read as 30 per second, not as the 15 a two-second horizon implies.
+    """
 
     def __init__(self, tau: float) -> None:
         self._tau = tau
         self._sum = 0.0
         self._last = 0.0
+        self._first: float | None = None
 
     def add(self, now: float, count: float = 1.0) -> None:
+        if self._first is None:
+            self._first = now
         self._sum = self._decayed(now) + count
         self._last = max(self._last, now)
 
     def rate(self, now: float) -> float:
-        return self._decayed(now) / self._tau
+        if self._first is None:
+            return 0.0
+        seen = 1.0 - math.exp(-max(now - self._first, self._tau / 20) / self._tau)
+        return self._decayed(now) / self._tau / seen
 
     def _decayed(self, now: float) -> float:
         return self._sum * math.exp(-max(0.0, now - self._last) / self._tau)

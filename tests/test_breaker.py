@@ -39,13 +39,27 @@ async def open_it(breaker: CircuitBreaker) -> None:
     assert breaker.state is BreakerState.OPEN
 
 
-async def test_opens_when_half_the_attempts_fail_with_enough_volume(breaker, clock):
-    feed(breaker, *[OK, HTTP_503] * 9)
+async def test_opens_when_most_attempts_fail_with_enough_volume(breaker, clock):
+    feed(breaker, *[HTTP_503, HTTP_503, HTTP_503, HTTP_503, HTTP_503, OK] * 3)
     assert breaker.state is BreakerState.CLOSED  # 18 attempts: not enough volume to judge
-    feed(breaker, OK, TIMEOUT)
-    assert breaker.state is BreakerState.OPEN
+    feed(breaker, HTTP_503, TIMEOUT)
+    assert breaker.state is BreakerState.OPEN    # 17 of 20: surely more than half
     assert not breaker.allow()
     assert breaker.retry_after() == pytest.approx(3.0)
+
+
+async def test_random_loss_that_retries_overcome_does_not_open_it(clock):
+    """40% of attempts lost at random: retries get every request through, so cutting everyone off would be the
+    failure. With 20 attempts, 11 failures happen a few times in a hundred; the ratio needs more than chance."""
+    import random
+
+    rng, opened = random.Random(3), 0
+    for _ in range(200):
+        breaker = CircuitBreaker(VirtualClock())
+        for _ in range(200):
+            breaker.record(HTTP_503 if rng.random() < 0.4 else OK)
+        opened += breaker.state is not BreakerState.CLOSED
+    assert opened == 0
 
 
 async def test_a_failure_ratio_below_the_threshold_keeps_it_closed(breaker):
@@ -133,4 +147,53 @@ async def test_open_periods_are_jittered_within_bounds(clock):
 async def test_late_answers_while_open_change_nothing(breaker, clock):
     await open_it(breaker)
     breaker.record(OK)
+    assert breaker.state is BreakerState.OPEN
+
+
+# Blackhole versus slow: timeouts alone do not tell them apart, answers (late ones included) do ---------------------
+
+
+async def attempts_at(clock: VirtualClock, breaker: CircuitBreaker, rate: float, seconds: float, cut_off: float,
+                      answered_after: float | None) -> float | None:
+    """`rate` attempts per second for `seconds`, each cut off after `cut_off`; with `answered_after`, each answer
+    still arrives that long after it was sent. Returns when the breaker opened (seconds from the start), if it did."""
+    events: list[tuple[float, str]] = []
+    for i in range(round(rate * seconds)):
+        sent = i / rate
+        events.append((sent + cut_off, "timeout"))
+        if answered_after is not None:
+            events.append((sent + answered_after, "late"))
+    start = clock.now()
+    for at, kind in sorted(events):
+        await clock.advance(start + at - clock.now())
+        if kind == "timeout":
+            breaker.record(TIMEOUT)
+        else:
+            breaker.record_late()
+        if breaker.state is BreakerState.OPEN:
+            return clock.now() - start
+    return None
+
+
+async def test_a_blackhole_opens_it_within_about_a_second(clock, breaker):
+    feed(breaker, *[OK] * 50)
+    opened = await attempts_at(clock, breaker, rate=30, seconds=5, cut_off=0.5, answered_after=None)
+    assert opened is not None and opened <= 0.5 + 1.05   # the first timeout, then 1 s in which nothing answers
+
+
+async def test_a_slow_platform_whose_answers_come_after_the_cut_off_keeps_it_closed(clock, breaker):
+    feed(breaker, *[OK] * 50)
+    opened = await attempts_at(clock, breaker, rate=30, seconds=10, cut_off=0.5, answered_after=1.2)
+    assert opened is None   # every attempt timed out, and every one was answered: slow is not down
+
+
+async def test_timeouts_right_after_an_answer_are_not_silence(clock, breaker):
+    breaker.record(OK)
+    await clock.advance(5)
+    breaker.record(OK)
+    for _ in range(10):   # a burst of timeouts, all at once: a cut-off that is too short, or the start of a blackhole
+        breaker.record(TIMEOUT)
+    assert breaker.state is BreakerState.CLOSED
+    await clock.advance(1.0)
+    breaker.record(TIMEOUT)   # a second of nothing since: a blackhole
     assert breaker.state is BreakerState.OPEN

@@ -1,7 +1,11 @@
+import asyncio
+import math
 import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.clock import VirtualClock
 from proxy.network import AdaptiveSettings, NetworkMonitor, NetworkState
@@ -93,13 +97,14 @@ async def test_a_latency_spike_is_congestion_and_the_timeout_follows_it(clock):
     assert slow.backoff_base > fast.backoff_base
 
 
-async def test_the_platform_refusing_for_rate_is_throttled_with_slower_fewer_retries(clock):
+async def test_the_platform_refusing_for_rate_is_throttled_but_keeps_its_attempts(clock):
     monitor = NetworkMonitor(clock)
+    healthy = monitor.retry_params().max_attempts
     await drive(clock, monitor, 10, mix(0.2, Signal.THROTTLED))
     params = monitor.retry_params()
     assert monitor.state is NetworkState.THROTTLED
-    assert params.max_attempts <= 2
-    assert params.backoff_base >= 0.5
+    assert params.max_attempts >= healthy   # throttles are paced by the limiter; they never cost attempts
+    assert monitor.snapshot().loss_ratio == 0.0
 
 
 async def test_a_run_of_connect_failures_is_down_even_at_low_volume_and_answers_end_it(clock):
@@ -203,7 +208,7 @@ async def test_leaving_healthy_does_not_wait_for_the_dwell_and_loss_sets_the_att
     assert monitor.state is NetworkState.LOSSY
     assert monitor.retry_params().max_attempts >= 6   # 0.2**6 < 1e-4
     ratio = monitor.retry_params().budget_ratio
-    assert ratio is not None and 0.25 < ratio <= 0.5   # 20% loss needs 0.25 retries per request, plus headroom
+    assert ratio is not None and 0.25 < ratio <= 1.5   # 20% loss needs 0.25 retries per request, plus headroom
 
 
 def test_budget_ratio_is_the_configured_one_outside_random_loss() -> None:
@@ -212,3 +217,139 @@ def test_budget_ratio_is_the_configured_one_outside_random_loss() -> None:
 
     assert NetworkMonitor(VirtualClock()).retry_params().budget_ratio is None
     assert NetworkMonitor(VirtualClock(), AdaptiveSettings(budget_ratio=0.1)).retry_params().budget_ratio == 0.1
+
+
+# Attempts sized from the measured loss, in every state ----------------------------------------------------------
+
+
+async def test_throttles_mixed_with_loss_never_shrink_the_attempts_the_loss_needs(clock):
+    """The issue's mix: throttling that would name the state `throttled`, with 13-27% plain loss beside it."""
+    rng = random.Random(5)
+
+    def attempt(_: int) -> Attempt:
+        roll = rng.random()
+        return (Signal.THROTTLED, 0.05) if roll < 0.15 else (Signal.SERVER_ERROR, 0.05) if roll < 0.40 else (Signal.OK, 0.05)
+
+    monitor = NetworkMonitor(clock)
+    await drive(clock, monitor, 20, attempt)
+    params = monitor.retry_params()
+    loss = 0.25 / 0.85   # lost among the attempts that were not throttled
+    assert params.max_attempts >= math.ceil(math.log(1e-4) / math.log(loss))   # 8 or more, where `throttled` gave 2
+    assert params.budget_ratio is not None and params.budget_ratio >= loss / (1 - loss)
+
+
+async def test_the_first_failures_raise_the_attempts_before_there_is_volume_for_a_state(clock):
+    monitor = NetworkMonitor(clock)
+    monitor.record(verdict(Signal.RESET), 0.05)
+    assert monitor.state is NetworkState.HEALTHY          # one failure names no state...
+    assert monitor.retry_params().max_attempts == 14      # ...but nothing yet rules out heavy loss
+    await drive(clock, monitor, 30, steady(0.05))
+    assert monitor.retry_params().max_attempts == 3       # gone with the window, back to healthy's own
+
+
+async def test_forty_percent_loss_gets_enough_attempts_for_the_target(clock):
+    monitor = NetworkMonitor(clock)
+    await drive(clock, monitor, 30, mix(0.4, Signal.SERVER_ERROR, seed=2))
+    attempts = monitor.retry_params().max_attempts
+    assert 0.4 ** attempts <= 1e-4
+
+
+# Slow is not down ---------------------------------------------------------------------------------------------
+
+
+async def slow_after_fast(clock: VirtualClock, monitor: NetworkMonitor, *, late: bool, seconds: float = 5) -> None:
+    """20 attempts/s: fast first, then answers of 800 +- 400 ms against a cut-off learned from the fast ones. Every
+    attempt times out; with `late`, its answer still arrives (and is reported) after the cut-off."""
+    await drive(clock, monitor, 20, steady(0.05))
+    rng = random.Random(9)
+    for _ in range(round(seconds * 20)):
+        await clock.advance(0.05)
+        cut_off = monitor.retry_params().per_try_timeout
+        latency = 0.8 + 0.4 * (2 * rng.random() - 1)
+        if latency <= cut_off:
+            monitor.record(verdict(Signal.OK), latency)
+        else:
+            monitor.record(verdict(Signal.TIMEOUT), cut_off)
+            if late:
+                monitor.record_late(latency)   # in truth it arrives latency - cut_off later; close enough here
+
+
+async def test_answers_that_come_after_the_cut_off_teach_the_timeout_and_are_not_down(clock):
+    monitor = NetworkMonitor(clock)
+    await slow_after_fast(clock, monitor, late=True)
+    params = monitor.retry_params()
+    assert monitor.state is not NetworkState.DOWN
+    assert params.per_try_timeout >= 1.2          # the latency the platform shows, late answers included
+    assert params.max_attempts >= 2
+    assert monitor.snapshot().late_answers > 0
+
+
+async def test_timeouts_with_no_answer_at_all_are_down(clock):
+    monitor = NetworkMonitor(clock)
+    await drive(clock, monitor, 5, steady(0.05))
+    await drive(clock, monitor, 1.5, lambda _: (Signal.TIMEOUT, 0.5))
+    assert monitor.state is NetworkState.DOWN
+
+
+async def test_a_run_of_timeouts_while_other_answers_arrive_is_not_down(clock):
+    monitor = NetworkMonitor(clock)
+    await drive(clock, monitor, 5, steady(0.05))
+    for _ in range(20):   # 20 timeouts in a row, and then an answer to some other request, every 0.5 s
+        await drive(clock, monitor, 0.5, lambda _: (Signal.TIMEOUT, 0.5))
+        monitor.record(verdict(Signal.OK), 0.9)
+    assert monitor.state is not NetworkState.DOWN
+
+
+async def test_a_run_of_timeouts_outliving_the_window_does_not_crash_the_parameters(clock):
+    """Issue 13: three timeouts, then 30 s of quiet: the window forgot them, the run counter did not."""
+    monitor = NetworkMonitor(clock)
+    for _ in range(3):
+        monitor.record(verdict(Signal.TIMEOUT), 1.0)
+    await clock.advance(31)
+    params = monitor.retry_params()
+    assert params.per_try_timeout > 0 and params.max_attempts >= 1
+
+
+# The state machine under random sequences (hypothesis) --------------------------------------------------------
+
+SIGNALS = st.sampled_from(list(Signal))
+EVENTS = st.one_of(
+    st.tuples(st.just("attempt"), SIGNALS, st.floats(0.0, 30.0)),
+    st.tuples(st.just("late"), st.just(Signal.OK), st.floats(0.0, 30.0)),
+    st.tuples(st.just("advance"), st.just(Signal.OK), st.one_of(st.floats(0.0, 2.0), st.sampled_from([29.9, 30.0,
+                                                                                                      300.0, 1e6]))),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(EVENTS, max_size=200))
+def test_any_sequence_of_signals_and_clock_jumps_keeps_the_monitor_sound(events: list[tuple[str, Signal, float]]) -> None:
+    asyncio.run(_replay(events))
+
+
+async def _replay(events: list[tuple[str, Signal, float]]) -> None:
+    """A model of the two runs beside the monitor: down only on evidence that nothing answers, left only on answers."""
+    clock, s = VirtualClock(), AdaptiveSettings()
+    monitor = NetworkMonitor(clock, s)
+    silent_since, silent_run, answer_run = math.inf, 0, 0
+    for kind, signal, value in events:
+        before = monitor.state
+        if kind == "advance":
+            await clock.advance(value)
+        elif kind == "late" or signal not in (Signal.CONNECT_FAILURE, Signal.TIMEOUT, Signal.RESET):
+            monitor.record_late(value) if kind == "late" else monitor.record(verdict(signal), value)
+            silent_since, silent_run, answer_run = math.inf, 0, answer_run + 1
+        else:
+            monitor.record(verdict(signal), value)
+            silent_since, silent_run, answer_run = min(silent_since, clock.now()), silent_run + 1, 0
+        after, params, snapshot = monitor.state, monitor.retry_params(), monitor.snapshot()
+        assert s.min_timeout <= params.per_try_timeout <= s.max_timeout
+        assert 1 <= params.max_attempts <= 14
+        assert 0 < params.backoff_base <= params.backoff_cap
+        assert params.budget_ratio is None or 0 <= params.budget_ratio <= 1.5
+        assert 0.0 <= snapshot.loss_ratio <= 1.0 and 0.0 <= snapshot.throttle_ratio <= 1.0
+        assert (after is NetworkState.DOWN) == (params.max_attempts == 1)
+        if after is NetworkState.DOWN and before is not NetworkState.DOWN:
+            assert silent_run >= s.down_run and clock.now() - silent_since >= s.down_silence
+        if before is NetworkState.DOWN and after is not NetworkState.DOWN:
+            assert answer_run >= s.up_run

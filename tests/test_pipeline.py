@@ -161,3 +161,55 @@ apps: [{{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {{open:
             assert "X-Imsidecar-Error" not in r.headers and r.headers["X-Imsidecar-Attempts"] == "1"
     finally:
         await sidecar.stop()
+
+
+async def test_a_chunked_text_download_streams_past_the_classification_limit(aiohttp_server,  # type: ignore[no-untyped-def]
+                                                                            http: aiohttp.ClientSession) -> None:
+    """No Content-Length, a text type: read only up to the classification limit, then streamed. The platform here
+    sends 2 MiB and then waits for the client to have received 1.5 MiB before sending the other 18 MiB: a sidecar
+    that read the whole answer before relaying would never get there."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import unused_port
+    from prometheus_client import CollectorRegistry
+
+    from proxy import config
+    from proxy.app import Sidecar
+    from proxy.upstream import CLASSIFY_LIMIT
+
+    block, received_enough = b"x" * 65536, asyncio.Event()
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(320):   # 20 MiB
+            if i == 32:
+                await asyncio.wait_for(received_enough.wait(), 10)
+            await response.write(block)
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_get("/open-apis/drive/v1/files/{token}/download", download)
+    server = await aiohttp_server(upstream)
+    listen, admin = unused_port(), unused_port()
+    sidecar = Sidecar(config.loads(f"""
+listen: 127.0.0.1:{listen}
+admin_listen: 127.0.0.1:{admin}
+apps: [{{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {{open: {{base_url: "{server.make_url('')}"}}}}}}]
+""", env={}), registry=CollectorRegistry())
+    await sidecar.start()
+    try:
+        received = 0
+        async with http.get(f"http://127.0.0.1:{listen}/a/open-apis/drive/v1/files/boxcn1/download",
+                            headers={"Authorization": "Bearer u-1"}) as r:
+            assert r.status == 200 and r.headers["X-Imsidecar-Attempts"] == "1"
+            async for chunk in r.content.iter_chunked(65536):
+                received += len(chunk)
+                if received >= CLASSIFY_LIMIT * 3 // 2:
+                    received_enough.set()
+        assert received == 320 * len(block)
+    finally:
+        await sidecar.stop()

@@ -1,4 +1,5 @@
 import asyncio
+from collections.abc import Callable
 import math
 
 import pytest
@@ -189,3 +190,68 @@ def test_quota_windows_round_fractional_limits_to_whole_requests():
     assert Quota(per_second=50, per_minute=1000).sustained_rate == pytest.approx(1000 / 60)
     with pytest.raises(ValueError):
         Quota(per_second=0)
+
+
+async def offered(clock: VirtualClock, limiter: AdaptiveRateLimiter, rate: float, seconds: float,
+                  throttled: Callable[[float], bool]) -> list[tuple[float, float]]:
+    """Open-loop load at `rate` per second: each request takes a slot, then its answer is a throttle (with a
+    one-second reset header) when `throttled(roll)` says so. Returns when each request came and its wait."""
+    import random
+
+    rng, waits = random.Random(4), []
+
+    async def one() -> None:
+        came = clock.now()
+        waits.append((came, await limiter.acquire(deadline=clock.now() + 30)))
+        if throttled(rng.random()):
+            limiter.on_throttle(1.0)
+        else:
+            limiter.on_success()
+
+    tasks = []
+    for _ in range(round(rate * seconds)):
+        tasks.append(asyncio.create_task(one()))
+        await clock.advance(1 / rate)
+    for _ in range(300):
+        await clock.advance(0.1)
+    await asyncio.gather(*tasks)
+    return waits
+
+
+async def test_random_throttles_among_answers_that_go_through_do_not_hold_the_rate_down(clock):
+    """10% of answers are 429 at random (another sender, the platform's noise) at 30/s, under a 50/s quota: the
+    application's own rate is what the limiter must allow, not a rate cut at every throttle."""
+    limiter = AdaptiveRateLimiter(Quota(per_second=50, per_minute=3000), clock)
+    came = await offered(clock, limiter, rate=30, seconds=60, throttled=lambda roll: roll < 0.1)
+    waits = sorted(wait for _, wait in came)
+    assert waits[len(waits) // 2] == 0.0
+    # A throttle among the very first answers is taken at its word (nothing says otherwise yet); after that, none.
+    settled = sorted(wait for at, wait in came if at >= 5.0)
+    assert settled[int(len(settled) * 0.99)] <= 0.05
+    assert limiter.current_rate >= 30
+
+
+async def test_after_a_burst_of_throttles_the_rate_climbs_back_within_seconds(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=50), clock)
+    burst_until = [5.0]
+    rates: list[tuple[float, float]] = []
+
+    def throttled(_: float) -> bool:
+        rates.append((clock.now(), limiter.current_rate))
+        return 4.0 <= clock.now() < burst_until[0]   # a second of everything throttled, then none
+    await offered(clock, limiter, rate=30, seconds=15, throttled=throttled)
+    assert min(rate for at, rate in rates if 4.0 <= at < 6.0) < 30   # it did cut while every answer was a 429
+    assert all(rate >= 30 for at, rate in rates if at >= 9.0)        # and was back at the offered load 4 s later
+
+
+async def test_a_quota_overrun_still_cuts_the_rate(clock):
+    """The other side: a platform quota below the offered load throttles every request past it, in runs."""
+    limiter = AdaptiveRateLimiter(Quota(per_second=50), clock)
+    sent: list[float] = []
+
+    def throttled(_: float) -> bool:
+        second = int(clock.now())
+        sent.append(second)
+        return sent.count(second) > 20   # the platform's real quota: 20 per second
+    await offered(clock, limiter, rate=30, seconds=20, throttled=throttled)
+    assert limiter.current_rate < 30

@@ -140,7 +140,9 @@ apps: [{{name: gone, platform: feishu, app_id: i, app_secret: s,
     finally:
         await sidecar.stop()
     assert status == 502 and body["code"] == 9990502 and "could not connect" in body["msg"]
-    assert h["X-Imsidecar-Attempts"] == "3"   # never reached the platform: safe to retry, POST included
+    # Never reached the platform: safe to retry, POST included. Every try fails, so the measured loss asks for more
+    # attempts than healthy's 3, until five connect failures in a row open the breaker.
+    assert h["X-Imsidecar-Attempts"] == "5" and h["X-Imsidecar-Outcome"] == "not-applied"
 
 
 async def test_body_over_the_replay_buffer_is_sent_once(start_sidecar: SidecarFactory, platforms: Platforms,
@@ -199,6 +201,19 @@ class TestInVirtualTime:
         platforms.feishu.faults.script.append("throttle")
         status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
         assert status == 429 and headers["X-Imsidecar-Attempts"] == "1"
+
+    async def test_throttles_do_not_use_up_the_attempts_the_loss_needs(self, start_sidecar: SidecarFactory,
+                                                                         platforms: Platforms, clock: AutoClock,
+                                                                         http: aiohttp.ClientSession) -> None:
+        running = await start_sidecar(retry="{max_attempts: 3, backoff_base: 1ms}", ratelimit="{enabled: false}",
+                                      limits="{deadline: 30s}")
+        platforms.feishu.faults.script.extend(["throttle", "unavailable", "throttle", "unavailable"])
+        status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
+        assert status == 200 and headers["X-Imsidecar-Attempts"] == "5"   # 2 throttles + 2 losses + the success
+        platforms.feishu.faults.script.extend(["throttle"] * 5)            # ...but they have an allowance too
+        status, body, headers = await post(http, f"{running.base}/sales-bot/open-apis/im/v1/messages", MESSAGE)
+        assert status == 429 and headers["X-Imsidecar-Attempts"] == "3"
+        assert running.metric("imsidecar_retries_withheld_total", app="sales-bot", upstream="open", why="attempts") == 1
 
     async def test_the_deadline_bounds_attempts_and_waits_together(self, start_sidecar: SidecarFactory,
                                                                    platforms: Platforms, clock: AutoClock,

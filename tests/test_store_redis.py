@@ -343,3 +343,41 @@ async def test_replicas_share_one_quota_through_the_forwarding_path(
     sent = len(platforms.dingtalk.calls)
     assert sent == statuses.count(200) and 429 in statuses
     assert sent <= 5 * elapsed + 3   # a shared 5/s (spaced 1/rate apart) over the burst, plus each pod's first slot
+
+
+async def test_at_rejoin_the_slots_reserved_during_the_outage_count_against_the_shared_quota(
+        redis_server: RedisServer) -> None:
+    """Three replicas, a shared 30/s. While Redis is away each reserves its third locally, up to its 3 s deadline
+    ahead; when Redis is back those slots are still being sent. They join the shared schedule first, or for up to a
+    deadline the platform would get the local thirds and the whole shared quota at once (60 in a second against 30,
+    as this test measures without the hand-over)."""
+    clock = LockstepClock()
+    counter = Counter(clock)
+    made = quota_replicas(redis_server, clock, count=3, replicas=3, fallback_share=1 / 3, probe_interval=0.2,
+                          probe_max=0.2)
+    stores = [s for s, _ in made]
+
+    async def send(store: RedisStore) -> None:
+        while True:
+            try:
+                await store.quota.acquire(ROUTE, 30.0, 1, deadline=clock.now() + 3.0)
+            except SharedQuotaExceeded as exc:
+                await clock.sleep(min(exc.retry_after, 0.2))
+                continue
+            counter.hit()
+
+    tasks = [asyncio.create_task(send(s)) for s in stores for _ in range(40)]   # far more than the quota
+    await clock.run(tasks, 2.0)
+    await redis_server.stop()
+    await clock.run(tasks, 6.0)          # local reservations made now reach up to 9 s
+    await redis_server.start()
+    while not all(s.health.up for s in stores):   # each replica's probe in virtual time, its ping in real time
+        await clock.run(tasks, clock.now() + 0.02)
+        await asyncio.sleep(0.005)
+    await clock.run(tasks, 14.0)
+    await stop_all(tasks, stores)
+    assert all(r.get_sample_value("imsidecar_store_up") == 1 for _, r in made)
+    # The quota; plus each replica's first slot at the switch, and what a replica that has not yet noticed Redis is
+    # back (its probe runs every 0.2 s) sends beside the others' shared slots.
+    assert counter.busiest_second(6.0, 14.0) <= 30 + 3 + 2
+    assert len(counter.between(10.0, 14.0)) >= 4 * 30 - 10   # and the quota is used, not starved

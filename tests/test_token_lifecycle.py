@@ -130,3 +130,44 @@ async def test_no_secret_or_token_reaches_logs_metrics_or_errors(start_sidecar: 
         assert secret not in metrics_text
         assert secret not in error_text
     assert "access" in {r.name.split(".")[-1] for r in caplog.records}   # the access log did run
+
+
+async def test_a_large_upload_refused_for_a_stale_token_still_drops_that_token(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    """Too large to replay, so the refused upload itself fails; but the next one gets a new token, without any
+    small call in between to notice the revocation."""
+    running = await start_sidecar(limits="{deadline: 5s, replay_buffer_bytes: 1KiB}")
+    upload = f"{running.base}/sales-bot/open-apis/im/v1/files"
+    async with http.post(upload, data=b"z" * 4096) as r:
+        assert r.status == 200
+    platforms.feishu.revoke("cli_test")
+    async with http.post(upload, data=b"z" * 4096) as r:
+        assert (await r.json())["code"] == 99991663 and r.headers["X-Imsidecar-Attempts"] == "1"
+        assert r.headers["X-Imsidecar-Outcome"] == "not-applied"
+    async with http.post(upload, data=b"z" * 4096) as r:
+        assert r.status == 200 and (await r.json())["code"] == 0
+    assert platforms.feishu.token_calls == 2
+
+
+@pytest.mark.parametrize("authorization", [
+    "Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJvdV91c2VyIn0.c2lnbmF0dXJl",   # a JWT user_access_token
+    "bearer u-user-token",                                                # any scheme case
+    "Bearer a-an-app-token-the-caller-holds",
+])
+async def test_any_authorization_that_is_not_the_placeholder_passes_through_untouched(
+        sidecar: Running, platforms: Platforms, http: aiohttp.ClientSession, authorization: str) -> None:
+    async with http.post(f"{sidecar.base}/sales-bot/open-apis/im/v1/messages", json=MESSAGE,
+                         headers={"Authorization": authorization}) as r:
+        await r.read()
+    seen = [req for req in platforms.feishu.requests if req.path_qs == "/open-apis/im/v1/messages"]
+    assert seen[-1].headers["Authorization"] == authorization    # never swapped for the app's tenant token
+    assert platforms.feishu.calls[-1][1] != "t"
+
+
+@pytest.mark.parametrize("placeholder", ["Bearer t-imsidecar-managed", "BEARER  t-imsidecar-managed", "", "Bearer"])
+async def test_the_placeholder_in_any_case_or_no_token_gets_the_apps_token(
+        sidecar: Running, platforms: Platforms, http: aiohttp.ClientSession, placeholder: str) -> None:
+    async with http.post(f"{sidecar.base}/sales-bot/open-apis/im/v1/messages", json=MESSAGE,
+                         headers={"Authorization": placeholder} if placeholder else {}) as r:
+        assert (await r.json())["code"] == 0
+    assert platforms.feishu.calls[-1][1:] == ("t", True)

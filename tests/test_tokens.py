@@ -149,3 +149,83 @@ async def test_refresh_failure_keeps_serving_the_valid_token_and_retries() -> No
     assert tokens.current().value.startswith("token-") and platform.calls >= 4
     assert tokens.current().value != "token-1"
     await tokens.stop()
+
+
+# How long a request waits for a token, and what a failing token endpoint costs ------------------------------------
+
+
+class Hanging(Platform):
+    """A token endpoint that does not answer until told to."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock)
+        self.release = asyncio.Event()
+
+    async def fetch(self) -> TokenGrant:
+        self.calls += 1
+        await self.release.wait()
+        return TokenGrant(f"token-{self.calls}", 7200)
+
+
+async def test_the_request_deadline_bounds_the_wait_for_a_token() -> None:
+    clock = VirtualClock()
+    platform = Hanging(clock)
+    tokens = source(clock, platform)
+    waiter = asyncio.create_task(tokens.get(deadline=clock.now() + 2.0))
+    await settle()
+    await clock.advance(2.0)
+    with pytest.raises(TokenUnavailable, match="deadline"):
+        await waiter
+    assert clock.now() == 2.0   # not the 3 fetch tries of up to 5 s each
+    platform.release.set()      # the fetch itself went on, for the requests after
+    await settle()
+    assert await tokens.get(deadline=clock.now() + 1.0) == "token-1" and platform.calls == 1
+
+
+async def test_after_a_failed_fetch_new_requests_do_not_each_start_one() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    tokens = source(clock, platform)
+    platform.failures = [TokenFetchError("token endpoint answered code 500", permanent=False)] * 3
+    with pytest.raises(TokenUnavailable):
+        await _get_in_virtual_time(clock, tokens, deadline=clock.now() + 10.0)
+    calls = platform.calls
+    platform.failures = [TokenFetchError("token endpoint answered code 500", permanent=False)] * 100
+    outcomes = await asyncio.gather(*(tokens.get(deadline=clock.now() + 0.5) for _ in range(100)),
+                                    return_exceptions=True)
+    assert all(isinstance(o, TokenUnavailable) for o in outcomes)
+    assert platform.calls == calls    # 100 requests inside the 1 s cool-down: no new fetch, each told at once
+    assert "next try" in str(outcomes[0])
+    waiters = [asyncio.create_task(tokens.get(deadline=clock.now() + 5.0)) for _ in range(100)]
+    platform.failures.clear()
+    await _run_in_virtual_time(clock, waiters)
+    assert {w.result() for w in waiters} == {f"token-{calls + 1}"} and platform.calls == calls + 1   # one for all
+
+
+async def test_while_no_new_token_can_be_had_the_current_one_is_used_until_it_really_expires() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock, expire=7200)
+    tokens = source(clock, platform)
+    assert await tokens.get() == "token-1"
+    platform.failures = [TokenFetchError("token endpoint unreachable", permanent=False)] * 1000
+    await clock.advance(7200 - 8)   # inside the last 10 s, where a new token is asked for
+    assert await _get_in_virtual_time(clock, tokens, deadline=clock.now() + 5) == "token-1"   # still valid: used
+    await clock.advance(7)
+    assert tokens.current() is not None and tokens.current().value == "token-1"
+    await clock.advance(2)           # really expired now
+    with pytest.raises(TokenUnavailable):
+        await _get_in_virtual_time(clock, tokens, deadline=clock.now() + 5)
+
+
+async def _get_in_virtual_time(clock: VirtualClock, tokens: TokenSource, deadline: float) -> str:
+    """`tokens.get(deadline)`, with virtual time moved along while it waits (fetch back-off, cool-downs)."""
+    waiter = asyncio.create_task(tokens.get(deadline=deadline))
+    await _run_in_virtual_time(clock, [waiter])
+    return await waiter
+
+
+async def _run_in_virtual_time(clock: VirtualClock, tasks: list[asyncio.Task[str]]) -> None:
+    while not all(t.done() for t in tasks):
+        await settle()
+        if not all(t.done() for t in tasks):
+            await clock.advance(0.05)

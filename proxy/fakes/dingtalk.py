@@ -37,6 +37,8 @@ class FakeDingTalk:
     token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
     calls: list[tuple[str, bool]] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
+    notable: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # sheet -> inserted records
+    client_tokens: set[str] = field(default_factory=set)
     throttled: int = 0
     requests: list[SeenRequest] = field(default_factory=list)   # everything that arrived, in order
     monthly_allowance: int | None = None   # the organisation's metered calls a month; None: unlimited
@@ -98,7 +100,7 @@ class FakeDingTalk:
             if refused is not None:
                 return refused
             fault = self.faults.pick(request.path)
-            if fault == "throttle" or self.over_quota(token or "", api_of(request)):
+            if fault in ("throttle", "throttle_400") or self.over_quota(token or "", api_of(request)):
                 self.throttled += 1
                 return host.answers["throttle"]()
             if fault in ("unavailable", "busy"):
@@ -111,7 +113,7 @@ class FakeDingTalk:
                 return host.answers["month_spent"]()
             response = await handler(request)
             if fault in AFTER:
-                return drop_connection(request) if fault == "reset_after" else host.answers["error_after"]()
+                return drop_connection(request) if fault == "reset_after" else host.answers[fault]()
             self.meter(request.path, response.status)
             return response
         return wrapped
@@ -143,6 +145,7 @@ class FakeDingTalk:
         app.router.add_post("/v1.0/oauth2/accessToken", self.api_access_token)
         app.router.add_get("/v1.0/contact/users/{union_id}", self.api_guarded(self.contact_user))
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self.api_guarded(self.batch_send))
+        app.router.add_post("/v1.0/notable/bases/{base_id}/sheets/{sheet}/records", self.api_guarded(self.insert_records))
         app.router.add_put("/v1.0/card/streaming", self.api_guarded(self.card_streaming))
         app.router.add_put("/v1.0/card/instances", self.api_guarded(self.card_update))
         return app
@@ -172,6 +175,18 @@ class FakeDingTalk:
         body = await request.json()
         self.sent.append(body)
         return web.json_response({"processQueryKey": f"pqk{next(self._seq)}", "invalidStaffIdList": []})
+
+    async def insert_records(self, request: web.Request) -> web.Response:
+        """Notable (AI table) record insert: a clientToken already used is refused with 409, as DingTalk does."""
+        client_token = request.query.get("clientToken")
+        if client_token and client_token in self.client_tokens:
+            return api_error(409, "invalidRequest.duplicateClientToken", "clientToken重复")
+        body = await request.json()
+        created = [{"id": f"rec{next(self._seq)}", **r} for r in body.get("records", [])]
+        self.notable.setdefault(request.match_info["sheet"], []).extend(created)
+        if client_token:
+            self.client_tokens.add(client_token)
+        return web.json_response({"value": [{"id": r["id"]} for r in created]})
 
     async def card_streaming(self, request: web.Request) -> web.Response:
         """AI card streaming: `isFull` overwrites the variable, otherwise the content is appended to it."""
@@ -252,6 +267,8 @@ OAPI = HostRules(
         "throttle": lambda: errcode(90018, "当前企业调用该接口的QPS超过了上限，请稍后重试"),
         "busy": lambda: errcode(-1, "系统繁忙"),
         "error_after": lambda: web.Response(status=500, text="error"),
+        "gateway_after": lambda: web.Response(status=504, text="<html><body>504 Gateway Time-out</body></html>",
+                                              content_type="text/html"),
         "month_spent": lambda: errcode(90020, "您的企业本月api调用量已超过限制,调用量:10001次,额度:10000次,"
                                               "请登录开发者后台-资源管理-查看用量明细"),
     },
@@ -265,6 +282,7 @@ API = HostRules(
         "throttle": lambda: api_error(403, "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "调用频率超过限制"),
         "busy": lambda: api_error(429, "system.busy", "系统繁忙"),
         "error_after": lambda: api_error(500, "systemError", "系统错误"),
+        "gateway_after": lambda: api_error(504, "ServiceTimeout", "服务超时"),
         "month_spent": lambda: api_error(403, "Forbidden.AccessDenied.ApiCountLimitForOrg", "企业本月API调用量已超过限制"),
     },
 )

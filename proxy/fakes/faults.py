@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-# Before the platform acts: nothing was written.
-BEFORE = ("unavailable", "throttle", "busy", "reset_before", "hang")
-# After the platform acted: the write happened, but the client cannot know.
-AFTER = ("error_after", "reset_after")
+# Before the platform acts: nothing was written. `throttle_400` is Feishu's older APIs' 99991400 on HTTP 400.
+BEFORE = ("unavailable", "throttle", "throttle_400", "busy", "reset_before", "hang")
+# After the platform acted: the write happened, but the client cannot know (500, a gateway's 504, a reset).
+AFTER = ("error_after", "gateway_after", "reset_after")
 
 
 @dataclass
@@ -26,8 +26,15 @@ class Faults:
     script: deque[str | None] = field(default_factory=deque)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     hang_seconds: float = 0.5
-    latency: float = 0.0                  # real seconds every guarded request takes before it is handled
+    latency: float = 0.0                  # real seconds every guarded request takes before it is handled...
+    latency_spread: float = 0.0           # ...give or take up to this much, uniformly (800 ± 400 ms)
     enabled_paths: tuple[str, ...] = ()   # only requests whose path contains one of these (all when empty)
+
+    def delay(self) -> float:
+        """How long this request takes before it is handled."""
+        if not self.latency_spread:
+            return self.latency
+        return max(0.0, self.latency + self.latency_spread * (2 * self.rng.random() - 1))
 
     def pick(self, path: str) -> str | None:
         if self.enabled_paths and not any(p in path for p in self.enabled_paths):

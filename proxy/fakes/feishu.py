@@ -19,6 +19,7 @@ from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang
 
 TOKEN_LIFETIME = 7200
 NEW_TOKEN_BELOW = 1800   # Feishu hands out a new token only when the current one has < 30 min left
+MESSAGE_UUID_TTL = 3600  # im/v1/messages: "持有相同 uuid 的请求 1 小时内至多成功发送一条消息"
 MESSAGE_UPDATES_PER_SECOND = 5   # PATCH im/v1/messages/:message_id: "单条消息更新频控为 5 QPS" (230020 beyond)
 CARD_OPERATIONS_PER_SECOND = 10  # cardkit: at most 10 operations a second on one card entity
 # Not counted against the monthly allowance (custom-app-api-call-limit): authentication and contacts, among others.
@@ -45,7 +46,7 @@ class FakeFeishu:
     token_delay: float = 0.0   # real seconds the token endpoint takes, to let cold-start callers pile up
     calls: list[tuple[str, str, bool]] = field(default_factory=list)   # (path, token kind seen, token valid)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    message_uuids: dict[str, str] = field(default_factory=dict)
+    message_uuids: dict[str, tuple[str, float]] = field(default_factory=dict)   # uuid -> (message id, sent at)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     client_tokens: dict[str, Any] = field(default_factory=dict)
     throttled: int = 0
@@ -140,12 +141,14 @@ class FakeFeishu:
             token = auth.removeprefix("Bearer ")
             if not token:
                 return answer(99991661, "Missing access token for authorization.", status=400)
-            ok = self.valid(token) or token.startswith("u-")
-            self.calls.append((request.path, token[:1], ok))
+            user = token.startswith("u-") or is_jwt(token)   # user_access_token: u-..., or a JWT (newer apps)
+            ok = self.valid(token) or user
+            self.calls.append((request.path, "u" if user else token[:1], ok))
             if not ok:
                 return answer(99991663, "Invalid access token for authorization.", status=400)
-            if self.faults.latency:
-                await asyncio.sleep(self.faults.latency)
+            delay = self.faults.delay()
+            if delay:
+                await asyncio.sleep(delay)
             fault = self.faults.pick(request.path)
             early = await self.fault_before(request, fault)
             if early is not None:
@@ -157,7 +160,7 @@ class FakeFeishu:
                 return answer(99991403, "This month's API call quota has been exceeded", status=429)
             response = await handler(request)
             if fault in AFTER:
-                return drop_connection(request) if fault == "reset_after" else answer(1500, "internal error", status=500)
+                return after_fault(request, fault)
             self.meter(request.path, response.status)
             return response
         return wrapped
@@ -174,9 +177,9 @@ class FakeFeishu:
         if fault == "unavailable":
             return web.Response(status=503, text="<html><body>503 Service Temporarily Unavailable</body></html>",
                                 content_type="text/html")
-        if fault == "throttle":
+        if fault in ("throttle", "throttle_400"):
             self.throttled += 1
-            return answer(99991400, "request trigger frequency limit", status=429,
+            return answer(99991400, "request trigger frequency limit", status=429 if fault == "throttle" else 400,
                           headers={"x-ogw-ratelimit-limit": "50", "x-ogw-ratelimit-reset": "1"})
         if fault == "busy":
             return answer(1254607, "Data not ready, please try again later")
@@ -203,14 +206,15 @@ class FakeFeishu:
     async def send_message(self, request: web.Request) -> web.Response:
         body = await request.json()
         uuid = body.get("uuid")
-        if uuid and uuid in self.message_uuids:   # the same uuid within an hour is the same message
-            return answer(0, "success", data={"message_id": self.message_uuids[uuid]})
+        seen = self.message_uuids.get(uuid) if uuid else None
+        if seen and self.clock.wall() - seen[1] < MESSAGE_UUID_TTL:   # the same uuid within an hour: the same message
+            return answer(0, "success", data={"message_id": seen[0]})
         if "msg_type" not in body or "content" not in body:
             return answer(230001, "Your request contains an invalid request parameter.", status=400)
         message_id = f"om_{next(self._seq):08d}"
         self.messages.append({"message_id": message_id, **body})
         if uuid:
-            self.message_uuids[uuid] = message_id
+            self.message_uuids[uuid] = (message_id, self.clock.wall())
         return answer(0, "success", data={"message_id": message_id, "msg_type": body["msg_type"]})
 
     async def get_message(self, request: web.Request) -> web.Response:
@@ -317,6 +321,20 @@ class FakeFeishu:
             await response.write(block[: min(len(block), size - start)])
         await response.write_eof()
         return response
+
+
+def after_fault(request: web.Request, fault: str) -> web.StreamResponse:
+    """The write is done; what the client sees is a reset, a 500 with Feishu's internal error, or a gateway's 504."""
+    if fault == "reset_after":
+        return drop_connection(request)
+    if fault == "gateway_after":
+        return web.Response(status=504, text="<html><body>504 Gateway Time-out</body></html>", content_type="text/html")
+    return answer(1500, "internal error", status=500)
+
+
+def is_jwt(token: str) -> bool:
+    parts = token.split(".")
+    return len(parts) == 3 and token.startswith("eyJ") and all(parts)
 
 
 def api_of(request: web.Request) -> str:

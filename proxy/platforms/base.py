@@ -32,6 +32,9 @@ EXPECTATION_FAILED = 9_990_417
 CLIENT_GONE = 9_990_499
 INTERNAL_ERROR = 9_990_500
 SHUTTING_DOWN = 9_990_515
+OUTCOME_UNKNOWN = 9_990_512
+KEY_IN_FLIGHT = 9_990_409
+KEY_REUSED = 9_990_422
 QUOTA_RESERVED = 9_990_430
 CODE_NAMES = {
     NO_ROUTE: "noRoute", TOO_LARGE: "requestTooLarge", RATE_LIMITED: "rateLimited",
@@ -39,6 +42,7 @@ CODE_NAMES = {
     CIRCUIT_OPEN: "circuitOpen", DEADLINE_EXCEEDED: "deadlineExceeded", BAD_REQUEST: "badRequest",
     REQUEST_TIMEOUT: "requestTimeout", EXPECTATION_FAILED: "expectationFailed", CLIENT_GONE: "clientGone",
     INTERNAL_ERROR: "internalError", SHUTTING_DOWN: "shuttingDown",
+    OUTCOME_UNKNOWN: "outcomeUnknown", KEY_IN_FLIGHT: "idempotencyKeyInFlight", KEY_REUSED: "idempotencyKeyReused",
     QUOTA_RESERVED: "quotaReserved",
 }
 

@@ -14,7 +14,7 @@ from proxy.outcome import Outcome, Signal, Verdict
 from proxy.platforms.routes import shapes
 from proxy.routing import RouteShapes
 from proxy.platforms.base import (
-    PLACEHOLDER, CODE_NAMES, SUCCESS, CardUpdate, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant,
+    PLACEHOLDER, CODE_NAMES, SUCCESS, CardUpdate, KeySpot, LocalAnswer, Platform, TokenCall, TokenFetchError, TokenGrant,
     code_text, dump, load_json, number, parse_retry_after, verdict_for, verdict_for_status, with_query_param,
 )
 
@@ -33,6 +33,14 @@ BUSY_NOT_PROCESSED = frozenset({"-1", "88"})   # -1 system busy; 88 with an empt
 API_TOKEN_INVALID = frozenset({"InvalidAuthentication", "Unauthorized"})
 API_THROTTLED = re.compile(r"^Forbidden\.AccessDenied\.(Qps|Qpm)Limit|^system\.?[bB]usy$|^systemBusy$")
 BAD_CREDENTIALS = frozenset({"invalidClientIdOrSecret", "40089", "40096"})
+# 409: the clientToken was already used, so an earlier request (or attempt) with it was applied.
+DUPLICATE_KEY = "invalidRequest.duplicateClientToken"
+# Routes that take an idempotency key. The api SDK (alibabacloud-dingtalk) has `clientToken` in the query of the
+# notable (AI table) record insert; no app API route in it carries `msgUuid` (a field of the custom group robot
+# webhook, which proxy/robots/ sends). Matched on the path's shape, whether its IDs are templated or not.
+IDEMPOTENCY = (
+    (re.compile(r"^/v1\.0/notable/bases/[^/]+/sheets/[^/]+/records$"), KeySpot("query", "clientToken")),
+)
 # The retried reasons known up front (for metric series at 0): what the classification below names them.
 OAPI_RETRIED = THROTTLED | BUSY_NOT_PROCESSED | {"15"}
 API_RETRY_REASONS = ("ip_ban", "code_systemError", "code_system.busy", "code_systemBusy", *(
@@ -127,6 +135,8 @@ class DingTalk(Platform):
             return verdict_for(overridden, reason, retry_after=retry_after)
         if status == 401 or code in API_TOKEN_INVALID:
             return verdict_for(Outcome.TOKEN_INVALID, reason)
+        if code == DUPLICATE_KEY:
+            return Verdict(Outcome.PERMANENT, reason, Signal.OK, processed=True, duplicate=True)
         if status == 429 or API_THROTTLED.match(code):
             wait = retry_after if retry_after is not None else (1.0 if "Qps" in code else None)
             return verdict_for(Outcome.THROTTLED, reason, retry_after=wait)
@@ -141,6 +151,11 @@ class DingTalk(Platform):
     def retry_reasons(self, upstream: str) -> tuple[str, ...]:
         own = API_RETRY_REASONS if upstream == "api" else tuple(f"code_{c}" for c in sorted(OAPI_RETRIED))
         return super().retry_reasons(upstream) + own
+
+    def idempotency_spot(self, upstream: str, route: str) -> KeySpot | None:
+        if upstream != "api":
+            return None
+        return next((spot for shape, spot in IDEMPOTENCY if shape.match(route)), None)
 
     # Quota saving: the route tables below -------------------------------------------------------------------------
 
@@ -180,7 +195,7 @@ class DingTalk(Platform):
 
 def _api_reason(code: str, status: int) -> str:
     """A bounded label: known api codes by name, anything else by status."""
-    known = API_TOKEN_INVALID | {"systemError", "system.busy", "systemBusy"}
+    known = API_TOKEN_INVALID | {"systemError", "system.busy", "systemBusy", DUPLICATE_KEY}
     if code in known or API_THROTTLED.match(code):
         return f"code_{code}"
     return f"http_{status}" if status in (400, 401, 403, 404, 409, 429, 500, 502, 503, 504) else "http_other"

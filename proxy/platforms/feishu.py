@@ -24,6 +24,7 @@ TOKEN_PATHS = {
     "app": "/open-apis/auth/v3/app_access_token/internal",
 }
 PLACEHOLDERS = {"tenant": f"t-{PLACEHOLDER}", "app": f"a-{PLACEHOLDER}"}
+PLACEHOLDER_KINDS: dict[str, str | None] = {**{v: k for k, v in PLACEHOLDERS.items()}, PLACEHOLDER: None}
 
 # 99991663/99991665 tenant token invalid, 99991664 app token invalid, 99991671 malformed: refresh and replay once.
 TOKEN_INVALID = frozenset({"99991663", "99991664", "99991665", "99991671"})
@@ -93,12 +94,16 @@ class Feishu(Platform):
                 f"if it was created on {name} ({domain}), set platform: {other}")
 
     def token_kind(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
-        auth = headers.get("Authorization", "")
-        if auth.startswith("Bearer u-"):
-            return None   # a user's own token: the application acts for a person, pass it through
-        if auth.startswith("Bearer a-"):
-            return "app"
-        return self.app.token_kind
+        """The sidecar's token unless the caller sent one of its own: any Authorization that is not empty and not
+        the placeholder (a user's u- token, a JWT user_access_token, an app token it holds) passes through
+        untouched, since replacing it would run a user's call with the app's rights."""
+        scheme, _, credentials = headers.get("Authorization", "").strip().partition(" ")
+        credentials = credentials.strip()
+        if not scheme or (scheme.lower() == "bearer" and not credentials):
+            return self.app.token_kind
+        if scheme.lower() == "bearer" and credentials in PLACEHOLDER_KINDS:
+            return PLACEHOLDER_KINDS[credentials] or self.app.token_kind
+        return None
 
     def attach_token(self, upstream: str, headers: CIMultiDict[str], query: str, token: str) -> str:
         headers["Authorization"] = f"Bearer {token}"
@@ -164,8 +169,8 @@ class Feishu(Platform):
     # Quota saving: the route tables below -------------------------------------------------------------------------
 
     def user_token(self, upstream: str, headers: CIMultiDict[str]) -> str | None:
-        auth = headers.get("Authorization", "")
-        return auth if auth.startswith("Bearer u-") else None
+        """The caller's own token, whenever token_kind says it is one (a JWT user_access_token included)."""
+        return headers.get("Authorization") if self.token_kind(upstream, headers) is None else None
 
     def cached_reads(self, upstream: str) -> Mapping[str, float]:
         return CACHED_READS
