@@ -94,6 +94,9 @@ class UpstreamClient:
             self._session = self._egress.session(
                 limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
                 auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+                # The sidecar relays cookies both ways and keeps none: a jar would replay one client's Set-Cookie
+                # on every other client's calls (and costs a filter and an update per attempt).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # sock_connect, not connect: waiting for a free pooled connection is the sidecar's own congestion,
                 # not the platform failing to accept one, and must not count (or open the breaker) as a connect failure.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
