@@ -157,7 +157,8 @@ class Children:
     """A metric's children by label values, for the hot path: `.labels()` validates and locks on every call.
 
     Bounded like the labels themselves: values come from configuration, a capped route template, or pass a `Capped`
-    (by label position) before they key the cache, so neither the series nor this dict can grow without bound.
+    (by label position) before they key the cache, so neither the series nor this dict can grow without bound. Values
+    a `Capped` let through as they are key the dict directly, so the common lookup is one dict read.
     """
 
     def __init__(self, metric: Counter | Gauge | Histogram, bounds: Mapping[int, Capped] | None = None) -> None:
@@ -166,15 +167,26 @@ class Children:
         self._bounds = tuple((bounds or {}).items())
 
     def __call__(self, *values: str) -> Any:
-        if self._bounds:
-            bounded = list(values)
-            for position, capped in self._bounds:
-                bounded[position] = capped(bounded[position])
-            values = tuple(bounded)
         child = self._children.get(values)
+        return child if child is not None else self._miss(values)
+
+    def _miss(self, values: tuple[str, ...]) -> Any:
+        bounded = self._bounded(values)
+        child = self._children.get(bounded)
         if child is None:
-            child = self._children[values] = self._metric.labels(*values)
+            child = self._children[bounded] = self._child(bounded)
         return child
+
+    def _bounded(self, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not self._bounds:
+            return values
+        bounded = list(values)
+        for position, capped in self._bounds:
+            bounded[position] = capped(bounded[position])
+        return tuple(bounded)
+
+    def _child(self, values: tuple[str, ...]) -> Any:
+        return self._metric.labels(*values)
 
 
 def outcome_class(verdict: Verdict, sidecar_token: bool) -> str:
@@ -291,11 +303,12 @@ class Metrics:
 
     def _exactly_once(self, r: CollectorRegistry) -> None:
         """Honest final answers, keys the client sends, late answers and the sidecar's own exactly-once store."""
-        self.request_outcomes = Counter(
+        self.request_outcomes = FastCounter(
             "imsidecar_request_outcomes",
             "Requests sent to the platform at least once, by what their final answer says was done "
             "(applied, not-applied, unknown: the X-Imsidecar-Outcome header).", ("app", "upstream", "outcome"),
             registry=r)
+        self.hot_outcomes = Children(self.request_outcomes)
         self.idempotency_mapped = Counter(
             "imsidecar_idempotency_keys_mapped",
             "Idempotency-Key headers from clients put in place as the platform's own key.", ("app", "route"),

@@ -316,7 +316,7 @@ class RetryEngine:
     def record_outcome(self, exchange: Exchange, history: History) -> None:
         exchange.outcome = history.applied().value
         b = exchange.binding
-        self.metrics.request_outcomes.labels(b.app.name, b.upstream, exchange.outcome).inc()
+        self.metrics.hot_outcomes(b.app.name, b.upstream, exchange.outcome).inc()
 
     async def admit(self, exchange: Exchange, limiter: AdaptiveRateLimiter | None, history: History) -> bool:
         """The breaker, then the sidecar's own rate limit. True: send the attempt; False: stop with what the

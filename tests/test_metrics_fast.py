@@ -150,3 +150,15 @@ def test_a_request_sequence_through_the_hot_children_reads_as_with_the_library()
     families = {f.name for f in text_string_to_metric_families(generate_latest(fast_registry).decode())}
     assert {"imsidecar_requests", "imsidecar_request_duration_seconds", "imsidecar_in_flight_requests",
             "imsidecar_upstream_attempts", "imsidecar_upstream_attempt_duration_seconds", "imsidecar_retries"} <= families
+
+
+def test_the_hot_children_stay_bounded_however_many_values_clients_make_up() -> None:
+    m = Metrics(CollectorRegistry())
+    for i in range(1000):
+        m.hot_requests("a", "feishu", "/r", f"MADEUP{i}", "2xx", "success").inc()
+        m.hot_attempts("a", "feishu", "/r", "permanent", f"code_{i}").inc()
+    assert len(m.hot_requests._children) == 1   # every made-up method is `other`: one child, one key
+    assert len(m.hot_attempts._children) == 101   # the first 100 reasons, then `other`
+    assert m.registry.get_sample_value("imsidecar_requests_total", {
+        "app": "a", "upstream": "feishu", "route": "/r", "method": "other", "status_class": "2xx",
+        "outcome": "success"}) == 1000
