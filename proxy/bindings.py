@@ -7,7 +7,7 @@ each advisory stage behind its fail-open guard (proxy/guard.py); the pipeline an
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from proxy.breaker import BreakerState, CircuitBreaker
@@ -207,14 +207,11 @@ class Binding:
     routes: RouteLabels
     stages: UpstreamStages
     limiters: AppLimiters
+    policy: RetryPolicy = field(init=False)      # the stages' own, kept here: read several times per request
+    breaker: GuardedBreaker = field(init=False)
 
-    @property
-    def policy(self) -> RetryPolicy:
-        return self.stages.policy
-
-    @property
-    def breaker(self) -> GuardedBreaker:
-        return self.stages.breaker
+    def __post_init__(self) -> None:
+        self.policy, self.breaker = self.stages.policy, self.stages.breaker
 
     def observe(self, verdict: Verdict, latency: float) -> None:
         """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""

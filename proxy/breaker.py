@@ -19,6 +19,7 @@ from proxy.window import SlidingWindow
 
 
 class BreakerState(enum.Enum):
+    __hash__ = object.__hash__   # as proxy/outcome.py's enums: members hashed by identity
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"

@@ -28,22 +28,22 @@ class SlidingWindow:
         self._epoch: int | None = None
 
     def add(self, now: float, index: int, amount: float = 1.0) -> None:
-        self._roll(now)
-        self._rows[self._current(now)][index] += amount
+        epoch = int(now // self._bucket)
+        if epoch != self._epoch:   # most adds land in the bucket of the one before: nothing to roll
+            self._roll(now)
+        self._rows[epoch % self._slots][index] += amount
         self._totals[index] += amount
 
     def totals(self, now: float) -> Sequence[float]:
         """The sums over the window ending at `now`."""
-        self._roll(now)
+        if int(now // self._bucket) != self._epoch:
+            self._roll(now)
         return tuple(self._totals)
 
     def clear(self) -> None:
         for row in self._rows:
             row[:] = [0.0] * len(row)
         self._totals = [0.0] * len(self._totals)
-
-    def _current(self, now: float) -> int:
-        return int(now // self._bucket) % self._slots
 
     def _roll(self, now: float) -> None:
         epoch = int(now // self._bucket)
@@ -81,7 +81,7 @@ class LatencyHistogram:
         self._window = SlidingWindow(len(self._bounds) + 1, span, bucket)
 
     def record(self, now: float, seconds: float) -> None:
-        self._window.add(now, self._index(seconds))
+        self._window.add(now, bisect.bisect_left(self._bounds, seconds))
 
     def count(self, now: float) -> int:
         return round(sum(self._window.totals(now)))
@@ -99,9 +99,6 @@ class LatencyHistogram:
                 return self._bounds[min(i, len(self._bounds) - 1)]
         return self._bounds[-1]
 
-    def _index(self, seconds: float) -> int:
-        return bisect.bisect_left(self._bounds, seconds)
-
 
 class DecayingMean:
     """A mean in which each sample's weight decays as exp(-age / tau).
@@ -117,20 +114,20 @@ class DecayingMean:
         self._last: float | None = None
 
     def update(self, now: float, value: float) -> None:
-        self._decay(now)
+        """Decay what came before to `now` (a `now` earlier than the last one decays nothing), then add `value`."""
+        last = self._last
+        if last is None or now > last:
+            if last is not None:
+                factor = math.exp(-(now - last) / self._tau)
+                self._weight *= factor
+                self._sum *= factor
+            self._last = now
         self._weight += 1.0
         self._sum += value
 
     @property
     def value(self) -> float | None:
         return self._sum / self._weight if self._weight > 0 else None
-
-    def _decay(self, now: float) -> None:
-        if self._last is not None and now > self._last:
-            factor = math.exp(-(now - self._last) / self._tau)
-            self._weight *= factor
-            self._sum *= factor
-        self._last = now if self._last is None else max(self._last, now)
 
 
 class DecayingRate:
@@ -150,8 +147,11 @@ class DecayingRate:
     def add(self, now: float, count: float = 1.0) -> None:
         if self._first is None:
             self._first = now
-        self._sum = self._decayed(now) + count
-        self._last = max(self._last, now)
+        if now > self._last:
+            self._sum = self._sum * math.exp((self._last - now) / self._tau) + count
+            self._last = now
+        else:
+            self._sum += count
 
     def rate(self, now: float) -> float:
         if self._first is None:
