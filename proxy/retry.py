@@ -198,7 +198,7 @@ class RetryEngine:
             b.breaker.release_probe()   # it never reached the upstream (cancelled): give the slot back
             raise
         else:
-            verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
+            verdict = answer.classified(b.platform, b.upstream)
             exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
             tried = Tried(answer, verdict)
         verdict = tried.verdict

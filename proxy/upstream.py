@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -18,7 +18,11 @@ from yarl import URL
 
 from proxy.egress import Egress, EgressSettings
 from proxy.errors import NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, translate
+from proxy.outcome import Verdict
 from proxy.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from proxy.platforms.base import Platform
 
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
 READ_CHUNK = 64 * 1024
@@ -40,6 +44,7 @@ class Answer:
     body: bytes | None
     stream: aiohttp.ClientResponse | None = None
     head: bytes = b""   # what was already read of a streamed answer (up to the classification limit)
+    verdict: Verdict | None = None   # the platform's classification, once a stage asked for it (`classified`)
 
     def plain_body(self) -> bytes | None:
         """The body as the platform meant it, for classification (decompressed when it came gzipped)."""
@@ -52,6 +57,13 @@ class Answer:
             except zlib.error:
                 return None
         return None if encoding else self.body
+
+    def classified(self, platform: Platform, upstream: str) -> Verdict:
+        """The platform's verdict on this answer, worked out once however many stages ask (the quota meter, the
+        retry loop, the read cache)."""
+        if self.verdict is None:
+            self.verdict = platform.classify(upstream, self.status, self.headers, self.plain_body())
+        return self.verdict
 
     def release(self) -> None:
         if self.stream is not None:

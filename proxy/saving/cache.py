@@ -126,7 +126,7 @@ class ReadCache:
     @staticmethod
     def _verdict(exchange: Exchange, answer: Answer) -> Verdict:
         b = exchange.binding
-        return b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
+        return answer.classified(b.platform, b.upstream)
 
     @staticmethod
     def _exhausted(exchange: Exchange, answer: Answer) -> bool:
