@@ -23,7 +23,7 @@ from proxy.platforms import platform_for
 from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
 from proxy.retry import RetryPolicy, adaptive_settings, fixed_params, refreshed
-from proxy.routing import RouteLabels
+from proxy.routing import RouteLabels, RouteShapes
 from proxy.store import LocalTokens, SharedQuota, SharedQuotaExceeded, SharedTokens, UnsharedQuota
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
 from proxy.upstream import UpstreamClient
@@ -209,9 +209,11 @@ class Binding:
     limiters: AppLimiters
     policy: RetryPolicy = field(init=False)      # the stages' own, kept here: read several times per request
     breaker: GuardedBreaker = field(init=False)
+    shapes: RouteShapes = field(init=False)      # the upstream's route templates (Platform.routes)
 
     def __post_init__(self) -> None:
         self.policy, self.breaker = self.stages.policy, self.stages.breaker
+        self.shapes = self.platform.routes(self.upstream)
 
     def observe(self, verdict: Verdict, latency: float) -> None:
         """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""

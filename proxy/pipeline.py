@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.bindings import Binding
 from proxy.clock import Clock
@@ -38,6 +38,7 @@ access_log = logging.getLogger("imsidecar.access")
 
 DEADLINE_HEADER = "X-Imsidecar-Timeout"   # a client may shorten (never lengthen) its request's deadline
 CHUNK = 64 * 1024
+STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 10)}   # 100..999: what aiohttp lets a status be
 
 
 @dataclass(slots=True)
@@ -91,9 +92,11 @@ class Pipeline:
             return unrouted(request, self.crashed(listen, request))
 
     async def dispatch(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
-        path, _, query = request.raw_path.partition("?")
-        path = path.partition("#")[0]
-        refused = target_problem(request.method, request.raw_path)
+        target = request.raw_path
+        refused = target_problem(request.method, target)
+        path, _, query = target.partition("?")
+        if refused is not None:
+            path = path.partition("#")[0]   # only a refused target can carry one
         match = self.router.resolve(listen, path if path.startswith("/") and refused is None else "/")
         if match is None:
             return self.no_route(listen, path) if refused is None else unrouted(request, self.refuse(listen, refused))
@@ -173,7 +176,7 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        template = binding.platform.route_template(binding.upstream, path)
+        template = binding.shapes.template(path)   # the platform's route template (Platform.route_template)
         route = binding.routes.label(template)
         kind = binding.platform.token_kind(binding.upstream, headers)
         return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind,
@@ -198,8 +201,6 @@ class Pipeline:
         """One attempt: the token (unless the client sent a user token), then the bytes to the platform."""
         b = exchange.binding
         headers = exchange.headers   # the token is set afresh on every attempt, so the request's own copy serves
-        if attempt.extra_headers:
-            headers.update(attempt.extra_headers)
         query = attempt.query if attempt.query is not None else exchange.query
         kind = exchange.token_kind
         attempt.token = None
@@ -245,9 +246,7 @@ class Pipeline:
         return attempt.timeout < exchange.binding.policy.params().per_try_timeout
 
     async def relay(self, request: web.BaseRequest, exchange: Exchange, answer: Answer) -> web.StreamResponse:
-        # The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those).
-        headers = CIMultiDict((k, v) for k, v in answer.headers.items()
-                              if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-imsidecar-"))
+        headers = relayed_headers(answer.headers)
         self.tag(exchange, headers)
         if answer.stream is None:
             return web.Response(status=answer.status, headers=headers, body=answer.body)
@@ -317,13 +316,14 @@ class Pipeline:
             headers["X-Imsidecar-Replayed"] = "true" if exchange.replayed.body is not None else "true; body not kept"
             if exchange.replayed.error:
                 headers["X-Imsidecar-Error"] = exchange.replayed.error
-        headers.update(exchange.marks)
+        if exchange.marks:
+            headers.update(exchange.marks)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
         """Count the request once, under the outcome class of what its client got."""
         b = exchange.binding
         elapsed = self.clock.now() - exchange.started
-        status_class, outcome = f"{response.status // 100}xx", self.outcome(exchange, response)
+        status_class, outcome = STATUS_CLASSES.get(response.status // 100, "other"), self.outcome(exchange, response)
         self.metrics.hot_requests(b.app.name, b.upstream, exchange.route, exchange.method, status_class, outcome).inc()
         self.metrics.hot_request_duration(b.app.name, b.upstream, exchange.route).observe(elapsed)
         if exchange.error is not None:
@@ -347,6 +347,15 @@ class Pipeline:
         if exchange.verdict is not None:
             return outcome_class(exchange.verdict, sidecar_token=exchange.token_kind is not None)
         return SUCCESS if response.status < 400 else CLIENT_ERROR
+
+
+def relayed_headers(source: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those)."""
+    kept = CIMultiDict(source)
+    dropped = [name for name in kept if (lower := name.lower()) in HOP_BY_HOP or lower.startswith("x-imsidecar-")]
+    for name in dropped:
+        kept.popall(name, None)
+    return kept
 
 
 def unrouted(request: web.BaseRequest, response: web.Response) -> web.Response:

@@ -9,11 +9,10 @@ pipeline's, classification the platform's, the honest final answer proxy/history
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 import backoff
-from multidict import CIMultiDict
 
 from proxy.budget import RetryBudget
 from proxy.clock import Clock
@@ -72,7 +71,6 @@ class Attempt:
     timeout: float
     timeouts: int = 0            # attempts of this request that timed out so far (each grows the next cut-off)
     retrying: str | None = None  # the reason of the retry about to be sent (counted once it is)
-    extra_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     query: str | None = None     # set when an idempotency key goes into the query
     body: bytes | None = None    # set when an idempotency key goes into the body
     token: str | None = None

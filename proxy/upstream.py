@@ -176,6 +176,11 @@ class UpstreamClient:
         response = await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
         if not _should_read(response):
             return Answer(response.status, response.headers, None, response)
+        if response.content_length is not None:   # within the limit (_should_read): read whole, in one go
+            try:
+                return Answer(response.status, response.headers, await response.read())
+            finally:
+                response.release()
         try:
             head, whole = await _read_up_to(response, CLASSIFY_LIMIT)
         except BaseException:
@@ -227,11 +232,13 @@ def _should_read(response: aiohttp.ClientResponse) -> bool:
 
 def forward_headers(source: CIMultiDictProxy[str] | CIMultiDict[str], *, drop_prefix: str = "x-imsidecar-") -> CIMultiDict[str]:
     """Every end-to-end header, minus hop-by-hop ones and those the `Connection` header names."""
-    named = {h.strip().lower() for h in source.get("Connection", "").split(",") if h.strip()}
-    return CIMultiDict(
-        (k, v) for k, v in source.items()
-        if k.lower() not in HOP_BY_HOP and k.lower() not in named and not k.lower().startswith(drop_prefix)
-    )
+    connection = source.get("Connection")
+    named = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
+    kept = CIMultiDict(source)
+    dropped = [name for name in kept if (lower := name.lower()) in named or lower.startswith(drop_prefix)]
+    for name in dropped:
+        kept.popall(name, None)
+    return kept
 
 
 __all__ = ["Answer", "AttemptFailed", "MisdirectedRequest", "UpstreamClient", "forward_headers"]
