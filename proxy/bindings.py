@@ -161,6 +161,7 @@ class AppLimiters:
         self.enabled = app.ratelimit.enabled
         self._set = RateLimiterSet(clock, default, app.ratelimit.routes)
         self._shared = shared or UnsharedQuota()
+        self._one_pod = isinstance(self._shared, UnsharedQuota)   # nothing to ask a store after this pod's slot
         self._app, self._metrics = app.name, metrics
         self._guard, self._drain = guard, drain
         self._guarded: dict[int, GuardedLimiter] = {}   # by the limiter's identity: bounded like the set
@@ -173,8 +174,8 @@ class AppLimiters:
         """
         with self._drain.interruptible():
             waited = await limiter.acquire(deadline)
-            if isinstance(self._shared, UnsharedQuota):
-                return waited   # one pod: nothing to ask a store
+            if self._one_pod:
+                return waited
             try:
                 return waited + await self._shared.acquire(f"{self._app}:{template}", limiter.current_rate, 1, deadline)
             except SharedQuotaExceeded as exc:

@@ -81,7 +81,8 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
-        self._maybe_half_open()
+        if self._state is BreakerState.OPEN:   # only an open circuit moves with time alone
+            self._maybe_half_open()
         return self._state
 
     def allow(self) -> bool:

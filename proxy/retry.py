@@ -84,6 +84,8 @@ class Decision:
     wait: float = 0.0
 
 
+FINAL = Decision(False, "final")   # the common answer: not a retryable outcome
+
 Send = Callable[["Exchange", "RequestBody", Attempt], Awaitable[Answer]]
 
 
@@ -222,11 +224,11 @@ class RetryEngine:
 
     def decide(self, exchange: Exchange, body: RequestBody, verdict: Verdict, history: History,
                waits: Iterator[float]) -> Decision:
+        if verdict.outcome not in RETRIED_OUTCOMES:
+            return FINAL
         policy = exchange.binding.policy
         params = policy.params()   # read now, after the attempt: not what held when the request arrived
         throttled = verdict.outcome is Outcome.THROTTLED
-        if verdict.outcome not in RETRIED_OUTCOMES:
-            return Decision(False, "final")
         # Throttles never use up the attempts the loss needs: they have as many again of their own (a cap, so a
         # client without a limiter does not retry a quota it overruns until its deadline). 1 attempt means no retry.
         spent = history.throttled if throttled else history.counted

@@ -116,13 +116,17 @@ class LanedLimiters(AppLimiters):
         self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
         return waited
 
-    async def _in_lane(self, lane_name: str, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
+    def _in_lane(self, lane_name: str, limiter: AdaptiveRateLimiter, template: str,
+                 deadline: float) -> Awaitable[float]:
         """Seconds waited: 0.0 when the slot was free at once (the limiter's own answer, not the time it took)."""
         lane = self._lanes.get(limiter)
         if lane is None:
             lane = self._lanes[limiter] = Lane()
         if lane_name != BULK:
-            return await self._interactive(lane, limiter, template, deadline)
+            return self._interactive(lane, limiter, template, deadline)
+        return self._bulk_lane(lane, limiter, template, deadline)
+
+    async def _bulk_lane(self, lane: Lane, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
         start = self._clock.now()
         await self._pace(lane, limiter, deadline)
         give_up = min(self._clock.now() + self._settings.max_bulk_wait, deadline - MIN_USEFUL)
