@@ -162,3 +162,29 @@ def test_the_hot_children_stay_bounded_however_many_values_clients_make_up() -> 
     assert m.registry.get_sample_value("imsidecar_requests_total", {
         "app": "a", "upstream": "feishu", "route": "/r", "method": "other", "status_class": "2xx",
         "outcome": "success"}) == 1000
+
+
+@pytest.mark.parametrize("kind", ["ours", "fast"])
+def test_prepared_series_read_as_children_built_at_zero_would(kind: str) -> None:
+    from proxy.metrics import Counter as PreparedCounter
+
+    ours_registry, stock_registry = CollectorRegistry(), CollectorRegistry()
+    family = (PreparedCounter if kind == "ours" else FastCounter)(
+        "imsidecar_test_withheld", "Withheld.", ("app", "why"), registry=ours_registry)
+    stock = Counter("imsidecar_test_withheld", "Withheld.", ("app", "why"), registry=stock_registry)
+    for why in ("unsafe", "deadline", "budget"):
+        family.prepare("sales-bot", why)
+        stock.labels("sales-bot", why)
+    assert generate_latest(ours_registry) == generate_latest(stock_registry)
+    family.labels("sales-bot", "deadline").inc(2)   # the first event: a real child, and only it reads 2
+    stock.labels("sales-bot", "deadline").inc(2)
+    assert sorted(generate_latest(ours_registry).splitlines()) == sorted(generate_latest(stock_registry).splitlines())
+    assert generate_latest(ours_registry).count(b"why=\"deadline\"") == 1
+
+
+def test_preparing_with_the_wrong_label_count_fails_as_labels_would() -> None:
+    from proxy.metrics import Counter as PreparedCounter
+
+    family = PreparedCounter("imsidecar_test_prepared", "Prepared.", ("app", "why"), registry=CollectorRegistry())
+    with pytest.raises(ValueError):
+        family.prepare("sales-bot")
