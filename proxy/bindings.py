@@ -126,11 +126,11 @@ class UpstreamStages:
 
     def export(self, metrics: Metrics, app: str, upstream: str) -> None:
         """Gauges read at scrape time, so the request path pays nothing for them."""
-        metrics.circuit_state.labels(app, upstream).set_function(lambda: CIRCUIT_VALUES[self.breaker.state])
+        metrics.circuit_state.read(lambda: CIRCUIT_VALUES[self.breaker.state], app, upstream)
         for state in NetworkState:
-            metrics.network_state.labels(app, upstream, state.value).set_function(partial(self.state_value, state))
+            metrics.network_state.read(partial(self.state_value, state), app, upstream, state.value)
         for name, field_name in ADAPTIVE_GAUGES.items():
-            metrics.adaptive[name].labels(app, upstream).set_function(partial(self.snapshot_value, field_name))
+            metrics.adaptive[name].read(partial(self.snapshot_value, field_name), app, upstream)
 
     def state_value(self, state: NetworkState) -> float:
         return float(self.monitor.state is state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import (
     CollectorRegistry, Gauge, GCCollector, Histogram, Info, PlatformCollector, ProcessCollector,
@@ -125,6 +125,25 @@ class ZeroSeries:
 
 class Counter(ZeroSeries, LibraryCounter):
     """prometheus_client's Counter, with series prepared at zero."""
+
+
+class ScrapedGauge(Gauge):
+    """A gauge family whose series each read a function at scrape time, registered by label values with no child
+    each (a child with `set_function` renders the same sample, at ~1.5 KB a series)."""
+
+    _labelnames: tuple[str, ...]
+    _metrics: dict[Sequence[str], Any]
+
+    def read(self, function: Callable[[], float], *values: str) -> None:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {values!r}")
+        self.__dict__.setdefault("_read", {})[tuple(map(str, values))] = function
+
+    def _multi_samples(self) -> Iterable[Sample]:
+        yield from super()._multi_samples()
+        for values, function in self.__dict__.get("_read", {}).items():
+            if values not in self._metrics:
+                yield Sample("", dict(zip(self._labelnames, values)), float(function()), None, None)
 
 
 # The three lock-free kinds below replace only how a child holds and updates its values: prometheus_client still
@@ -279,17 +298,17 @@ class Metrics:
             "imsidecar_token_replays", "Requests replayed after the platform said the token was invalid.",
             ("app",), registry=r)
         # Circuit breaker, network state and the adaptive parameters (per app and upstream).
-        self.circuit_state = Gauge(
+        self.circuit_state = ScrapedGauge(
             "imsidecar_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ("app", "upstream"), registry=r)
         self.circuit_transitions = Counter(
             "imsidecar_circuit_transitions", "Circuit breaker state changes, by the state entered.",
             ("app", "upstream", "state"), registry=r)
-        self.network_state = Gauge(
+        self.network_state = ScrapedGauge(
             "imsidecar_network_state", "1 for the measured network state of the upstream, 0 for the others.",
             ("app", "upstream", "state"), registry=r)
         self.adaptive = {
-            name: Gauge(f"imsidecar_adaptive_{name}", help_text, ("app", "upstream"), registry=r)
+            name: ScrapedGauge(f"imsidecar_adaptive_{name}", help_text, ("app", "upstream"), registry=r)
             for name, help_text in (
                 ("per_try_timeout_seconds", "Per-try timeout in force."),
                 ("backoff_base_seconds", "Back-off base in force."),

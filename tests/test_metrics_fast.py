@@ -188,3 +188,19 @@ def test_preparing_with_the_wrong_label_count_fails_as_labels_would() -> None:
     family = PreparedCounter("imsidecar_test_prepared", "Prepared.", ("app", "why"), registry=CollectorRegistry())
     with pytest.raises(ValueError):
         family.prepare("sales-bot")
+
+
+def test_scraped_gauges_read_as_children_with_a_function_would() -> None:
+    from proxy.metrics import ScrapedGauge
+
+    ours_registry, stock_registry = CollectorRegistry(), CollectorRegistry()
+    ours = ScrapedGauge("imsidecar_test_state", "State.", ("app", "upstream"), registry=ours_registry)
+    stock = Gauge("imsidecar_test_state", "State.", ("app", "upstream"), registry=stock_registry)
+    state = {"open": 0.0, "api": 1}
+    for upstream in state:
+        ours.read(lambda u=upstream: state[u], "sales-bot", upstream)
+        stock.labels("sales-bot", upstream).set_function(lambda u=upstream: state[u])
+    state["open"] = 2.0   # read when scraped, not when registered
+    assert generate_latest(ours_registry) == generate_latest(stock_registry)
+    with pytest.raises(ValueError):
+        ours.read(lambda: 0.0, "sales-bot")
