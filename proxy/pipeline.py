@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -146,17 +146,19 @@ class Pipeline:
     # The exactly-once and quota-saving stages, outermost first; each may answer without calling the next -------
     # (a repeat of an Idempotency-Key gets its stored answer from proxy/exactly_once.py before any of proxy/saving/)
 
-    async def cached(self, exchange: Exchange, body: RequestBody) -> Answer:
+    # (each returns the next stage's awaitable, so a request a stage lets by pays no coroutine layer for it)
+
+    def cached(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """Read-mostly routes answered from the cache while fresh."""
-        return await self.saving.cache.through(exchange, body, self.coalesced)
+        return self.saving.cache.through(exchange, body, self.coalesced)
 
-    async def coalesced(self, exchange: Exchange, body: RequestBody) -> Answer:
+    def coalesced(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """Identical concurrent reads share one platform call."""
-        return await self.saving.coalescer.through(exchange, body, self.merged)
+        return self.saving.coalescer.through(exchange, body, self.merged)
 
-    async def merged(self, exchange: Exchange, body: RequestBody) -> Answer:
+    def merged(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """One card's updates go in order, the newest of a run replacing the ones before it."""
-        return await self.saving.cards.through(exchange, body, self.call_platform)
+        return self.saving.cards.through(exchange, body, self.call_platform)
 
     async def call_platform(self, exchange: Exchange, body: RequestBody) -> Answer:
         """Past the month's reserve a bulk call stops here; otherwise the retry loop, every attempt counted."""
