@@ -143,6 +143,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others while this machine's CPUs wanted it (/proc/stat steal), all CPUs."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def rss_mb(pid: int, key: str = "VmHWM") -> float:
     match = re.search(rf"{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024 if match else float("nan")
@@ -276,6 +282,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="imsidecar-bench-"))
     upstream, nginx_proxy, naive, naive_uv, side, admin = (unused_port() for _ in range(6))
     procs: list[subprocess.Popen[bytes]] = []
+    stolen, began = stolen_seconds(), time.monotonic()
     try:
         procs.append(start(["nginx", "-c", str(nginx_conf(work, upstream, nginx_proxy)), "-p", str(work)], 1))
         wait_http(f"http://127.0.0.1:{upstream}{PATH}", procs[-1])
@@ -296,7 +303,8 @@ def main() -> None:
             soaked = soak(p.pid, url, args.soak)
         stop(p)
         rows.append(logged_row(work, upstream, args.duration))
-        print(f"\nMachine: {machine()}\n")
+        print(f"\nMachine: {machine()}; {stolen_seconds() - stolen:.1f} CPU-s stolen by the hypervisor in "
+              f"{time.monotonic() - began:.0f} s\n")
         print(table(rows))
         if args.soak:
             print(soaked)
