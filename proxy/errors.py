@@ -16,9 +16,10 @@ belongs to each platform.
     ├── ShuttingDown             503  the drain ended before the request could be sent or answered
     ├── TokenUnavailable         503  (raised by proxy.tokens, mapped here)
     ├── DeadlineExceeded         504  no answer within the request's deadline
-    ├── LocallyRateLimited       429  the sidecar's own limiter would wait past the deadline   throttled
-    ├── QuotaReserved            429  bulk, past the month's reserve (proxy/saving/meter.py)      throttled
-    ├── CircuitOpen              503  the upstream is known to be down
+    ├── Paused                        each says when to come back (Retry-After)
+    │   ├── LocallyRateLimited   429  the sidecar's own limiter would wait past the deadline   throttled
+    │   ├── QuotaReserved        429  bulk, past the month's reserve (proxy/saving/meter.py)      throttled
+    │   └── CircuitOpen          503  the upstream is known to be down
     ├── OutcomeUnknown           502  an attempt may have been applied, and the last one says nothing about it
     ├── IdempotencyKeyInFlight   409  the same Idempotency-Key is still being executed
     ├── IdempotencyKeyReused     422  the same Idempotency-Key came with another request
@@ -93,28 +94,24 @@ class DeadlineExceeded(SidecarError):
     status, code = 504, codes.DEADLINE_EXCEEDED
 
 
-class LocallyRateLimited(SidecarError):
+class Paused(SidecarError):
+    """An error that tells the client when to come back (Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LocallyRateLimited(Paused):
     status, code, counted_as = 429, codes.RATE_LIMITED, THROTTLED
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class QuotaReserved(SidecarError):
+class QuotaReserved(Paused):
     status, code, counted_as = 429, codes.QUOTA_RESERVED, THROTTLED
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class CircuitOpen(SidecarError):
+class CircuitOpen(Paused):
     status, code = 503, codes.CIRCUIT_OPEN
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class OutcomeUnknown(SidecarError):

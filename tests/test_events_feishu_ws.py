@@ -104,6 +104,13 @@ async def test_honours_reconnect_count_and_gives_up(make_client, gateway, clock)
     assert gateway.endpoint_calls == 3   # the first connection, then exactly ReconnectCount tries
 
 
+async def test_an_app_of_the_other_brand_is_told_which_platform_to_set(make_client, gateway, clock, caplog):
+    gateway.wrong_domain = True          # a Lark app pointed at Feishu's endpoint: 1000040351 "Incorrect domain name"
+    make_client(secret="feishu-secret-0123456789")
+    await advance_until(clock, lambda: "set platform: lark" in caplog.text, step=1, what="no message naming the fix")
+    assert "1000040351" in caplog.text and "feishu-secret-0123456789" not in caplog.text
+
+
 async def test_a_silent_server_is_left_after_two_ping_intervals(make_client, gateway, clock):
     gateway.client_config = {"ReconnectCount": -1, "ReconnectInterval": 5, "ReconnectNonce": 0, "PingInterval": 10}
     make_client()

@@ -31,6 +31,7 @@ from proxy.events.metrics import EventMetrics
 from proxy.events.pbbp2 import METHOD_CONTROL, METHOD_DATA, Frame, FrameError, decode_frame, encode_frame
 from proxy.events.settings import FeishuEvents, StreamSettings
 from proxy.events.stream_client import Liveness, StreamClient
+from proxy.platforms.feishu import WRONG_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,19 @@ class FeishuLongConnection(StreamClient):
         try:
             url, service_id = await self._bounded(self._endpoint())
             return await self._serve(url, service_id)
-        except (LongConnectionError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+        except LongConnectionError as exc:   # our own message: the cause, never the URL or the secret
+            log.warning("events: feishu long connection %s failed: %s", self.name, exc)
+            return "failed"
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+            # The type only: aiohttp's messages carry the URL.
             log.warning("events: feishu long connection %s failed: %s", self.name, type(exc).__name__)
             return "failed"
+
+    def _wrong_brand(self) -> str:
+        on_lark = "larksuite" in self._settings.domain
+        other = "feishu" if on_lark else "lark"
+        return (f"endpoint answered code {WRONG_DOMAIN} (Incorrect domain name): app {self._settings.app_id} is not "
+                f"an app of {self._settings.domain}; if it was created on {other.title()}, set platform: {other}")
 
     async def _endpoint(self) -> tuple[str, int]:
         body = {"AppID": self._settings.app_id, "AppSecret": self._settings.app_secret.reveal()}
@@ -141,6 +152,8 @@ class FeishuLongConnection(StreamClient):
             if response.status != 200:
                 raise LongConnectionError(f"endpoint answered HTTP {response.status}")
             answer = await response.json()
+        if str(answer.get("code")) == WRONG_DOMAIN:   # an app of the other brand (Feishu / Lark)
+            raise LongConnectionError(self._wrong_brand())
         if answer.get("code") != 0:
             raise LongConnectionError(f"endpoint answered code {answer.get('code')}")
         data = answer.get("data") or {}

@@ -279,6 +279,7 @@ class FakeFeishuGateway:
         self.connections: list[web.WebSocketResponse] = []
         self.hung = False
         self.endpoint_hangs = False
+        self.wrong_domain = False   # an app of the other brand: the endpoint answers 1000040351
         self._counter = 0
 
     def app(self) -> web.Application:
@@ -297,6 +298,8 @@ class FakeFeishuGateway:
         body = await request.json()
         if self.endpoint_hangs:
             await asyncio.Event().wait()
+        if self.wrong_domain:
+            return web.json_response({"code": 1000040351, "msg": "Incorrect domain name", "data": {}})
         if (body.get("AppID"), body.get("AppSecret")) != (self.app_id, self.app_secret):
             return web.json_response({"code": 403, "msg": "forbidden"})
         url = request.url.with_path("/ws").with_query({"device_id": "d1", "service_id": "33"})
