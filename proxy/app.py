@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import signal
+from functools import partial
 from typing import Sequence
 
 import aiohttp
@@ -141,8 +142,7 @@ class Sidecar:
             self._warmed.add(tokens.app.name)
 
     def _handler(self, address: Address):  # type: ignore[no-untyped-def]
-        async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            return await self.pipeline.handle(request, address)
+        handle = partial(self.pipeline.handle, listen=address)   # no coroutine of its own around the pipeline's
 
         async def handle_with_robots(request: web.BaseRequest) -> web.StreamResponse:
             # /robots/<name> and /alerts/<name> on the main listener; every other path is forwarded.

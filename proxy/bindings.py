@@ -7,7 +7,7 @@ each advisory stage behind its fail-open guard (proxy/guard.py); the pipeline an
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from proxy.breaker import BreakerState, CircuitBreaker
@@ -23,7 +23,7 @@ from proxy.platforms import platform_for
 from proxy.platforms.base import Platform, TokenFetchError, TokenGrant
 from proxy.ratelimit import DEFAULT_QUOTAS, AdaptiveRateLimiter, RateLimiterSet, RateLimitExceeded
 from proxy.retry import RetryPolicy, adaptive_settings, fixed_params, refreshed
-from proxy.routing import RouteLabels
+from proxy.routing import RouteLabels, RouteShapes
 from proxy.store import LocalTokens, SharedQuota, SharedQuotaExceeded, SharedTokens, UnsharedQuota
 from proxy.tokens import EXPIRY_SKEW, TokenSource, sanitise_lifetime
 from proxy.upstream import UpstreamClient
@@ -126,11 +126,11 @@ class UpstreamStages:
 
     def export(self, metrics: Metrics, app: str, upstream: str) -> None:
         """Gauges read at scrape time, so the request path pays nothing for them."""
-        metrics.circuit_state.labels(app, upstream).set_function(lambda: CIRCUIT_VALUES[self.breaker.state])
+        metrics.circuit_state.read(lambda: CIRCUIT_VALUES[self.breaker.state], app, upstream)
         for state in NetworkState:
-            metrics.network_state.labels(app, upstream, state.value).set_function(partial(self.state_value, state))
+            metrics.network_state.read(partial(self.state_value, state), app, upstream, state.value)
         for name, field_name in ADAPTIVE_GAUGES.items():
-            metrics.adaptive[name].labels(app, upstream).set_function(partial(self.snapshot_value, field_name))
+            metrics.adaptive[name].read(partial(self.snapshot_value, field_name), app, upstream)
 
     def state_value(self, state: NetworkState) -> float:
         return float(self.monitor.state is state)
@@ -161,6 +161,7 @@ class AppLimiters:
         self.enabled = app.ratelimit.enabled
         self._set = RateLimiterSet(clock, default, app.ratelimit.routes)
         self._shared = shared or UnsharedQuota()
+        self._one_pod = isinstance(self._shared, UnsharedQuota)   # nothing to ask a store after this pod's slot
         self._app, self._metrics = app.name, metrics
         self._guard, self._drain = guard, drain
         self._guarded: dict[int, GuardedLimiter] = {}   # by the limiter's identity: bounded like the set
@@ -173,8 +174,8 @@ class AppLimiters:
         """
         with self._drain.interruptible():
             waited = await limiter.acquire(deadline)
-            if isinstance(self._shared, UnsharedQuota):
-                return waited   # one pod: nothing to ask a store
+            if self._one_pod:
+                return waited
             try:
                 return waited + await self._shared.acquire(f"{self._app}:{template}", limiter.current_rate, 1, deadline)
             except SharedQuotaExceeded as exc:
@@ -207,14 +208,13 @@ class Binding:
     routes: RouteLabels
     stages: UpstreamStages
     limiters: AppLimiters
+    policy: RetryPolicy = field(init=False)      # the stages' own, kept here: read several times per request
+    breaker: GuardedBreaker = field(init=False)
+    shapes: RouteShapes = field(init=False)      # the upstream's route templates (Platform.routes)
 
-    @property
-    def policy(self) -> RetryPolicy:
-        return self.stages.policy
-
-    @property
-    def breaker(self) -> GuardedBreaker:
-        return self.stages.breaker
+    def __post_init__(self) -> None:
+        self.policy, self.breaker = self.stages.policy, self.stages.breaker
+        self.shapes = self.platform.routes(self.upstream)
 
     def observe(self, verdict: Verdict, latency: float) -> None:
         """Every attempt's result, for the stages that learn from the network (monitor, breaker)."""

@@ -19,6 +19,7 @@ from proxy.window import SlidingWindow
 
 
 class BreakerState(enum.Enum):
+    __hash__ = object.__hash__   # as proxy/outcome.py's enums: members hashed by identity
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
@@ -80,7 +81,8 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
-        self._maybe_half_open()
+        if self._state is BreakerState.OPEN:   # only an open circuit moves with time alone
+            self._maybe_half_open()
         return self._state
 
     def allow(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from typing import Sequence
 
@@ -166,6 +167,7 @@ async def run(loaded: Config) -> None:
         sidecar = Sidecar(loaded)
     except Exception as exc:
         raise StartupError(describe_start_failure(exc)) from exc
+    freeze_built_objects()
     await sidecar.run_until_signal()
 
 
@@ -225,6 +227,13 @@ def install_fast_loop() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def freeze_built_objects() -> None:
+    """What the config built lives as long as the process: move it out of the cyclic collector's reach, so full
+    collections scan only what requests allocate (with 1,000 apps they scanned ~100 MB of bindings, metrics and
+    windows, and throughput fell with the number of apps). Garbage frozen with it is start-up's, once."""
+    gc.freeze()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -173,6 +173,9 @@ class Config:
 # Loading
 
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml's, when PyYAML has it: 10x faster, same rules
+
+
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -185,7 +188,7 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
 def loads(text: str, env: Mapping[str, str] | None = None) -> Config:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<yaml>"

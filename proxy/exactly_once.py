@@ -177,10 +177,14 @@ class ExactlyOnce:
             metrics.once_entries.set_function(lambda: local.entries)
             metrics.once_bytes.set_function(lambda: local.bytes)
 
-    async def through(self, exchange: Exchange, body: RequestBody, call: Stage) -> Answer:
+    def through(self, exchange: Exchange, body: RequestBody, call: Stage) -> Awaitable[Answer]:
+        """A request without a key goes straight on: the next stage's own awaitable, no coroutine of ours around it."""
         key = self.read_key(exchange)
         if key is None or exchange.method not in METHODS or not body.replayable:
-            return await call(exchange, body)   # a body too large to buffer cannot be compared with a repeat
+            return call(exchange, body)   # a body too large to buffer cannot be compared with a repeat
+        return self.keyed(exchange, body, key, call)
+
+    async def keyed(self, exchange: Exchange, body: RequestBody, key: str, call: Stage) -> Answer:
         scope = f"{exchange.binding.app.name}:{hashlib.sha256(key.encode()).hexdigest()}"
         fingerprint = _fingerprint(exchange, body)
         owner = secrets.token_hex(8)

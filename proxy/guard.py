@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.budget import RetryBudget
-from proxy.metrics import Metrics
+from proxy.metrics import Children, Metrics
 from proxy.network import NetworkMonitor, NetworkSnapshot, NetworkState, RetryParams
 from proxy.outcome import Verdict
 from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
@@ -226,7 +226,7 @@ class GuardedBudget(RetryBudget):
 
 # The metrics a request's path updates (Pipeline, RetryEngine, AppTokens); the others are set up once, at start.
 HOT_CHILDREN = ("hot_requests", "hot_request_duration", "hot_in_flight", "hot_attempts", "hot_attempt_duration",
-                "capped_retries")
+                "capped_retries", "hot_outcomes")
 REQUEST_FAMILIES = ("idempotency_keys", "token_replays", "retry_budget_exhausted", "deadline_exceeded",
                     "not_retried", "ratelimit_rejections", "ratelimit_wait", "local_answers", "token_refreshes",
                     "sidecar_errors")
@@ -271,8 +271,28 @@ class _Nothing:
 NOTHING = _Nothing()
 
 
-class GuardedLookup:
-    """`metrics.hot_requests(...)` or `metrics.not_retried.labels(...)`, guarded; children wrapped once each."""
+class GuardedLookup(Children):
+    """`metrics.hot_requests(...)`, guarded: a lookup that fails counts and gives NOTHING; each child is wrapped
+    once, when it is first looked up, so the common lookup stays one dict read."""
+
+    def __init__(self, children: Children, guard: Guard) -> None:
+        self.__dict__.update(children.__dict__)   # the same children and bounds, from now on wrapped
+        self._children = {values: GuardedChild(child, guard) for values, child in children._children.items()}
+        self._guard = guard
+
+    def _miss(self, values: tuple[str, ...]) -> GuardedChild | _Nothing:
+        try:
+            return super()._miss(values)   # type: ignore[no-any-return]
+        except Exception as exc:
+            self._guard.failed("metrics", exc)
+            return NOTHING
+
+    def _child(self, values: tuple[str, ...]) -> GuardedChild:
+        return GuardedChild(super()._child(values), self._guard)
+
+
+class GuardedFamilyLookup:
+    """`metrics.not_retried.labels(...)`, guarded; children wrapped once each."""
 
     def __init__(self, lookup: Any, guard: Guard) -> None:
         self._lookup, self._guard = lookup, guard
@@ -295,7 +315,7 @@ class GuardedFamily:
 
     def __init__(self, family: Any, guard: Guard) -> None:
         self.inner = family
-        self.labels = GuardedLookup(family.labels, guard)
+        self.labels = GuardedFamilyLookup(family.labels, guard)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

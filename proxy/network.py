@@ -19,6 +19,7 @@ from proxy.window import DecayingMean, LatencyHistogram, SlidingWindow
 
 
 class NetworkState(enum.Enum):
+    __hash__ = object.__hash__   # as proxy/outcome.py's enums: members hashed by identity
     HEALTHY = "healthy"
     CONGESTED = "congested"  # answers come, but much slower than this upstream's normal
     LOSSY = "lossy"          # a moderate share of attempts die at random (resets, timeouts, 5xx)

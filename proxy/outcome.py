@@ -12,6 +12,10 @@ from dataclasses import dataclass
 class Outcome(enum.Enum):
     """What the caller should do about an attempt."""
 
+    # Members are singletons: hash them by identity (Enum's own __hash__ is a Python call, paid on every set or
+    # dict lookup the hot path makes with a member).
+    __hash__ = object.__hash__
+
     SUCCESS = "success"
     RETRYABLE = "retryable"          # transient: the network or a busy platform
     THROTTLED = "throttled"          # the platform refused for rate; wait, then retry
@@ -21,6 +25,8 @@ class Outcome(enum.Enum):
 
 class Signal(enum.Enum):
     """What the attempt says about the network to the upstream, for the monitor and breaker."""
+
+    __hash__ = object.__hash__   # as for Outcome
 
     OK = "ok"                            # the platform answered (even with an application error)
     CONNECT_FAILURE = "connect_failure"  # never reached the platform

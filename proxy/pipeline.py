@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.bindings import Binding
 from proxy.clock import Clock
@@ -38,6 +38,7 @@ access_log = logging.getLogger("imsidecar.access")
 
 DEADLINE_HEADER = "X-Imsidecar-Timeout"   # a client may shorten (never lengthen) its request's deadline
 CHUNK = 64 * 1024
+STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 10)}   # 100..999: what aiohttp lets a status be
 
 
 @dataclass(slots=True)
@@ -91,9 +92,11 @@ class Pipeline:
             return unrouted(request, self.crashed(listen, request))
 
     async def dispatch(self, request: web.BaseRequest, listen: Address) -> web.StreamResponse:
-        path, _, query = request.raw_path.partition("?")
-        path = path.partition("#")[0]
-        refused = target_problem(request.method, request.raw_path)
+        target = request.raw_path
+        refused = target_problem(request.method, target)
+        path, _, query = target.partition("?")
+        if refused is not None:
+            path = path.partition("#")[0]   # only a refused target can carry one
         match = self.router.resolve(listen, path if path.startswith("/") and refused is None else "/")
         if match is None:
             return self.no_route(listen, path) if refused is None else unrouted(request, self.refuse(listen, refused))
@@ -143,17 +146,19 @@ class Pipeline:
     # The exactly-once and quota-saving stages, outermost first; each may answer without calling the next -------
     # (a repeat of an Idempotency-Key gets its stored answer from proxy/exactly_once.py before any of proxy/saving/)
 
-    async def cached(self, exchange: Exchange, body: RequestBody) -> Answer:
+    # (each returns the next stage's awaitable, so a request a stage lets by pays no coroutine layer for it)
+
+    def cached(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """Read-mostly routes answered from the cache while fresh."""
-        return await self.saving.cache.through(exchange, body, self.coalesced)
+        return self.saving.cache.through(exchange, body, self.coalesced)
 
-    async def coalesced(self, exchange: Exchange, body: RequestBody) -> Answer:
+    def coalesced(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """Identical concurrent reads share one platform call."""
-        return await self.saving.coalescer.through(exchange, body, self.merged)
+        return self.saving.coalescer.through(exchange, body, self.merged)
 
-    async def merged(self, exchange: Exchange, body: RequestBody) -> Answer:
+    def merged(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """One card's updates go in order, the newest of a run replacing the ones before it."""
-        return await self.saving.cards.through(exchange, body, self.call_platform)
+        return self.saving.cards.through(exchange, body, self.call_platform)
 
     async def call_platform(self, exchange: Exchange, body: RequestBody) -> Answer:
         """Past the month's reserve a bulk call stops here; otherwise the retry loop, every attempt counted."""
@@ -173,7 +178,7 @@ class Pipeline:
             except UnitError:
                 pass   # a malformed hint is ignored rather than failing the call
         headers = forward_headers(request.headers)
-        template = binding.platform.route_template(binding.upstream, path)
+        template = binding.shapes.template(path)   # the platform's route template (Platform.route_template)
         route = binding.routes.label(template)
         kind = binding.platform.token_kind(binding.upstream, headers)
         return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind,
@@ -198,8 +203,6 @@ class Pipeline:
         """One attempt: the token (unless the client sent a user token), then the bytes to the platform."""
         b = exchange.binding
         headers = exchange.headers   # the token is set afresh on every attempt, so the request's own copy serves
-        if attempt.extra_headers:
-            headers.update(attempt.extra_headers)
         query = attempt.query if attempt.query is not None else exchange.query
         kind = exchange.token_kind
         attempt.token = None
@@ -245,9 +248,7 @@ class Pipeline:
         return attempt.timeout < exchange.binding.policy.params().per_try_timeout
 
     async def relay(self, request: web.BaseRequest, exchange: Exchange, answer: Answer) -> web.StreamResponse:
-        # The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those).
-        headers = CIMultiDict((k, v) for k, v in answer.headers.items()
-                              if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-imsidecar-"))
+        headers = relayed_headers(answer.headers)
         self.tag(exchange, headers)
         if answer.stream is None:
             return web.Response(status=answer.status, headers=headers, body=answer.body)
@@ -317,13 +318,14 @@ class Pipeline:
             headers["X-Imsidecar-Replayed"] = "true" if exchange.replayed.body is not None else "true; body not kept"
             if exchange.replayed.error:
                 headers["X-Imsidecar-Error"] = exchange.replayed.error
-        headers.update(exchange.marks)
+        if exchange.marks:
+            headers.update(exchange.marks)
 
     def record(self, exchange: Exchange, response: web.StreamResponse) -> None:
         """Count the request once, under the outcome class of what its client got."""
         b = exchange.binding
         elapsed = self.clock.now() - exchange.started
-        status_class, outcome = f"{response.status // 100}xx", self.outcome(exchange, response)
+        status_class, outcome = STATUS_CLASSES.get(response.status // 100, "other"), self.outcome(exchange, response)
         self.metrics.hot_requests(b.app.name, b.upstream, exchange.route, exchange.method, status_class, outcome).inc()
         self.metrics.hot_request_duration(b.app.name, b.upstream, exchange.route).observe(elapsed)
         if exchange.error is not None:
@@ -347,6 +349,15 @@ class Pipeline:
         if exchange.verdict is not None:
             return outcome_class(exchange.verdict, sidecar_token=exchange.token_kind is not None)
         return SUCCESS if response.status < 400 else CLIENT_ERROR
+
+
+def relayed_headers(source: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The platform's headers, minus hop-by-hop ones and any X-Imsidecar-* (only this sidecar may say those)."""
+    kept = CIMultiDict(source)
+    dropped = [name for name in kept if (lower := name.lower()) in HOP_BY_HOP or lower.startswith("x-imsidecar-")]
+    for name in dropped:
+        kept.popall(name, None)
+    return kept
 
 
 def unrouted(request: web.BaseRequest, response: web.Response) -> web.Response:

@@ -9,11 +9,10 @@ pipeline's, classification the platform's, the honest final answer proxy/history
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 import backoff
-from multidict import CIMultiDict
 
 from proxy.budget import RetryBudget
 from proxy.clock import Clock
@@ -72,7 +71,6 @@ class Attempt:
     timeout: float
     timeouts: int = 0            # attempts of this request that timed out so far (each grows the next cut-off)
     retrying: str | None = None  # the reason of the retry about to be sent (counted once it is)
-    extra_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     query: str | None = None     # set when an idempotency key goes into the query
     body: bytes | None = None    # set when an idempotency key goes into the body
     token: str | None = None
@@ -85,6 +83,8 @@ class Decision:
     why: str            # "retry" or the reason it is withheld: final, attempts, unsafe, body_too_large, ...
     wait: float = 0.0
 
+
+FINAL = Decision(False, "final")   # the common answer: not a retryable outcome
 
 Send = Callable[["Exchange", "RequestBody", Attempt], Awaitable[Answer]]
 
@@ -198,7 +198,7 @@ class RetryEngine:
             b.breaker.release_probe()   # it never reached the upstream (cancelled): give the slot back
             raise
         else:
-            verdict = b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
+            verdict = answer.classified(b.platform, b.upstream)
             exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
             tried = Tried(answer, verdict)
         verdict = tried.verdict
@@ -224,11 +224,11 @@ class RetryEngine:
 
     def decide(self, exchange: Exchange, body: RequestBody, verdict: Verdict, history: History,
                waits: Iterator[float]) -> Decision:
+        if verdict.outcome not in RETRIED_OUTCOMES:
+            return FINAL
         policy = exchange.binding.policy
         params = policy.params()   # read now, after the attempt: not what held when the request arrived
         throttled = verdict.outcome is Outcome.THROTTLED
-        if verdict.outcome not in RETRIED_OUTCOMES:
-            return Decision(False, "final")
         # Throttles never use up the attempts the loss needs: they have as many again of their own (a cap, so a
         # client without a limiter does not retry a quota it overruns until its deadline). 1 attempt means no retry.
         spent = history.throttled if throttled else history.counted
@@ -316,7 +316,7 @@ class RetryEngine:
     def record_outcome(self, exchange: Exchange, history: History) -> None:
         exchange.outcome = history.applied().value
         b = exchange.binding
-        self.metrics.request_outcomes.labels(b.app.name, b.upstream, exchange.outcome).inc()
+        self.metrics.hot_outcomes(b.app.name, b.upstream, exchange.outcome).inc()
 
     async def admit(self, exchange: Exchange, limiter: AdaptiveRateLimiter | None, history: History) -> bool:
         """The breaker, then the sidecar's own rate limit. True: send the attempt; False: stop with what the

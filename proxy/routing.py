@@ -24,24 +24,50 @@ class Match(Generic[T]):
 
 
 @dataclass
-class Router(Generic[T]):
-    """Longest-prefix match per listener; a prefix matches only on a segment boundary."""
+class _Table(Generic[T]):
+    """One listener's prefixes: by prefix for the lookup, and the distinct lengths, longest first, to try."""
 
-    _tables: dict[Address, list[tuple[str, T]]] = field(default_factory=dict)
+    targets: dict[str, T] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Router(Generic[T]):
+    """Longest-prefix match per listener; a prefix matches only on a segment boundary.
+
+    A lookup costs one dict read per distinct prefix length (a few), however many apps share the listener.
+    """
+
+    _tables: dict[Address, _Table[T]] = field(default_factory=dict)
 
     def add(self, listen: Address, prefix: str, target: T) -> None:
-        table = self._tables.setdefault(listen, [])
-        table.append((prefix, target))
-        table.sort(key=lambda entry: len(entry[0]), reverse=True)
+        table = self._tables.setdefault(listen, _Table())
+        table.targets.setdefault(prefix, target)
+        table.lengths = sorted({*table.lengths, len(prefix)}, reverse=True)
 
     def resolve(self, listen: Address, path: str) -> Match[T] | None:
-        for prefix, target in self._tables.get(listen, ()):
-            if path == prefix or path.startswith(prefix + "/") or prefix == "":
-                return Match(target, prefix, path[len(prefix):] or "/")
+        table = self._tables.get(listen)
+        if table is None:
+            return None
+        for length in table.lengths:
+            target = table.targets.get(path[:length]) if _on_boundary(path, length) else None
+            if target is not None:
+                return Match(target, path[:length], path[length:] or "/")
         return None
 
     def prefixes(self, listen: Address) -> list[str]:
-        return [prefix or "/" for prefix, _ in self._tables.get(listen, ())]
+        table = self._tables.get(listen)
+        return [prefix or "/" for prefix in sorted(table.targets, key=len, reverse=True)] if table else []
+
+    def targets(self, listen: Address) -> list[T]:
+        """Every target bound on `listen`."""
+        table = self._tables.get(listen)
+        return list(table.targets.values()) if table else []
+
+
+def _on_boundary(path: str, length: int) -> bool:
+    """Whether a prefix `length` long would end on a segment boundary of `path` (`/ding` is none of `/dingx/y`)."""
+    return length == 0 or len(path) == length or (len(path) > length and path[length] == "/")
 
 
 ID = ":id"   # a segment no template or vocabulary knows, in a path no template matches

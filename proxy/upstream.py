@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -18,7 +18,11 @@ from yarl import URL
 
 from proxy.egress import Egress, EgressSettings
 from proxy.errors import NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, translate
+from proxy.outcome import Verdict
 from proxy.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from proxy.platforms.base import Platform
 
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
 READ_CHUNK = 64 * 1024
@@ -40,6 +44,7 @@ class Answer:
     body: bytes | None
     stream: aiohttp.ClientResponse | None = None
     head: bytes = b""   # what was already read of a streamed answer (up to the classification limit)
+    verdict: Verdict | None = None   # the platform's classification, once a stage asked for it (`classified`)
 
     def plain_body(self) -> bytes | None:
         """The body as the platform meant it, for classification (decompressed when it came gzipped)."""
@@ -52,6 +57,13 @@ class Answer:
             except zlib.error:
                 return None
         return None if encoding else self.body
+
+    def classified(self, platform: Platform, upstream: str) -> Verdict:
+        """The platform's verdict on this answer, worked out once however many stages ask (the quota meter, the
+        retry loop, the read cache)."""
+        if self.verdict is None:
+            self.verdict = platform.classify(upstream, self.status, self.headers, self.plain_body())
+        return self.verdict
 
     def release(self) -> None:
         if self.stream is not None:
@@ -94,6 +106,9 @@ class UpstreamClient:
             self._session = self._egress.session(
                 limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
                 auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+                # The sidecar relays cookies both ways and keeps none: a jar would replay one client's Set-Cookie
+                # on every other client's calls (and costs a filter and an update per attempt).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # sock_connect, not connect: waiting for a free pooled connection is the sidecar's own congestion,
                 # not the platform failing to accept one, and must not count (or open the breaker) as a connect failure.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
@@ -161,6 +176,11 @@ class UpstreamClient:
         response = await self.session.request(method, url, headers=headers, data=body, allow_redirects=False)
         if not _should_read(response):
             return Answer(response.status, response.headers, None, response)
+        if response.content_length is not None:   # within the limit (_should_read): read whole, in one go
+            try:
+                return Answer(response.status, response.headers, await response.read())
+            finally:
+                response.release()
         try:
             head, whole = await _read_up_to(response, CLASSIFY_LIMIT)
         except BaseException:
@@ -212,11 +232,13 @@ def _should_read(response: aiohttp.ClientResponse) -> bool:
 
 def forward_headers(source: CIMultiDictProxy[str] | CIMultiDict[str], *, drop_prefix: str = "x-imsidecar-") -> CIMultiDict[str]:
     """Every end-to-end header, minus hop-by-hop ones and those the `Connection` header names."""
-    named = {h.strip().lower() for h in source.get("Connection", "").split(",") if h.strip()}
-    return CIMultiDict(
-        (k, v) for k, v in source.items()
-        if k.lower() not in HOP_BY_HOP and k.lower() not in named and not k.lower().startswith(drop_prefix)
-    )
+    connection = source.get("Connection")
+    named = HOP_BY_HOP | {h.strip().lower() for h in connection.split(",")} if connection else HOP_BY_HOP
+    kept = CIMultiDict(source)
+    dropped = [name for name in kept if (lower := name.lower()) in named or lower.startswith(drop_prefix)]
+    for name in dropped:
+        kept.popall(name, None)
+    return kept
 
 
 __all__ = ["Answer", "AttemptFailed", "MisdirectedRequest", "UpstreamClient", "forward_headers"]

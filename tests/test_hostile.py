@@ -107,7 +107,7 @@ def errors(running: Running, kind: str) -> float:
 
 
 def health(running: Running, app: str = "sales-bot", upstream: str = "open") -> tuple[BreakerState, float]:
-    binding = next(b for _, b in running.sidecar.router._tables[running.sidecar.config.listen]
+    binding = next(b for b in running.sidecar.router.targets(running.sidecar.config.listen)
                    if b.app.name == app and b.upstream == upstream)
     healthy = running.metric("imsidecar_network_state", app=app, upstream=upstream, state="healthy")
     return binding.breaker.state, healthy

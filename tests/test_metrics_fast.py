@@ -150,3 +150,57 @@ def test_a_request_sequence_through_the_hot_children_reads_as_with_the_library()
     families = {f.name for f in text_string_to_metric_families(generate_latest(fast_registry).decode())}
     assert {"imsidecar_requests", "imsidecar_request_duration_seconds", "imsidecar_in_flight_requests",
             "imsidecar_upstream_attempts", "imsidecar_upstream_attempt_duration_seconds", "imsidecar_retries"} <= families
+
+
+def test_the_hot_children_stay_bounded_however_many_values_clients_make_up() -> None:
+    m = Metrics(CollectorRegistry())
+    for i in range(1000):
+        m.hot_requests("a", "feishu", "/r", f"MADEUP{i}", "2xx", "success").inc()
+        m.hot_attempts("a", "feishu", "/r", "permanent", f"code_{i}").inc()
+    assert len(m.hot_requests._children) == 1   # every made-up method is `other`: one child, one key
+    assert len(m.hot_attempts._children) == 101   # the first 100 reasons, then `other`
+    assert m.registry.get_sample_value("imsidecar_requests_total", {
+        "app": "a", "upstream": "feishu", "route": "/r", "method": "other", "status_class": "2xx",
+        "outcome": "success"}) == 1000
+
+
+@pytest.mark.parametrize("kind", ["ours", "fast"])
+def test_prepared_series_read_as_children_built_at_zero_would(kind: str) -> None:
+    from proxy.metrics import Counter as PreparedCounter
+
+    ours_registry, stock_registry = CollectorRegistry(), CollectorRegistry()
+    family = (PreparedCounter if kind == "ours" else FastCounter)(
+        "imsidecar_test_withheld", "Withheld.", ("app", "why"), registry=ours_registry)
+    stock = Counter("imsidecar_test_withheld", "Withheld.", ("app", "why"), registry=stock_registry)
+    for why in ("unsafe", "deadline", "budget"):
+        family.prepare("sales-bot", why)
+        stock.labels("sales-bot", why)
+    assert generate_latest(ours_registry) == generate_latest(stock_registry)
+    family.labels("sales-bot", "deadline").inc(2)   # the first event: a real child, and only it reads 2
+    stock.labels("sales-bot", "deadline").inc(2)
+    assert sorted(generate_latest(ours_registry).splitlines()) == sorted(generate_latest(stock_registry).splitlines())
+    assert generate_latest(ours_registry).count(b"why=\"deadline\"") == 1
+
+
+def test_preparing_with_the_wrong_label_count_fails_as_labels_would() -> None:
+    from proxy.metrics import Counter as PreparedCounter
+
+    family = PreparedCounter("imsidecar_test_prepared", "Prepared.", ("app", "why"), registry=CollectorRegistry())
+    with pytest.raises(ValueError):
+        family.prepare("sales-bot")
+
+
+def test_scraped_gauges_read_as_children_with_a_function_would() -> None:
+    from proxy.metrics import ScrapedGauge
+
+    ours_registry, stock_registry = CollectorRegistry(), CollectorRegistry()
+    ours = ScrapedGauge("imsidecar_test_state", "State.", ("app", "upstream"), registry=ours_registry)
+    stock = Gauge("imsidecar_test_state", "State.", ("app", "upstream"), registry=stock_registry)
+    state = {"open": 0.0, "api": 1}
+    for upstream in state:
+        ours.read(lambda u=upstream: state[u], "sales-bot", upstream)
+        stock.labels("sales-bot", upstream).set_function(lambda u=upstream: state[u])
+    state["open"] = 2.0   # read when scraped, not when registered
+    assert generate_latest(ours_registry) == generate_latest(stock_registry)
+    with pytest.raises(ValueError):
+        ours.read(lambda: 0.0, "sales-bot")

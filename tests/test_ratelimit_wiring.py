@@ -46,6 +46,22 @@ async def test_the_limit_comes_down_after_the_platform_throttles(start_sidecar: 
     assert 0 < rate < 20
 
 
+async def test_only_requests_that_waited_for_a_slot_are_counted_as_waits(start_sidecar: SidecarFactory) -> None:
+    running = await start_sidecar(ratelimit="{per_second: 5}")
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):   # the quota's first second: every slot free at once
+            async with http.post(running.base + USER_GET, json={"userid": "manager001"}) as r:
+                assert r.status == 200
+        waits = {"app": "ops-ding", "route": "/topapi/v2/user/get"}
+        assert running.metric("imsidecar_ratelimit_wait_seconds_count", **waits) == 0
+        async with http.post(running.base + USER_GET, json={"userid": "manager001"}) as r:
+            assert r.status == 200   # the sixth waits for the next second's slot
+    assert running.metric("imsidecar_ratelimit_wait_seconds_count", **waits) == 1
+    assert running.metric("imsidecar_ratelimit_wait_seconds_sum", **waits) > 0.1
+    lane = {"app": "ops-ding", "lane": "interactive"}
+    assert running.metric("imsidecar_priority_wait_seconds_count", **lane) == 6   # every request, in its lane
+
+
 def test_route_quotas_are_read_from_config() -> None:
     c = config.loads("""
 apps:

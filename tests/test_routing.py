@@ -146,3 +146,17 @@ def test_labels_are_capped_per_app() -> None:
     labels = RouteLabels(limit=3)
     seen = {labels.label(f"/open-apis/x{i}/y") for i in range(100)}
     assert len(seen) == 4 and OTHER_ROUTE in seen
+
+
+def test_a_thousand_prefixes_resolve_like_the_longest_match() -> None:
+    router: Router[str] = Router()
+    for i in range(1000):
+        router.add(A, f"/app-{i}", f"app-{i}")
+    router.add(A, "/app-1/nested", "nested")
+    assert router.resolve(A, "/app-999/open-apis/x").target == "app-999"   # type: ignore[union-attr]
+    assert router.resolve(A, "/app-1/nested/x").path == "/x"               # type: ignore[union-attr]
+    assert router.resolve(A, "/app-1/nestedx").target == "app-1"           # type: ignore[union-attr]
+    assert router.resolve(A, "/app-10").path == "/"                        # type: ignore[union-attr]
+    assert router.resolve(A, "/app-1000/x") is None
+    assert router.resolve(A, "/app-") is None
+    assert router.prefixes(A)[0] == "/app-1/nested" and len(router.targets(A)) == 1001

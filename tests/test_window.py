@@ -47,3 +47,13 @@ def test_decaying_rate_reads_a_bursty_and_an_even_stream_alike():
     assert even.rate(60.0) == pytest.approx(20, rel=0.1)
     assert bursty.rate(60.0) == pytest.approx(20, rel=0.25)
     assert even.rate(70.0) < 0.2  # and forgets a stream that stopped
+
+
+def test_rows_exist_only_for_buckets_something_was_added_in() -> None:
+    window = SlidingWindow(3, span=10.0, bucket=1.0)
+    assert window._rows.count(None) == 10   # an idle window holds no rows
+    window.add(0.5, 0)
+    window.add(3.5, 2, 2.0)
+    assert window._rows.count(None) == 8 and tuple(window.totals(4.0)) == (1.0, 0.0, 2.0)
+    assert tuple(window.totals(10.7)) == (0.0, 0.0, 2.0) and window._rows.count(None) == 9   # bucket 0 fell out
+    assert tuple(window.totals(30.0)) == (0.0, 0.0, 0.0) and window._rows.count(None) == 10

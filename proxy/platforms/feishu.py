@@ -23,6 +23,7 @@ TOKEN_PATHS = {
     "tenant": "/open-apis/auth/v3/tenant_access_token/internal",
     "app": "/open-apis/auth/v3/app_access_token/internal",
 }
+TOKEN_KINDS = {path: kind for kind, path in TOKEN_PATHS.items()}
 PLACEHOLDERS = {"tenant": f"t-{PLACEHOLDER}", "app": f"a-{PLACEHOLDER}"}
 PLACEHOLDER_KINDS: dict[str, str | None] = {**{v: k for k, v in PLACEHOLDERS.items()}, PLACEHOLDER: None}
 
@@ -110,10 +111,7 @@ class Feishu(Platform):
         return query
 
     def token_endpoint(self, upstream: str, method: str, path: str) -> str | None:
-        for kind, token_path in TOKEN_PATHS.items():
-            if path == token_path:
-                return kind
-        return None
+        return TOKEN_KINDS.get(path)
 
     def token_endpoint_answer(self, kind: str, expires_in: float) -> LocalAnswer:
         answer: dict[str, object] = {"code": 0, "msg": "ok", "expire": int(expires_in)}

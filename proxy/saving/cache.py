@@ -9,7 +9,7 @@ cache_store.py's. Off for an app without a `cache:` section.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, TypeGuard
+from typing import TYPE_CHECKING, Awaitable, Mapping, TypeGuard
 
 from proxy.clock import Clock
 from proxy.errors import SidecarError
@@ -49,7 +49,16 @@ class ReadCache:
         self._metrics.cache_bytes.labels(app).set_function(lambda: entries.bytes)
         return entries
 
-    async def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
+    def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Awaitable[Answer]:
+        """A request for no cached route goes straight on: the next stage's own awaitable, nothing of ours around it."""
+        try:
+            route = self.route(exchange)
+        except Exception as exc:   # fail open, as below
+            self._guard.failed("cache", exc)
+            route = None
+        return call(exchange, body) if route is None else self.read(exchange, body, call)
+
+    async def read(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
         try:
             found = await self._look_up(exchange, body)
         except Exception as exc:   # fail open: the read goes to the platform as if nothing were cached
@@ -126,7 +135,7 @@ class ReadCache:
     @staticmethod
     def _verdict(exchange: Exchange, answer: Answer) -> Verdict:
         b = exchange.binding
-        return b.platform.classify(b.upstream, answer.status, answer.headers, answer.plain_body())
+        return answer.classified(b.platform, b.upstream)
 
     @staticmethod
     def _exhausted(exchange: Exchange, answer: Answer) -> bool:

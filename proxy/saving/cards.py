@@ -13,7 +13,7 @@ import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
 from proxy.clock import Clock
 from proxy.errors import SidecarError
@@ -113,7 +113,8 @@ class CardMerger:
         self._settings, self._clock, self._metrics, self._guard = settings, clock, metrics, guard
         self._lines: dict[tuple[str, str], CardLine] = {}
 
-    async def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
+    def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Awaitable[Answer]:
+        """Anything but a card update goes straight on: the next stage's own awaitable, nothing of ours around it."""
         b = exchange.binding
         settings = self._settings.get(b.app.name)
         try:
@@ -122,9 +123,14 @@ class CardMerger:
             self._guard.failed("cards", exc)
             update = None
         if update is None or settings is None:
-            return await call(exchange, body)
+            return call(exchange, body)
+        return self._in_line(exchange, body, update, settings, call)
+
+    async def _in_line(self, exchange: Exchange, body: RequestBody, update: CardUpdate, settings: CardSettings,
+                       call: Call) -> Answer:
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._line(b.app.name, update.card, settings.interval, call).submit(Pending(exchange, body, update, [answer]))
+        line = self._line(exchange.binding.app.name, update.card, settings.interval, call)
+        line.submit(Pending(exchange, body, update, [answer]))
         return await asyncio.shield(answer)   # a client that vanishes leaves its update (and the others') in line
 
     @staticmethod

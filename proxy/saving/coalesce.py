@@ -44,14 +44,16 @@ class Coalescer:
         self._settings, self._reads, self._metrics, self._guard = settings, reads, metrics, guard
         self._flights: dict[str, Flight] = {}
 
-    async def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
+    def through(self, exchange: Exchange, body: RequestBody, call: Call) -> Awaitable[Answer]:
+        """A request that cannot share goes straight on: the next stage's own awaitable, nothing of ours around it."""
         try:
             key = self._key(exchange, body)
         except Exception as exc:   # fail open: a call of its own
             self._guard.failed("coalesce", exc)
             key = None
-        if key is None:
-            return await call(exchange, body)
+        return call(exchange, body) if key is None else self._share(key, exchange, body, call)
+
+    async def _share(self, key: str, exchange: Exchange, body: RequestBody, call: Call) -> Answer:
         flight = self._flights.get(key)
         if flight is None or no_cache(exchange) or (flight.leader.priority == BULK and exchange.priority != BULK):
             return await self._lead(key, exchange, body, call)

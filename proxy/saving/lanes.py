@@ -105,35 +105,40 @@ class LanedLimiters(AppLimiters):
 
     async def acquire(self, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
         """The slot in the request's lane; should the lanes themselves fail, the slot as AppLimiters gives it."""
-        start, lane_name = self._clock.now(), CURRENT_LANE.get()
+        lane_name = CURRENT_LANE.get()
         try:
-            await self._in_lane(lane_name, limiter, template, deadline)
+            waited = await self._in_lane(lane_name, limiter, template, deadline)
         except (RateLimitExceeded, ShuttingDown):
             raise
         except Exception as exc:
             self._lane_guard.failed("lanes", exc)
-            await AppLimiters.acquire(self, limiter, template, deadline)
-        waited = self._clock.now() - start
+            waited = await AppLimiters.acquire(self, limiter, template, deadline)
         self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
         return waited
 
-    async def _in_lane(self, lane_name: str, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> None:
+    def _in_lane(self, lane_name: str, limiter: AdaptiveRateLimiter, template: str,
+                 deadline: float) -> Awaitable[float]:
+        """Seconds waited: 0.0 when the slot was free at once (the limiter's own answer, not the time it took)."""
         lane = self._lanes.get(limiter)
         if lane is None:
             lane = self._lanes[limiter] = Lane()
-        if lane_name == BULK:
-            await self._pace(lane, limiter, deadline)
-            give_up = min(self._clock.now() + self._settings.max_bulk_wait, deadline - MIN_USEFUL)
-            await self._bulk(lane, lambda: AppLimiters.acquire(self, limiter, template, deadline), give_up)
-        else:
-            await self._interactive(lane, limiter, template, deadline)
+        if lane_name != BULK:
+            return self._interactive(lane, limiter, template, deadline)
+        return self._bulk_lane(lane, limiter, template, deadline)
 
-    async def _interactive(self, lane: Lane, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> None:
+    async def _bulk_lane(self, lane: Lane, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
+        start = self._clock.now()
+        await self._pace(lane, limiter, deadline)
+        give_up = min(self._clock.now() + self._settings.max_bulk_wait, deadline - MIN_USEFUL)
+        await self._bulk(lane, lambda: AppLimiters.acquire(self, limiter, template, deadline), give_up)
+        return self._clock.now() - start
+
+    async def _interactive(self, lane: Lane, limiter: AdaptiveRateLimiter, template: str, deadline: float) -> float:
         lane.interactive += 1
         if lane.bulk and lane.preempt():
             self._savings.preemptions.labels(self._name).inc()
         try:
-            await AppLimiters.acquire(self, limiter, template, deadline)
+            return await AppLimiters.acquire(self, limiter, template, deadline)
         finally:
             lane.interactive -= 1
             if not lane.interactive and lane.aside:

@@ -78,8 +78,9 @@ class AccountMeter:
             self._flusher = asyncio.ensure_future(self._flush_later())
 
     def _roll(self) -> None:
-        if self._clock.wall() not in self.month:
-            self.month = Month(self._clock.wall())
+        now = self._clock.wall()
+        if not self.month.start <= now < self.month.end:   # Month.__contains__, without a call per attempt
+            self.month = Month(now)
             self.used = self._pending.get(self.month.label, 0)
 
     async def _flush_later(self) -> None:
@@ -196,9 +197,8 @@ class QuotaMeter:
         meter = self._by_app.get(b.app.name)
         if meter is None or not b.platform.metered(b.upstream, exchange.template):
             return
-        plain = answer.plain_body()
-        verdict = b.platform.classify(b.upstream, answer.status, answer.headers, plain)
-        if verdict.outcome is not Outcome.SUCCESS and b.platform.quota_exhausted(answer.status, plain):
+        verdict = answer.classified(b.platform, b.upstream)
+        if verdict.outcome is not Outcome.SUCCESS and b.platform.quota_exhausted(answer.status, answer.plain_body()):
             self._metrics.quota_exhausted.labels(meter.settings.account).inc()
         elif b.platform.counted(answer.status, verdict):
             meter.record()
