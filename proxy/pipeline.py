@@ -219,7 +219,8 @@ class Pipeline:
         path_qs = exchange.path + (f"?{query}" if query else "")
         on_late = self.late_answers(b) if body.replayable else None   # a one-shot stream is not heard out
         try:
-            return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late)
+            return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late,
+                                       within=exchange.deadline - self.clock.now())   # the deadline: wall time
         except AttemptFailed as exc:
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None

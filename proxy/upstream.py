@@ -8,6 +8,7 @@ attempt cut off by its per-try timeout, and error translation; it does not decid
 from __future__ import annotations
 
 import asyncio
+import math
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
@@ -137,20 +138,22 @@ class UpstreamClient:
 
     async def send(self, method: str, path_qs: str, headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None, timeout: float,
-                   on_late: LateAnswer | None = None) -> Answer:
+                   on_late: LateAnswer | None = None, within: float = math.inf) -> Answer:
         """One attempt. Raises a translated AttemptFailed when the network fails it.
 
         With `on_late`, an attempt cut off by `timeout` goes on in the background (up to LATE_LIMIT) and its
         answer's latency is reported when it comes: the answer is dropped, but what it says about the platform's
         speed is what a per-try timeout must learn, and a slow platform is told apart from one that is gone.
+        `timeout` is the platform's time (proxy/watchdog.py does not count the event loop's stalls in it); `within`
+        is wall time no stall extends: what is left of the request's deadline.
         """
         url = self.url(path_qs)   # refused here, before anything is sent, if it would leave the platform's origin
         if on_late is None:
-            return await self._watched(self._exchange(method, url, headers, body), timeout)
+            return await self._watched(self._exchange(method, url, headers, body), timeout, within)
         exchange = asyncio.ensure_future(self._exchange(method, url, headers, body))
         started = asyncio.get_running_loop().time()
         try:
-            return await self._watched(asyncio.shield(exchange), timeout)
+            return await self._watched(asyncio.shield(exchange), timeout, within)
         except AttemptTimeout:
             _listen_late(exchange, started, on_late)
             raise
@@ -158,8 +161,8 @@ class UpstreamClient:
             exchange.cancel()
             raise
 
-    async def _watched(self, exchange: Awaitable[Answer], timeout: float) -> Answer:
-        task = self._watchdog.watch(timeout)
+    async def _watched(self, exchange: Awaitable[Answer], timeout: float, within: float) -> Answer:
+        task = self._watchdog.watch(timeout, within)
         try:
             return await exchange
         except asyncio.CancelledError as exc:

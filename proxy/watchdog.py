@@ -2,11 +2,18 @@
 
 Owns cancelling attempts that outlive their per-try timeout (within one tick, 10 ms); what a timeout means is the
 caller's. `asyncio.timeout` costs a timer-heap insert and removal per attempt, measurable at thousands per second.
+
+A per-try timeout is the platform's time, not the sidecar's: when the event loop is too busy to run the ticker on
+time (thousands of requests in flight at once), the time it fell behind is not counted against any attempt. An
+attempt that waited for the loop was not slowed by the platform, and cutting it off only sends the same work again
+into the same queue (retries that feed the overload they were taken for). The request's deadline is another matter:
+it is the client's wall time, and a stall never moves it (`within`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 TICK = 0.01
@@ -15,16 +22,19 @@ TICK = 0.01
 class Watchdog:
     def __init__(self, tick: float = TICK) -> None:
         self._tick = tick
-        self._due: dict[asyncio.Task[Any], float] = {}
+        self._due: dict[asyncio.Task[Any], tuple[float, float]] = {}   # (platform time due, wall time due)
         self._expired: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self._stalled = 0.0   # seconds the loop ran the ticker late, in all: not the platform's time
 
-    def watch(self, seconds: float) -> asyncio.Task[Any]:
-        """Cancel the current task if it is still being watched `seconds` from now."""
+    def watch(self, seconds: float, within: float = math.inf) -> asyncio.Task[Any]:
+        """Cancel the current task if it is still being watched after `seconds` of the platform's time (the loop's
+        stalls not counted) or `within` seconds of wall time, whichever comes first."""
         task = asyncio.current_task()
         assert task is not None
         loop = task.get_loop()
-        self._due[task] = loop.time() + seconds
+        now = loop.time()
+        self._due[task] = (now - self._stalled + seconds, now + within)
         if self._ticker is None or self._ticker.done() or self._ticker.get_loop() is not loop:
             self._ticker = loop.create_task(self._run())
         return task
@@ -40,11 +50,14 @@ class Watchdog:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        ticked = loop.time()
         while self._due:
             await asyncio.sleep(self._tick)
             now = loop.time()
-            for task, due in list(self._due.items()):
-                if due <= now:
+            self._stalled += max(0.0, now - ticked - 2 * self._tick)   # a tick of slack for ordinary jitter
+            ticked, platform_now = now, now - self._stalled
+            for task, (due, wall_due) in list(self._due.items()):
+                if due <= platform_now or wall_due <= now:
                     del self._due[task]
                     self._expired.add(task)
                     task.cancel()

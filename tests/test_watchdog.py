@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import pytest
 
 from proxy.watchdog import Watchdog
 
 
-async def attempt(dog: Watchdog, takes: float, allowed: float) -> str:
-    task = dog.watch(allowed)
+async def attempt(dog: Watchdog, takes: float, allowed: float, within: float = math.inf) -> str:
+    task = dog.watch(allowed, within)
     try:
         await asyncio.sleep(takes)
         return "answered"
@@ -43,3 +45,29 @@ async def test_a_timed_out_task_goes_on_normally_afterwards() -> None:
     assert await attempt(dog, 0.2, 0.01) == "timed out"
     await asyncio.sleep(0.02)   # no pending cancellation is left behind
     assert await attempt(dog, 0.001, 1.0) == "answered"
+
+
+def stall_loop(seconds: float) -> None:
+    """What thousands of requests in flight do to the event loop: nothing else runs for a while."""
+    time.sleep(seconds)
+
+
+async def test_time_the_loop_was_too_busy_to_run_is_not_charged_to_an_attempt() -> None:
+    # The attempt's platform answers after 40 ms of its 60 ms, but 20 ms in the loop stalls for 100 ms: the ticker
+    # then runs first (its timer is the earliest) and, charging the stall to the attempt, would cut it off.
+    dog = Watchdog(tick=0.005)
+    asyncio.get_running_loop().call_later(0.02, stall_loop, 0.1)
+    assert await attempt(dog, 0.04, 0.06) == "answered"
+
+
+async def test_a_slow_attempt_still_times_out_when_the_loop_was_stalled_too() -> None:
+    dog = Watchdog(tick=0.005)
+    asyncio.get_running_loop().call_later(0.01, stall_loop, 0.1)
+    assert await attempt(dog, 0.5, 0.03) == "timed out"
+
+
+async def test_the_deadline_is_wall_time_that_no_stall_extends() -> None:
+    dog = Watchdog(tick=0.005)
+    asyncio.get_running_loop().call_later(0.01, stall_loop, 0.1)
+    # a per-try timeout of 1 s, but only 50 ms left of the request's deadline
+    assert await attempt(dog, 0.5, 1.0, within=0.05) == "timed out"
