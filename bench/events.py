@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.fakes.events import FeishuPusher
+from proxy.fakes.net import wait_listening
 from tests.conftest import distinct_ports
 
 BACKENDS = ("memory", "journal", "redis")
@@ -90,23 +91,11 @@ async def redis_server(workdir: Path) -> AsyncIterator[str]:
                                                    "--appendonly", "no", "--dir", str(workdir),
                                                    stdout=asyncio.subprocess.DEVNULL)
     try:
-        await wait_port(port)
+        await wait_listening(port, bound=10.0)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
         await process.wait()
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(1000):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        writer.close()
-        return
-    raise SystemExit(f"nothing listens on {port}")
 
 
 @contextlib.asynccontextmanager
@@ -114,7 +103,7 @@ async def sidecar(path: Path, events_port: int) -> AsyncIterator[None]:
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "run", "--config", str(path),
                                                    stdout=asyncio.subprocess.DEVNULL)
     try:
-        await wait_port(events_port)
+        await wait_listening(events_port, bound=10.0)
         yield
     finally:
         process.terminate()

@@ -27,6 +27,7 @@ from proxy.config import ConfigError
 from proxy.egress import Egress, EgressSettings, ProxyRoute
 from proxy.fakes.events import FakeApplication, FakeFeishuGateway, wait_for
 from proxy.fakes.feishu import FakeFeishu
+from proxy.fakes.net import wait_listening
 from proxy.fakes.robots import FakeDingTalkRobot
 from proxy.secret import Secret
 from tests.conftest import FEISHU_SECRET, Platforms, make_config, require_binary
@@ -172,24 +173,13 @@ async def tinyproxy(tmp_path: Path) -> AsyncIterator[Tinyproxy]:
     process = await asyncio.create_subprocess_exec(binary, "-d", "-c", str(conf), stdout=asyncio.subprocess.DEVNULL,
                                                    stderr=asyncio.subprocess.DEVNULL)
     try:
-        await _wait_listening(port, process)
+        await wait_listening(port, process, pause=0.025)
         yield Tinyproxy(f"http://127.0.0.1:{port}", log)
     finally:
         process.terminate()
         await process.wait()
 
 
-async def _wait_listening(port: int, process: asyncio.subprocess.Process) -> None:
-    for _ in range(200):
-        assert process.returncode is None, "tinyproxy exited"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.025)
-            continue
-        writer.close()
-        return
-    raise AssertionError("tinyproxy never listened")
 
 
 def proxy_section(proxy: Tinyproxy, ca: TestCA | None = None, password: str = "${PROXY_PASSWORD}") -> str:

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from proxy.fakes.events import FakeApplication, FeishuPusher
+from proxy.fakes.net import wait_listening
 from tests.conftest import distinct_ports, wait_ready
 from tests.events_support import serve
 from tests.redis_support import running_redis
@@ -59,18 +60,7 @@ class Sidecar:
             sys.executable, "-m", "proxy", "run", "--config", str(self.path),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         await wait_ready(http, f"http://127.0.0.1:{self.ports[1]}/healthz", self.process)
-        await self._listening(self.ports[2])   # the events listener opens just after the admin one
-
-    async def _listening(self, port: int) -> None:
-        for _ in range(500):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.01)
-                continue
-            writer.close()
-            return
-        raise AssertionError(f"nothing listens on {port}")
+        await wait_listening(self.ports[2])   # the events listener opens just after the admin one
 
     async def push(self, http: aiohttp.ClientSession, n: int) -> int:
         pusher = FeishuPusher("cli_1", "vt", "", now=time.time)
