@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from typing import Any, AsyncIterator
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import unused_port
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from proxy import config
+from proxy.app import Sidecar
+from proxy.upstream import CLASSIFY_LIMIT
 from tests.conftest import Platforms, Running
 
 MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
@@ -136,31 +145,14 @@ async def test_admin_endpoints(sidecar: Running, http: aiohttp.ClientSession) ->
 
 
 async def test_an_upstream_cannot_speak_for_the_sidecar(aiohttp_server, http: aiohttp.ClientSession) -> None:  # type: ignore[no-untyped-def]
-    from aiohttp import web
-    from aiohttp.test_utils import unused_port
-    from prometheus_client import CollectorRegistry
-
-    from proxy import config
-    from proxy.app import Sidecar
-
     async def impostor(request: web.Request) -> web.Response:
         return web.json_response({"code": 0}, headers={"X-Imsidecar-Error": "CircuitOpen", "X-Imsidecar-Attempts": "9"})
 
     upstream = web.Application()
     upstream.router.add_route("*", "/{tail:.*}", impostor)
-    server = await aiohttp_server(upstream)
-    listen, admin = unused_port(), unused_port()
-    sidecar = Sidecar(config.loads(f"""
-listen: 127.0.0.1:{listen}
-admin_listen: 127.0.0.1:{admin}
-apps: [{{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {{open: {{base_url: "{server.make_url('')}"}}}}}}]
-""", env={}), registry=CollectorRegistry())
-    await sidecar.start()
-    try:
-        async with http.get(f"http://127.0.0.1:{listen}/a/open-apis/x", headers={"Authorization": "Bearer u-1"}) as r:
+    async with sidecar_before(upstream, aiohttp_server) as base:
+        async with http.get(f"{base}/open-apis/x", headers={"Authorization": "Bearer u-1"}) as r:
             assert "X-Imsidecar-Error" not in r.headers and r.headers["X-Imsidecar-Attempts"] == "1"
-    finally:
-        await sidecar.stop()
 
 
 async def test_a_chunked_text_download_streams_past_the_classification_limit(aiohttp_server,  # type: ignore[no-untyped-def]
@@ -168,16 +160,6 @@ async def test_a_chunked_text_download_streams_past_the_classification_limit(aio
     """No Content-Length, a text type: read only up to the classification limit, then streamed. The platform here
     sends 2 MiB and then waits for the client to have received 1.5 MiB before sending the other 18 MiB: a sidecar
     that read the whole answer before relaying would never get there."""
-    import asyncio
-
-    from aiohttp import web
-    from aiohttp.test_utils import unused_port
-    from prometheus_client import CollectorRegistry
-
-    from proxy import config
-    from proxy.app import Sidecar
-    from proxy.upstream import CLASSIFY_LIMIT
-
     block, received_enough = b"x" * 65536, asyncio.Event()
 
     async def download(request: web.Request) -> web.StreamResponse:
@@ -193,6 +175,21 @@ async def test_a_chunked_text_download_streams_past_the_classification_limit(aio
 
     upstream = web.Application()
     upstream.router.add_get("/open-apis/drive/v1/files/{token}/download", download)
+    async with sidecar_before(upstream, aiohttp_server) as base:
+        received = 0
+        async with http.get(f"{base}/open-apis/drive/v1/files/boxcn1/download",
+                            headers={"Authorization": "Bearer u-1"}) as r:
+            assert r.status == 200 and r.headers["X-Imsidecar-Attempts"] == "1"
+            async for chunk in r.content.iter_chunked(65536):
+                received += len(chunk)
+                if received >= CLASSIFY_LIMIT * 3 // 2:
+                    received_enough.set()
+        assert received == 320 * len(block)
+
+
+@contextlib.asynccontextmanager
+async def sidecar_before(upstream: web.Application, aiohttp_server: Any) -> AsyncIterator[str]:
+    """A sidecar with one Feishu app `a` whose platform is `upstream`; yields the app's base URL."""
     server = await aiohttp_server(upstream)
     listen, admin = unused_port(), unused_port()
     sidecar = Sidecar(config.loads(f"""
@@ -202,14 +199,6 @@ apps: [{{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {{open:
 """, env={}), registry=CollectorRegistry())
     await sidecar.start()
     try:
-        received = 0
-        async with http.get(f"http://127.0.0.1:{listen}/a/open-apis/drive/v1/files/boxcn1/download",
-                            headers={"Authorization": "Bearer u-1"}) as r:
-            assert r.status == 200 and r.headers["X-Imsidecar-Attempts"] == "1"
-            async for chunk in r.content.iter_chunked(65536):
-                received += len(chunk)
-                if received >= CLASSIFY_LIMIT * 3 // 2:
-                    received_enough.set()
-        assert received == 320 * len(block)
+        yield f"http://127.0.0.1:{listen}/a"
     finally:
         await sidecar.stop()
