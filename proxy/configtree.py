@@ -114,6 +114,14 @@ class Node:
     def seconds(self, key: str, default: float) -> float:
         return self._unit(key, default, parse_seconds)
 
+    def positive_seconds(self, key: str, default: float) -> float:
+        """A duration that must be longer than 0 (a timeout, an interval, a TTL)."""
+        value = self.seconds(key, default)
+        if value <= 0:
+            self.problem("must be longer than 0", key)
+            return default
+        return value
+
     def bytes(self, key: str, default: int) -> int:
         return int(self._unit(key, default, parse_bytes))
 

@@ -111,11 +111,11 @@ def _parse_redis(node: Node) -> StoreSettings | None:
     settings = StoreSettings(
         backend="redis", url=url, password=password, tls=tls, key_prefix=prefix, replicas=replicas,
         fallback_share=_fallback_share(node, replicas),
-        timeout=_positive_seconds(node, "timeout", d.timeout),
-        connect_timeout=_positive_seconds(node, "connect_timeout", d.connect_timeout),
-        lock_ttl=_positive_seconds(node, "lock_ttl", d.lock_ttl),
-        probe_interval=_positive_seconds(node, "probe_interval", d.probe_interval),
-        probe_max=_positive_seconds(node, "probe_max", d.probe_max),
+        timeout=node.positive_seconds("timeout", d.timeout),
+        connect_timeout=node.positive_seconds("connect_timeout", d.connect_timeout),
+        lock_ttl=node.positive_seconds("lock_ttl", d.lock_ttl),
+        probe_interval=node.positive_seconds("probe_interval", d.probe_interval),
+        probe_max=node.positive_seconds("probe_max", d.probe_max),
     )
     if settings.probe_max < settings.probe_interval:
         node.problem("must not be shorter than probe_interval", "probe_max")
@@ -194,14 +194,6 @@ def _fallback_share(node: Node, replicas: int | None) -> float:
         node.problem(f"expected a share in (0, 1], got {share!r}", "fallback_share")
         return default
     return share
-
-
-def _positive_seconds(node: Node, key: str, default: float) -> float:
-    value = node.seconds(key, default)
-    if value <= 0:
-        node.problem("must be longer than 0", key)
-        return default
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------

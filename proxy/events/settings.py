@@ -175,20 +175,12 @@ def _parse_queue(node: Node) -> QueueSettings | None:
     backend = node.choice("backend", ("redis", "journal", "memory"), "") if node.has("backend") else ""
     path = node.text("path", d.path) or d.path
     settings = QueueSettings(backend, path, int(node.number("dead_letter_max", d.dead_letter_max, minimum=1)),
-                             _positive(node, "poll_interval", d.poll_interval),
-                             _positive(node, "lease_ttl", d.lease_ttl))
+                             node.positive_seconds("poll_interval", d.poll_interval),
+                             node.positive_seconds("lease_ttl", d.lease_ttl))
     if node.has("path") and backend not in ("", "journal"):
         node.problem(f"only with the journal backend, not {backend}", "path")
     node.finish()
     return None if node.has("backend") and not backend else settings
-
-
-def _positive(node: Node, key: str, default: float) -> float:
-    value = node.seconds(key, default)
-    if value <= 0:
-        node.problem("must be longer than 0", key)
-        return default
-    return value
 
 
 def _parse_app(node: Node) -> EventApp | None:
@@ -221,14 +213,14 @@ def _parse_delivery(node: Node) -> DeliverySettings | None:
     settings = DeliverySettings(
         url=url or "",
         queue_size=int(tuning.number("queue_size", 1, minimum=1)) if tuning.has("queue_size") else None,
-        max_age=_positive(tuning, "max_age", d.max_age),
+        max_age=tuning.positive_seconds("max_age", d.max_age),
         backoff_base=tuning.seconds("backoff_base", d.backoff_base),
         backoff_cap=tuning.seconds("backoff_cap", d.backoff_cap),
-        attempt_timeout=_positive(tuning, "attempt_timeout", d.attempt_timeout),
+        attempt_timeout=tuning.positive_seconds("attempt_timeout", d.attempt_timeout),
         dedupe_ttl=_dedupe_ttl(tuning, d.dedupe_ttl),
         dedupe_max=int(tuning.number("dedupe_max", d.dedupe_max, minimum=1)),
         handover_after=int(tuning.number("handover_after", d.handover_after, minimum=1)),
-        handover_cooldown=_positive(tuning, "handover_cooldown", d.handover_cooldown),
+        handover_cooldown=tuning.positive_seconds("handover_cooldown", d.handover_cooldown),
     )
     tuning.finish()
     return settings if url else None
@@ -254,7 +246,7 @@ def _parse_cards(node: Node, delivery: DeliverySettings | None) -> CardSettings 
     default_url = delivery.url if delivery else ""
     d = CardSettings("")
     settings = CardSettings(_url(node, "deliver_to", default_url) or default_url,
-                            _positive(node, "deadline", d.deadline), node.text("late_toast", d.late_toast) or "")
+                            node.positive_seconds("deadline", d.deadline), node.text("late_toast", d.late_toast) or "")
     if settings.deadline >= 3:
         node.problem("must be under 3s: the platforms show the user an error after about 3 s", "deadline")
     node.finish()
@@ -266,9 +258,9 @@ def _parse_stream(node: Node) -> StreamSettings:
     settings = StreamSettings(
         reconnect_base=node.seconds("reconnect_base", d.reconnect_base),
         reconnect_cap=node.seconds("reconnect_cap", d.reconnect_cap),
-        heartbeat=_positive(node, "heartbeat", d.heartbeat),
+        heartbeat=node.positive_seconds("heartbeat", d.heartbeat),
         reassembly_ttl=node.seconds("reassembly_ttl", d.reassembly_ttl),
-        endpoint_timeout=_positive(node, "endpoint_timeout", d.endpoint_timeout),
+        endpoint_timeout=node.positive_seconds("endpoint_timeout", d.endpoint_timeout),
         connections=int(node.number("connections", d.connections, minimum=1)),
     )
     node.finish()
