@@ -1,6 +1,7 @@
 """Time as a parameter: the real clock, and a virtual clock that tests advance by hand.
 
-Owns `now`/`wall`/`sleep`; it does not own deadlines or timers built on top of them.
+Owns `now`/`wall`/`sleep`, and waiting for something at most so long on a clock (`finished_within`); it does not
+own deadlines or the timers built on top of them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol
+from typing import Awaitable, Protocol
 
 
 class Clock(Protocol):
@@ -112,3 +113,18 @@ async def settle(rounds: int = 20) -> None:
     """Let every ready task run until it blocks again (on I/O or a sleep)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def finished_within(clock: Clock, awaitable: Awaitable[object], seconds: float) -> bool:
+    """Wait for `awaitable` at most `seconds` of `clock` time. True if it finished (or failed) in time; if not, it
+    is cancelled. Pass a task or future to read its result afterwards."""
+    work = asyncio.ensure_future(awaitable)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait((work, timer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        finished = work.done()
+        if not finished:
+            work.cancel()
+    return finished and not work.cancelled()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
-from proxy.clock import Clock
+from proxy.clock import Clock, finished_within
 from proxy.errors import ShuttingDown
 
 
@@ -75,11 +75,7 @@ class Drain:
         """Wait up to `seconds` for the in-flight requests to finish; cut the rest short. Returns how many were cut."""
         if self._in_flight:
             self._idle = asyncio.Event()
-            idle = asyncio.ensure_future(self._idle.wait())
-            timer = asyncio.ensure_future(clock.sleep(seconds))
-            await asyncio.wait((idle, timer), return_when=asyncio.FIRST_COMPLETED)
-            idle.cancel()
-            timer.cancel()
+            await finished_within(clock, self._idle.wait(), seconds)
         late = list(self._in_flight)
         for task in late:
             self._interrupt(task)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.clock import Clock
+from proxy.clock import Clock, finished_within
 from proxy.errors import BadRequest, IdempotencyKeyInFlight, IdempotencyKeyReused, OutcomeUnknown, SidecarError
 from proxy.exactly_once_config import OnceSettings
 from proxy.idempotency import HEADER, KeyProblem, client_key
@@ -121,7 +121,7 @@ class MemoryOnce:
         entry = self._entries.get(scope)
         if entry is None or entry.done.is_set():
             return
-        await _first(self._clock, entry.done.wait(), seconds)
+        await finished_within(self._clock, entry.done.wait(), seconds)
 
     def _live(self, scope: str) -> _Entry | None:
         entry = self._entries.get(scope)
@@ -145,17 +145,6 @@ class MemoryOnce:
         if entry.stored is not None:
             self.bytes -= entry.stored.size
         entry.done.set()
-
-
-async def _first(clock: Clock, awaitable: Awaitable[object], seconds: float) -> None:
-    """Wait for `awaitable` or `seconds` of `clock` time, whichever comes first."""
-    waiter = asyncio.ensure_future(awaitable)
-    timer = asyncio.ensure_future(clock.sleep(seconds))
-    try:
-        await asyncio.wait((waiter, timer), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-        timer.cancel()
 
 
 Stage = Callable[["Exchange", "RequestBody"], Awaitable[Answer]]

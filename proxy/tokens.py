@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Iterator, TypeVar
 
 import backoff
 
-from proxy.clock import Clock
+from proxy.clock import Clock, finished_within
 from proxy.config import TokenSettings
 from proxy.platforms.base import TokenFetchError, TokenGrant
 
@@ -212,12 +212,6 @@ T = TypeVar("T")
 async def _within(clock: Clock, work: Awaitable[T], seconds: float) -> T:
     """`work`, or TokenUnavailable once `seconds` of clock time have passed (the work itself goes on: shared)."""
     task = asyncio.ensure_future(work)
-    timer = asyncio.ensure_future(clock.sleep(max(0.0, seconds)))
-    try:
-        await asyncio.wait((task, timer), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        timer.cancel()
-    if not task.done():
-        task.cancel()
+    if not await finished_within(clock, task, max(0.0, seconds)):
         raise TokenUnavailable(f"no token within the request's deadline ({seconds:.1f}s left when it began waiting)")
     return task.result()

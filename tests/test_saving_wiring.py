@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Platforms, Running, SidecarFactory
+from tests.conftest import Platforms, SidecarFactory
 
 USER = "/open-apis/contact/v3/users/ou_7d8a6e6df7621556"
 MESSAGE = {"receive_id": "oc_1", "msg_type": "interactive", "content": json.dumps({"elements": []})}

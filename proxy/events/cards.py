@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from proxy.clock import Clock
+from proxy.clock import Clock, finished_within
 from proxy.events.metrics import EventMetrics
 from proxy.events.queue import Headers
 from proxy.events.settings import CardSettings
@@ -55,13 +55,7 @@ class CardRelay:
 
     async def _within_deadline(self, body: bytes, headers: Headers) -> CardAnswer:
         post = asyncio.ensure_future(self._post(body, headers))
-        timer = asyncio.ensure_future(self._clock.sleep(self.settings.deadline))
-        try:
-            await asyncio.wait({post, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            timer.cancel()
-        if not post.done():
-            post.cancel()
+        if not await finished_within(self._clock, post, self.settings.deadline):
             return CardAnswer("late", b"", "deadline")
         return post.result()
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Protocol
 
-from proxy.clock import Clock
+from proxy.clock import Clock, finished_within
 from proxy.events.metrics import EventMetrics
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,7 @@ class LeaseKeeper:
 
     async def _pause(self) -> None:
         self._health.changed.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(self._interval))
-        waiter = asyncio.ensure_future(self._health.changed.wait())
-        try:
-            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waiter.cancel()
+        await finished_within(self._clock, self._health.changed.wait(), self._interval)
 
     async def _try(self) -> None:
         willing = self._health.willing()

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.clock import Clock
+from proxy.clock import Clock, finished_within
 
 if TYPE_CHECKING:
     from proxy.events.lease import Lease
@@ -134,13 +134,7 @@ class Arrivals:
         if signal.is_set():
             signal.clear()
             return
-        sleeper = asyncio.ensure_future(clock.sleep(seconds))
-        waiter = asyncio.ensure_future(signal.wait())
-        try:
-            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waiter.cancel()
+        await finished_within(clock, signal.wait(), seconds)
         signal.clear()
 
     def _get(self, app: str) -> asyncio.Event:
