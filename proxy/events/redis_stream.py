@@ -32,7 +32,7 @@ from proxy.clock import Clock
 from proxy.events.lease import Lease
 from proxy.events.queue import Admission, Arrivals, DeadLetter, Event, EventStoreUnavailable, Queued
 from proxy.store import StoreSettings
-from proxy.store_redis import REDIS_ERRORS, connect
+from proxy.store_redis import REDIS_ERRORS, RELEASE_LOCK, connect
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ return 0
 
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -283,7 +278,7 @@ class RedisLease:
         self._ttl_ms = max(1, int(store.lease_ttl * 1000))
         self._acquire = self._redis.register_script(ACQUIRE)
         self._renew = self._redis.register_script(RENEW)
-        self._release = self._redis.register_script(RELEASE)
+        self._release = self._redis.register_script(RELEASE_LOCK)   # only the owner deletes it
         self._others = self._redis.register_script(OTHERS)
         self._held: str | None = None
 
