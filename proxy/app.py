@@ -40,9 +40,13 @@ from proxy.routing import RouteLabels, Router
 from proxy.saving.lanes import LanedLimiters
 from proxy.saving.stages import SavingStages
 from proxy.store import open_store
-from proxy.upstream import UpstreamClient
+from proxy.upstream import Pools, UpstreamClient
 
 log = logging.getLogger("imsidecar")
+
+# Start-up token fetches in flight at once. 1,000 apps fetching at one instant opened 1,000 connections to the
+# token endpoint, and kept them: the pool hands its connections out in turn, so none ever idled out.
+WARM_UP_AT_ONCE = 16
 
 
 class StartupError(Exception):
@@ -59,11 +63,11 @@ class Sidecar:
         self.guard = Guard(self.metrics.stage_failures)
         guard_metrics(self.metrics, self.guard)
         self.drain = Drain()
-        self._traces = upstream_traces   # aiohttp tracing on every upstream session (tests watch where calls go)
         # shared tokens, quotas and exactly-once keys
         self.store = open_store(config.store, self.clock, self.metrics.registry, config.idempotency)
         self.saving = SavingStages.build(config.apps, self.store.values, self.clock, self.metrics.registry, self.guard)
-        self.clients: list[UpstreamClient] = []
+        # one keep-alive pool per platform origin, shared by every app (traced in tests that watch where calls go)
+        self.pools = Pools(self.egress, connect_timeout=config.limits.connect_timeout, trace_configs=upstream_traces)
         self.tokens: dict[str, AppTokens] = {}
         self.stages: dict[str, dict[str, UpstreamStages]] = {}   # app → upstream → its breaker and monitor
         self.router: Router[Binding] = Router()
@@ -80,15 +84,14 @@ class Sidecar:
         self.robots: RobotService | None = None
         self._readiness = Readiness(config.readiness)
         self._warmed: set[str] = set()   # apps whose start-up token attempt has finished
+        self._warming: asyncio.Task[None] | None = None
 
     def _bind(self, app_config: AppConfig) -> None:
         platform = platform_for(app_config)
         clients = {
-            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout, egress=self.egress,
-                                 trace_configs=self._traces)
+            name: UpstreamClient(up.base_url, connect_timeout=self.config.limits.connect_timeout, pools=self.pools)
             for name, up in app_config.upstreams.items()
         }
-        self.clients.extend(clients.values())
         tokens = AppTokens(app_config, platform, clients[platform.token_upstream], self.clock, self.config.tokens,
                            self.metrics, shared=self.store.tokens)
         self.tokens[app_config.name] = tokens
@@ -119,8 +122,7 @@ class Sidecar:
         await self.saving.start()
         if self.config.robots is not None:
             self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
-        for tokens in self.tokens.values():
-            asyncio.create_task(self._warm(tokens))
+        self._warming = asyncio.ensure_future(self._warm_all())
         for address in self.config.listeners():
             await self._serve(self._listener(address), address)
         await self._serve(admin_app(self.metrics.registry, self.readiness), self.config.admin_listen)
@@ -131,6 +133,16 @@ class Sidecar:
         return Listener(self._handler(address), limits=self.config.limits, address=address, metrics=self.metrics,
                         guard=self.guard, drain=self.drain, access_log=None,
                         error_body=lambda code, message: self.pipeline.listener_error(address, code, message))
+
+    async def _warm_all(self) -> None:
+        """Every app's first token, WARM_UP_AT_ONCE fetches at a time (an app asked for meanwhile fetches its own)."""
+        waiting = iter(self.tokens.values())
+
+        async def fetcher() -> None:
+            for tokens in waiting:
+                await self._warm(tokens)
+
+        await asyncio.gather(*(fetcher() for _ in range(min(WARM_UP_AT_ONCE, len(self.tokens)))))
 
     async def _warm(self, tokens: AppTokens) -> None:
         """Fetch every app's token at start-up, so the first requests do not wait; /readyz waits for the attempt."""
@@ -212,8 +224,10 @@ class Sidecar:
             await self.events.close()
         if self._session is not None:
             await self._session.close()
+        if self._warming is not None:
+            self._warming.cancel()
         await asyncio.gather(*(tokens.stop() for tokens in self.tokens.values()))
-        await asyncio.gather(*(client.close() for client in self.clients))
+        await self.pools.close()
         await self.saving.stop()
         await self.store.close()
 
@@ -250,11 +264,14 @@ class Sidecar:
         return all(address.port in bound for address in wanted)
 
     def _health(self, name: str, tokens: AppTokens) -> AppHealth:
-        source = tokens.default
-        token = "ok" if source.current() else f"no valid token: {source.last_error or 'fetching'}"
+        source = tokens.started_default   # none yet when the start-up fetches have not reached this app
+        if source is not None and source.current():
+            token = "ok"
+        else:
+            token = f"no valid token: {source is not None and source.last_error or 'fetching'}"
         upstreams = {up: {"circuit": stages.breaker.state.value, "network": stages.monitor.state.value}
                      for up, stages in self.stages.get(name, {}).items()}
-        return AppHealth(token, name in self._warmed, source.seconds_to_expiry(), upstreams)
+        return AppHealth(token, name in self._warmed, source.seconds_to_expiry() if source else 0.0, upstreams)
 
 
 def delivery_urls(config: Config) -> list[str]:

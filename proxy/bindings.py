@@ -94,6 +94,11 @@ class AppTokens:
     def default(self) -> TokenSource:
         return self.source(self.app.token_kind)
 
+    @property
+    def started_default(self) -> TokenSource | None:
+        """The default source if it exists yet: creating one starts its first fetch, which a probe must not do."""
+        return self._sources.get(self.app.token_kind)
+
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop() for s in self._sources.values()))
 

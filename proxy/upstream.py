@@ -1,4 +1,4 @@
-"""One pooled keep-alive HTTP client per upstream, and a single attempt sent through it.
+"""Keep-alive pools to the platforms (one per origin), each configured upstream, and one attempt sent through it.
 
 Owns sessions, the URL each attempt goes to (always the configured scheme, host and port: checked at send time),
 what is read into memory (never more than the classification limit: larger answers stream), the late answer of an
@@ -87,35 +87,77 @@ class MisdirectedRequest(BadRequest):
     """The request would have left for another origin than the configured one: a target the client crafted."""
 
 
-class UpstreamClient:
-    def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256,
-                 egress: Egress | None = None, trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> None:
-        self.base_url = base_url
-        self._base = URL(base_url)
-        self._origin = (self._base.scheme, self._base.raw_host, self._base.port)
-        self._prefix = self._base.raw_path.rstrip("/")
+Origin = tuple[str, str | None, int | None]   # scheme, host, port
+
+
+class Pools:
+    """The keep-alive pools to the platforms, one per origin however many apps call it, and the one watchdog of
+    every attempt's per-try timeout.
+
+    A connection to open.feishu.cn carries any app's calls (the token is a header, not part of the connection), so
+    1,000 apps share one pool instead of holding 1,000 (each mostly idle, each opening its own connections);
+    an origin that hangs still holds only its own pool. A pool has room for the sum of the `pool_size`s reserved
+    on it, so no app has less than it would alone.
+    """
+
+    def __init__(self, egress: Egress | None = None, *, connect_timeout: float,
+                 trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> None:
         self._egress = egress or Egress(EgressSettings())   # the proxy (or none) every connection goes through
         self._connect_timeout = connect_timeout
-        self._pool_size = pool_size
         self._trace_configs = list(trace_configs)
-        self._session: aiohttp.ClientSession | None = None
-        self._watchdog = Watchdog()   # the per-try timeouts of this upstream's attempts
+        self._sizes: dict[Origin, int] = {}
+        self._sessions: dict[Origin, aiohttp.ClientSession] = {}
+        # every attempt's per-try timeout, on one ticker: a ticker per app woke 100 times a second for each app
+        # with an attempt in flight (32 tickers at 1,000 apps and 32 connections)
+        self.watchdog = Watchdog()
+
+    def reserve(self, origin: Origin, size: int) -> None:
+        """Room for `size` more connections to `origin`; taken into account until its pool is first used."""
+        self._sizes[origin] = self._sizes.get(origin, 0) + size
+
+    def session(self, origin: Origin) -> aiohttp.ClientSession:
+        session = self._sessions.get(origin)
+        if session is None:
+            session = self._sessions[origin] = self._create(self._sizes.get(origin, 0))
+        return session
+
+    def _create(self, size: int) -> aiohttp.ClientSession:
+        return self._egress.session(
+            limit=size, keepalive_timeout=30, ttl_dns_cache=300,
+            auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+            # The sidecar relays cookies both ways and keeps none: a jar would replay one client's Set-Cookie
+            # on every other client's calls (and costs a filter and an update per attempt).
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # sock_connect, not connect: waiting for a free pooled connection is the sidecar's own congestion,
+            # not the platform failing to accept one, and must not count (or open the breaker) as a connect failure.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            trace_configs=self._trace_configs or None,
+        )
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(session.close() for session in sessions))
+
+
+class UpstreamClient:
+    """One configured upstream (an app's base URL): its URL checks and its attempts; the connections and the
+    watchdog are the shared `pools`' (pools of its own when none is given)."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 256,
+                 egress: Egress | None = None, trace_configs: Sequence[aiohttp.TraceConfig] = (),
+                 pools: Pools | None = None) -> None:
+        self.base_url = base_url
+        self._base = URL(base_url)
+        self._origin: Origin = (self._base.scheme, self._base.raw_host, self._base.port)
+        self._prefix = self._base.raw_path.rstrip("/")
+        self._own_pools = pools is None
+        self._pools = pools or Pools(egress, connect_timeout=connect_timeout, trace_configs=trace_configs)
+        self._pools.reserve(self._origin, pool_size)
+        self._watchdog = self._pools.watchdog
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = self._egress.session(
-                limit=self._pool_size, keepalive_timeout=30, ttl_dns_cache=300,
-                auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
-                # The sidecar relays cookies both ways and keeps none: a jar would replay one client's Set-Cookie
-                # on every other client's calls (and costs a filter and an update per attempt).
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # sock_connect, not connect: waiting for a free pooled connection is the sidecar's own congestion,
-                # not the platform failing to accept one, and must not count (or open the breaker) as a connect failure.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-                trace_configs=self._trace_configs or None,
-            )
-        return self._session
+        return self._pools.session(self._origin)
 
     def url(self, path_qs: str) -> URL:
         """The configured origin and base path, then `path_qs` (origin-form, already encoded): built from parts,
@@ -132,9 +174,9 @@ class UpstreamClient:
         return url
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Closes the pool only when it is this client's own; shared pools are closed by their owner."""
+        if self._own_pools:
+            await self._pools.close()
 
     async def send(self, method: str, path_qs: str, headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None, timeout: float,
@@ -244,4 +286,4 @@ def forward_headers(source: CIMultiDictProxy[str] | CIMultiDict[str], *, drop_pr
     return kept
 
 
-__all__ = ["Answer", "AttemptFailed", "MisdirectedRequest", "UpstreamClient", "forward_headers"]
+__all__ = ["Answer", "AttemptFailed", "MisdirectedRequest", "Pools", "UpstreamClient", "forward_headers"]

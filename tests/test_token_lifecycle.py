@@ -171,3 +171,44 @@ async def test_the_placeholder_in_any_case_or_no_token_gets_the_apps_token(
                          headers={"Authorization": placeholder} if placeholder else {}) as r:
         assert (await r.json())["code"] == 0
     assert platforms.feishu.calls[-1][1:] == ("t", True)
+
+
+async def test_start_up_fetches_many_apps_tokens_a_few_at_a_time_and_every_app_is_warmed(aiohttp_server) -> None:
+    """1,000 apps fetching at one instant opened 1,000 connections to the token endpoint and kept them all."""
+    from aiohttp import web
+    from aiohttp.test_utils import unused_port
+    from prometheus_client import CollectorRegistry
+
+    from proxy import config
+    from proxy.app import WARM_UP_AT_ONCE, Sidecar
+
+    in_flight, most, fetched = 0, 0, set()
+
+    async def token(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.005)
+        in_flight -= 1
+        fetched.add((await request.json())["app_id"])
+        return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": "t-x", "expire": 7200})
+
+    platform = web.Application()
+    platform.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", token)
+    server = await aiohttp_server(platform)
+    apps = "\n".join(f"  - {{name: a{i}, platform: feishu, app_id: cli_{i}, app_secret: s, "
+                     f"upstreams: {{open: {{base_url: \"{server.make_url('')}\"}}}}}}" for i in range(60))
+    sidecar = Sidecar(config.loads(f"listen: 127.0.0.1:{unused_port()}\nadmin_listen: 127.0.0.1:{unused_port()}\n"
+                                   f"apps:\n{apps}\n", env={}), registry=CollectorRegistry())
+    await sidecar.start()
+    try:
+        for _ in range(400):
+            if sidecar.readiness().ready:   # every app's first token attempt has finished
+                break
+            await asyncio.sleep(0.01)
+        report = sidecar.readiness()
+        assert report.ready and {app["token"] for app in report.body["apps"].values()} == {"ok"}
+    finally:
+        await sidecar.stop()
+    assert fetched == {f"cli_{i}" for i in range(60)}
+    assert 1 < most <= WARM_UP_AT_ONCE
