@@ -139,6 +139,8 @@ _SILENT = (Signal.CONNECT_FAILURE, Signal.TIMEOUT, Signal.RESET)   # no answer c
 _SIGNALS = tuple(Signal)
 _TIMEOUT_ELAPSED = len(_SIGNALS)  # an extra column: seconds spent in attempts that timed out
 _LATE = _TIMEOUT_ELAPSED + 1      # ...and one for timed-out attempts whose answer arrived after the cut-off
+_FAILURE_COLUMNS = tuple(_SIGNALS.index(signal) for signal in _FAILURES)
+_THROTTLED_COLUMN = _SIGNALS.index(Signal.THROTTLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,8 @@ class NetworkMonitor:
         self._timeout_run = 0
         self._silent_since = math.inf   # when the first attempt without an answer since the last answer ended
         self._changes = 0   # attempts that were not plain successes: what makes cached parameters stale
+        self._recorded = 0   # moves whenever the counts window does: with the time, what `_stats` is memoised on
+        self._memo: tuple[tuple[float, int], _Stats] | None = None
         self._state = NetworkState.HEALTHY
         self._since = clock.now()
         self._evaluated = -EVALUATE_EVERY
@@ -190,6 +194,7 @@ class NetworkMonitor:
         now = self._clock.now()
         signal = verdict.signal
         self._counts.add(now, _SIGNALS.index(signal))
+        self._recorded += 1
         if signal is Signal.TIMEOUT:
             self._counts.add(now, _TIMEOUT_ELAPSED, latency)
         if signal in _ANSWERS:
@@ -211,6 +216,7 @@ class NetworkMonitor:
         slow, not gone. The latency is what the per-try timeout must learn from, and the attempt is not lost."""
         now = self._clock.now()
         self._counts.add(now, _LATE)
+        self._recorded += 1
         self._changes += 1
         self._latency.record(now, latency)
         self._ewma.update(now, latency)
@@ -223,18 +229,20 @@ class NetworkMonitor:
         return self._state
 
     def retry_params(self) -> RetryParams:
-        state = self.state
-        profile = self._settings.profiles[state]
-        pins = self._settings
+        now = self._clock.now()
+        self._update_state(now)
+        state, pins = self._state, self._settings
+        profile = pins.profiles[state]
+        stats = self._stats(now)   # once, for the attempts and the budget: one read of the window, not three
         return RetryParams(
-            per_try_timeout=_pick(pins.per_try_timeout, self._per_try_timeout(profile)),
+            per_try_timeout=_pick(pins.per_try_timeout, self._per_try_timeout(profile, now)),
             backoff_base=_pick(pins.backoff_base, profile.backoff_base),
             backoff_cap=_pick(pins.backoff_cap, profile.backoff_cap),
-            max_attempts=_pick(pins.max_attempts, self._attempts(state, profile)),
-            budget_ratio=self._budget_ratio(state),
+            max_attempts=_pick(pins.max_attempts, self._attempts(state, profile, stats)),
+            budget_ratio=self._budget_ratio(state, stats),
         )
 
-    def _budget_ratio(self, state: NetworkState) -> float | None:
+    def _budget_ratio(self, state: NetworkState, stats: _Stats) -> float | None:
         """Loss p needs p/(1-p) retries per request; give that with headroom, in every state with loss, up to a cap.
 
         A down upstream keeps the configured budget: that is where a budget earns its keep. Throttled retries are
@@ -242,13 +250,12 @@ class NetworkMonitor:
         """
         if state is NetworkState.DOWN or self._settings.budget_ratio is not None:
             return self._settings.budget_ratio
-        stats = self._stats(self._clock.now())
         if stats.failures <= 0:
             return None
         loss = min(stats.loss_bound(), 0.6)
         return min(MAX_BUDGET, 1.5 * loss / (1.0 - loss))
 
-    def _attempts(self, state: NetworkState, profile: StateProfile) -> int:
+    def _attempts(self, state: NetworkState, profile: StateProfile, stats: _Stats) -> int:
         """Under random loss p, n attempts all fail with p**n: take enough for TARGET_FAILURE, within bounds.
 
         p is the loss the window cannot rule out (its upper bound), so a few early failures already raise the
@@ -257,7 +264,6 @@ class NetworkMonitor:
         """
         if state is NetworkState.DOWN:
             return profile.max_attempts
-        stats = self._stats(self._clock.now())
         if stats.failures <= 0:
             return profile.max_attempts
         loss = stats.loss_bound()
@@ -286,13 +292,11 @@ class NetworkMonitor:
 
     # -- the per-try timeout ------------------------------------------------------------------------
 
-    def _per_try_timeout(self, profile: StateProfile) -> float:
-        now = self._clock.now()
+    def _per_try_timeout(self, profile: StateProfile, now: float) -> float:
         s = self._settings
-        if self._latency.count(now) < s.min_latency_samples:
+        latency = self._latency.quantile(now, profile.timeout_quantile, at_least=max(1, s.min_latency_samples))
+        if latency is None:   # too few answers to learn from yet
             latency = s.initial_timeout / profile.timeout_multiplier
-        else:
-            latency = self._latency.quantile(now, profile.timeout_quantile) or 0.0
         # When most attempts time out we have no answers to learn from: the upstream may simply be slower
         # than our cut-off. Grow past the time those attempts already waited, up to max_timeout.
         latency = max(latency, self._censored_latency(now))
@@ -340,6 +344,7 @@ class NetworkMonitor:
             if self._answer_run >= s.up_run:
                 # The outage's failures say nothing about the loss now that answers come back.
                 self._counts.clear()
+                self._recorded += 1
                 self._enter(self._candidate(now), now)
         elif now - self._evaluated >= EVALUATE_EVERY or now < self._evaluated:
             # Leaving healthy is at once: the first seconds of an incident are when retries matter most.
@@ -395,13 +400,16 @@ class NetworkMonitor:
         return stats.attempts >= self._settings.min_volume and events >= self._settings.min_events
 
     def _stats(self, now: float) -> _Stats:
+        """The window's figures at `now`: worked out once however many decisions read them at that instant."""
+        key = (now, self._recorded)
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
         totals = self._counts.totals(now)
-        by_signal = dict(zip(_SIGNALS, totals))
-        attempts = sum(by_signal.values())
+        attempts = sum(totals[:_TIMEOUT_ELAPSED])
         late = totals[_LATE]
-        failures = max(0.0, sum(by_signal[sig] for sig in _FAILURES) - late)
-        throttles = by_signal[Signal.THROTTLED]
-        return _Stats(
+        failures = max(0.0, sum(totals[i] for i in _FAILURE_COLUMNS) - late)
+        throttles = totals[_THROTTLED_COLUMN]
+        stats = _Stats(
             attempts=round(attempts),
             loss_ratio=failures / attempts if attempts else 0.0,
             throttle_ratio=throttles / attempts if attempts else 0.0,
@@ -409,6 +417,8 @@ class NetworkMonitor:
             throttles=throttles,
             late=late,
         )
+        self._memo = (key, stats)
+        return stats
 
 
 _N = TypeVar("_N", int, float)
