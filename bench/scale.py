@@ -31,7 +31,7 @@ from pathlib import Path
 from aiohttp.test_utils import unused_port
 
 import proxy
-from bench.overhead import PATH, _wrk_ms, machine, nginx_conf, pinned, rss_mb, start, stop, wait_http
+from bench.overhead import PATH, _wrk_ms, cpu_seconds, machine, nginx_conf, pinned, rss_mb, start, stop, wait_http
 
 APPS = (1, 10, 100, 1000)
 CONNECTIONS = (32, 512, 4096)
@@ -45,6 +45,7 @@ class Step:
     p99_ms: float
     rss_mb: float
     errors: int
+    cpu_us: float = float("nan")   # the sidecar's CPU per request (/proc): steadier than rps when the host steals
     startup: Startup | None = None
 
 
@@ -86,13 +87,14 @@ end
     return script
 
 
-def wrk(url: str, connections: int, duration: float, script: Path) -> tuple[float, float, int]:
-    """rps, p99 ms and errors (socket errors and non-2xx answers) of one wrk run."""
+def wrk(url: str, connections: int, duration: float, script: Path) -> tuple[float, float, int, int]:
+    """rps, p99 ms, errors (socket errors and non-2xx answers) and requests of one wrk run."""
     argv = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
                       "--latency", "-s", str(script), url])
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return rps, _wrk_ms(out, "99%"), wrk_errors(out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, _wrk_ms(out, "99%"), wrk_errors(out), requests
 
 
 def wrk_errors(out: str) -> int:
@@ -138,6 +140,10 @@ def wait_connect(port: int, process: subprocess.Popen[bytes], bound: float = 30.
     raise SystemExit(f"port {port} never accepted")
 
 
+READY_POLL = 0.02   # seconds between /readyz probes: at 1,000 apps one costs the sidecar ~20 ms (a 120 KB report),
+                    # so probing as fast as possible took most of its time from the start-up being measured
+
+
 def wait_ready(url: str, process: subprocess.Popen[bytes], bound: float = 30.0) -> float:
     give_up = time.perf_counter() + bound
     while time.perf_counter() < give_up and process.poll() is None:
@@ -146,7 +152,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], bound: float = 30.0) 
                 if response.status == 200:
                     return time.perf_counter()
         except OSError:
-            time.sleep(0.002)
+            time.sleep(READY_POLL)
     wait_http(url, process, 0.1)
     raise SystemExit(f"{url} never answered 200")
 
@@ -156,8 +162,10 @@ WARM_UP = 3.0   # seconds: at ~1,000 rps, every one of 1,000 apps called before 
 
 def step(label: str, pid: int, url: str, connections: int, duration: float, script: Path) -> Step:
     wrk(url, connections, WARM_UP, script)   # warm up: pools, tokens, route caches, each app's first children
-    rps, p99, errors = wrk(url, connections, duration, script)
-    return Step(label, rps, p99, rss_mb(pid, "VmRSS"), errors)
+    cpu = cpu_seconds(pid)
+    rps, p99, errors, requests = wrk(url, connections, duration, script)
+    cpu_us = (cpu_seconds(pid) - cpu) / max(1, requests) * 1e6
+    return Step(label, rps, p99, rss_mb(pid, "VmRSS"), errors, cpu_us)
 
 
 def apps_table(work: Path, upstream: int, duration: float) -> list[Step]:
@@ -201,10 +209,10 @@ def flat(steps: list[Step]) -> list[str]:
 
 def table(title: str, steps: list[Step]) -> str:
     startup = steps[0].startup is not None
-    head = f"| {title} | rps | p99 ms | RSS MB | errors |" + (" config load s | listening s | /readyz s |" if startup else "")
+    head = f"| {title} | rps | p99 ms | RSS MB | errors | CPU µs/req |" + (" config load s | listening s | /readyz s |" if startup else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in steps:
-        line = f"| {s.label} | {s.rps:,.0f} | {s.p99_ms:.1f} | {s.rss_mb:.1f} | {s.errors} |"
+        line = f"| {s.label} | {s.rps:,.0f} | {s.p99_ms:.1f} | {s.rss_mb:.1f} | {s.errors} | {s.cpu_us:.0f} |"
         if s.startup:
             line += f" {s.startup.config_s:.3f} | {s.startup.listening_s:.3f} | {s.startup.ready_s:.3f} |"
         lines.append(line)
