@@ -10,6 +10,9 @@ import bisect
 import math
 from array import array
 from collections.abc import Sequence
+from typing import Any
+
+CELL_SIZE = {code: array(code).itemsize for code in "dI"}
 
 
 class SlidingWindow:
@@ -22,13 +25,16 @@ class SlidingWindow:
     lists were what full collections scanned (120 ms pauses, the p99).
     """
 
-    def __init__(self, width: int, span: float = 30.0, bucket: float = 1.0) -> None:
+    def __init__(self, width: int, span: float = 30.0, bucket: float = 1.0, *, whole: bool = False) -> None:
+        """`whole`: only whole numbers are ever added, kept in 4 bytes a cell instead of 8 (a latency histogram's
+        counts: at 1,000 apps their windows were the largest block of memory that traffic made)."""
         if span <= 0 or bucket <= 0 or bucket > span:
             raise ValueError("need 0 < bucket <= span")
         self._bucket = bucket
         self._slots = max(1, math.ceil(span / bucket))
         self._width = width
-        self._cells: array[float] | None = None   # slot-major: slot s holds cells [s * width, (s + 1) * width)
+        self._typecode = "I" if whole else "d"
+        self._cells: array[Any] | None = None   # slot-major: slot s holds cells [s * width, (s + 1) * width)
         self._filled = bytearray(self._slots)      # 1 where a slot holds something
         self._totals = [0.0] * width
         self._epoch: int | None = None
@@ -39,7 +45,7 @@ class SlidingWindow:
             self._roll(now)
         cells = self._cells
         if cells is None:
-            cells = self._cells = array("d", bytes(8 * self._slots * self._width))
+            cells = self._cells = array(self._typecode, bytes(CELL_SIZE[self._typecode] * self._slots * self._width))
         slot = epoch % self._slots
         self._filled[slot] = 1
         cells[slot * self._width + index] += amount
@@ -72,7 +78,7 @@ class SlidingWindow:
         cells, totals, base = self._cells, self._totals, slot * self._width
         for i in range(self._width):
             totals[i] -= cells[base + i]
-            cells[base + i] = 0.0
+            cells[base + i] = 0
         self._filled[slot] = 0
 
 
@@ -84,6 +90,9 @@ def latency_bounds(low: float = 0.001, high: float = 120.0, factor: float = 1.25
     return tuple(bounds)
 
 
+DEFAULT_BOUNDS = latency_bounds()   # one tuple for every histogram (each made its own: 1.7 MB at 1,000 apps)
+
+
 class LatencyHistogram:
     """Quantiles of latencies seen over a sliding window, from a fixed log-spaced histogram.
 
@@ -91,11 +100,11 @@ class LatencyHistogram:
     """
 
     def __init__(self, span: float = 30.0, bucket: float = 1.0, bounds: Sequence[float] | None = None) -> None:
-        self._bounds = tuple(bounds or latency_bounds())
-        self._window = SlidingWindow(len(self._bounds) + 1, span, bucket)
+        self._bounds = tuple(bounds) if bounds else DEFAULT_BOUNDS
+        self._window = SlidingWindow(len(self._bounds) + 1, span, bucket, whole=True)
 
     def record(self, now: float, seconds: float) -> None:
-        self._window.add(now, bisect.bisect_left(self._bounds, seconds))
+        self._window.add(now, bisect.bisect_left(self._bounds, seconds), 1)
 
     def count(self, now: float) -> int:
         return round(sum(self._window.totals(now)))

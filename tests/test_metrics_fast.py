@@ -182,6 +182,29 @@ def test_prepared_series_read_as_children_built_at_zero_would(kind: str) -> None
     assert generate_latest(ours_registry).count(b"why=\"deadline\"") == 1
 
 
+@pytest.mark.parametrize("kind", ["ours", "fast"])
+def test_series_prepared_each_read_as_those_prepared_one_by_one(kind: str) -> None:
+    from proxy.metrics import Counter as PreparedCounter
+
+    one_registry, each_registry = CollectorRegistry(), CollectorRegistry()
+    cls = PreparedCounter if kind == "ours" else FastCounter
+    one = cls("imsidecar_test_retries", "Retries.", ("app", "upstream", "reason"), registry=one_registry)
+    each = cls("imsidecar_test_retries", "Retries.", ("app", "upstream", "reason"), registry=each_registry)
+    reasons = ("http_503", "timeout", "reset")
+    for app in ("a", "b"):
+        for reason in reasons:
+            one.prepare(app, "open", reason)
+        each.prepare_each((app, "open"), reasons)
+    each.prepare_each(("a", "open"), reasons)   # prepared twice: still one series each
+    each.prepare("b", "open", "timeout")        # and prepared both ways: still one
+    assert sorted(generate_latest(each_registry).splitlines()) == sorted(generate_latest(one_registry).splitlines())
+    one.labels("b", "open", "reset").inc()
+    each.labels("b", "open", "reset").inc()
+    assert sorted(generate_latest(each_registry).splitlines()) == sorted(generate_latest(one_registry).splitlines())
+    with pytest.raises(ValueError):
+        each.prepare_each(("a",), reasons)
+
+
 def test_preparing_with_the_wrong_label_count_fails_as_labels_would() -> None:
     from proxy.metrics import Counter as PreparedCounter
 

@@ -75,3 +75,13 @@ def test_a_turning_window_makes_no_objects_for_the_cyclic_collector() -> None:
     finally:
         gc.enable()
     assert sum(window.totals(299.95)) == pytest.approx(0.5 * 300)   # the last 30 s: 300 adds of 0.5
+
+
+def test_a_whole_number_window_counts_like_a_float_one_in_half_the_memory() -> None:
+    floats, whole = SlidingWindow(4, span=10.0, bucket=1.0), SlidingWindow(4, span=10.0, bucket=1.0, whole=True)
+    for tick in range(200):
+        floats.add(tick / 7, tick % 4, 1)
+        whole.add(tick / 7, tick % 4, 1)
+        assert whole.totals(tick / 7) == floats.totals(tick / 7)
+    assert whole._cells is not None and floats._cells is not None
+    assert whole._cells.itemsize * 2 == floats._cells.itemsize
