@@ -132,13 +132,12 @@ class UpstreamStages:
     def export(self, metrics: Metrics, app: str, upstream: str) -> None:
         """Gauges read at scrape time, so the request path pays nothing for them."""
         metrics.circuit_state.read(lambda: CIRCUIT_VALUES[self.breaker.state], app, upstream)
-        for state in NetworkState:
-            metrics.network_state.read(partial(self.state_value, state), app, upstream, state.value)
+        metrics.network_state.read_each((app, upstream), STATE_NAMES, self.state_named)
         for name, field_name in ADAPTIVE_GAUGES.items():
             metrics.adaptive[name].read(partial(self.snapshot_value, field_name), app, upstream)
 
-    def state_value(self, state: NetworkState) -> float:
-        return float(self.monitor.state is state)
+    def state_named(self, name: str) -> float:
+        return float(self.monitor.state.value == name)
 
     def snapshot_value(self, field_name: str) -> float:
         value = getattr(self.monitor.snapshot(), field_name)
@@ -146,6 +145,7 @@ class UpstreamStages:
 
 
 CIRCUIT_VALUES = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
+STATE_NAMES = tuple(state.value for state in NetworkState)
 ADAPTIVE_GAUGES = {
     "per_try_timeout_seconds": "per_try_timeout", "backoff_base_seconds": "backoff_base",
     "backoff_cap_seconds": "backoff_cap", "max_attempts": "max_attempts", "latency_ewma_seconds": "latency_ewma",

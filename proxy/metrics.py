@@ -7,6 +7,7 @@ zero before their first event; the stages only call the children and say what ha
 from __future__ import annotations
 
 import time
+from array import array
 from bisect import bisect_left
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -152,11 +153,22 @@ class ScrapedGauge(Gauge):
             raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {values!r}")
         self.__dict__.setdefault("_read", {})[tuple(map(str, values))] = function
 
+    def read_each(self, head: tuple[str, ...], lasts: tuple[str, ...], function: Callable[[str], float]) -> None:
+        """`read(lambda: function(last), *head, last)` for each of `lasts`, held as one entry (share `lasts`)."""
+        if len(head) + 1 != len(self._labelnames):
+            raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {head!r} and one more")
+        self.__dict__.setdefault("_read_each", {})[(head, lasts)] = function
+
     def _multi_samples(self) -> Iterable[Sample]:
         yield from super()._multi_samples()
         for values, function in self.__dict__.get("_read", {}).items():
             if values not in self._metrics:
                 yield Sample("", dict(zip(self._labelnames, values)), float(function()), None, None)
+        for (head, lasts), each in self.__dict__.get("_read_each", {}).items():
+            for last in lasts:
+                values = (*head, last)
+                if values not in self._metrics:
+                    yield Sample("", dict(zip(self._labelnames, values)), float(each(last)), None, None)
 
 
 # The three lock-free kinds below replace only how a child holds and updates its values: prometheus_client still
@@ -196,11 +208,48 @@ class FastGauge(Gauge):
             super().dec(amount)
 
 
+class _Buckets:
+    """A histogram child's bucket counts in one array of doubles, read by the library as its list of values
+    (`_buckets[i].get()`, `.inc()`, exemplars): 19 value objects a child were 54k objects at 1,000 apps, a fifth of
+    what the cyclic collector scanned. A `_Cell` view is made only when the library asks (scrapes, exemplars)."""
+
+    __slots__ = ("counts", "exemplars")
+
+    def __init__(self, size: int) -> None:
+        self.counts = array("d", bytes(8 * size))
+        self.exemplars: dict[int, Any] = {}
+
+    def __getitem__(self, index: int) -> _Cell:
+        return _Cell(self, index)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+class _Cell:
+    __slots__ = ("_of", "_index")
+
+    def __init__(self, of: _Buckets, index: int) -> None:
+        self._of, self._index = of, index
+
+    def inc(self, amount: float) -> None:
+        self._of.counts[self._index] += amount
+
+    def get(self) -> float:
+        return self._of.counts[self._index]
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._of.exemplars[self._index] = exemplar
+
+    def get_exemplar(self) -> Any:
+        return self._of.exemplars.get(self._index)
+
+
 class FastHistogram(Histogram):
     def _metric_init(self) -> None:
         self._created = time.time()
         self._sum = _Value()   # type: ignore[assignment]
-        self._buckets = [_Value() for _ in self._upper_bounds]   # type: ignore[misc]
+        self._buckets = _Buckets(len(self._upper_bounds))   # type: ignore[assignment]
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         if exemplar or amount != amount:   # NaN falls in no bucket in the library; keep that, off the common path
@@ -211,7 +260,7 @@ class FastHistogram(Histogram):
         except AttributeError:   # as for FastCounter
             super().observe(amount)
         # The first bucket whose upper bound is >= amount, as the library's `amount <= bound` scan finds it.
-        self._buckets[bisect_left(self._upper_bounds, amount)].value += 1   # type: ignore[attr-defined]
+        self._buckets.counts[bisect_left(self._upper_bounds, amount)] += 1   # type: ignore[attr-defined]
 
 
 class Children:

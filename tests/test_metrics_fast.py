@@ -62,6 +62,18 @@ def test_histogram_buckets_sum_and_count_match_the_library() -> None:
         "imsidecar_x_seconds_bucket", {"app": "a", "upstream": "feishu", "le": "0.01"}) == 5.0   # 0.001, 0.005 twice, 0.01, -0.5
 
 
+def test_histogram_exemplars_and_the_librarys_own_observe_path_match_the_library() -> None:
+    """Exemplars go through the library's observe, which reaches the buckets as values (`_buckets[i].inc`)."""
+    fast_registry, fast, stock_registry, stock = pair(
+        FastHistogram, Histogram, "imsidecar_x_seconds", "x.", ("app",), buckets=LATENCY_BUCKETS)
+    for histogram in (fast, stock):
+        histogram.labels("a").observe(0.2, {"trace_id": "abc"})
+        histogram.labels("a").observe(0.2)
+        histogram.labels("a").observe(3.0, {"trace_id": "def"})
+    same_samples(fast_registry, stock_registry)
+    assert fast_registry.get_sample_value("imsidecar_x_seconds_count", {"app": "a"}) == 3.0
+
+
 def test_a_nan_observation_is_counted_in_no_bucket_as_the_library_does() -> None:
     fast_registry, fast, stock_registry, stock = pair(
         FastHistogram, Histogram, "imsidecar_x_seconds", "x.", ("app",), buckets=LATENCY_BUCKETS)
@@ -227,3 +239,22 @@ def test_scraped_gauges_read_as_children_with_a_function_would() -> None:
     assert generate_latest(ours_registry) == generate_latest(stock_registry)
     with pytest.raises(ValueError):
         ours.read(lambda: 0.0, "sales-bot")
+
+
+def test_scraped_gauges_read_each_as_one_read_per_value_would() -> None:
+    from proxy.metrics import ScrapedGauge
+
+    each_registry, one_registry = CollectorRegistry(), CollectorRegistry()
+    each = ScrapedGauge("imsidecar_test_state", "State.", ("app", "upstream", "state"), registry=each_registry)
+    one = ScrapedGauge("imsidecar_test_state", "State.", ("app", "upstream", "state"), registry=one_registry)
+    current = {"open": "healthy"}
+    states = ("healthy", "lossy", "down")
+    each.read_each(("sales-bot", "open"), states, lambda name: float(current["open"] == name))
+    for name in states:
+        one.read(lambda n=name: float(current["open"] == n), "sales-bot", "open", name)
+    current["open"] = "lossy"   # read when scraped, not when registered
+    assert generate_latest(each_registry) == generate_latest(one_registry)
+    assert each_registry.get_sample_value("imsidecar_test_state", {"app": "sales-bot", "upstream": "open",
+                                                                     "state": "lossy"}) == 1.0
+    with pytest.raises(ValueError):
+        each.read_each(("sales-bot",), states, lambda name: 0.0)
