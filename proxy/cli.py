@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "events":
         return events_command(args)
     if args.command == "run":
-        loaded = load_or_report(args.config)
+        gc.disable()   # loading and building make only long-lived objects: nothing for the collector to find
+        loaded = load_or_report(args.config)   # until the build is frozen (freeze_built_objects enables it again)
         return 2 if loaded is None else serve(loaded)
     from proxy.demo import run_demo
     install_fast_loop()   # the demo runs on what `run` runs on
@@ -242,9 +243,11 @@ GC_THRESHOLDS = (2000, 10, 100)
 def freeze_built_objects() -> None:
     """What the config built lives as long as the process: move it out of the cyclic collector's reach, so full
     collections scan only what requests allocate (with 1,000 apps they scanned ~100 MB of bindings, metrics and
-    windows, and throughput fell with the number of apps). Garbage frozen with it is start-up's, once."""
+    windows, and throughput fell with the number of apps). Garbage frozen with it is start-up's, once. `run` has
+    kept the collector off until here: at 1,000 apps, its collections during the build took ~0.1 s of 0.4 s."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    gc.enable()
 
 
 if __name__ == "__main__":  # pragma: no cover

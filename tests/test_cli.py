@@ -145,3 +145,31 @@ async def test_sigterm_answers_a_request_the_platform_never_answers_then_exits_0
         assert response.status == 503 and response.headers["X-Imsidecar-Error"] == "ShuttingDown"
     _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, stderr.decode()[-2000:]
+
+
+def test_run_builds_with_the_collector_off_and_serves_with_it_on(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left off, every cycle the sidecar ever makes would be kept for good."""
+    import gc
+
+    from proxy import cli
+
+    path = tmp_path / "config.yaml"
+    path.write_text("apps: [{name: a, platform: feishu, app_id: i, app_secret: s}]\n")
+    seen: dict[str, object] = {}
+
+    async def serving(loaded: object) -> None:   # `run`, up to where the sidecar is built
+        seen["building"] = gc.isenabled()
+        cli.freeze_built_objects()
+        seen["serving"], seen["thresholds"] = gc.isenabled(), gc.get_threshold()
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(cli, "run", serving)
+    monkeypatch.setattr(cli, "install_fast_loop", lambda: None)
+    try:
+        assert main(["run", "--config", str(path)]) == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        gc.enable()
+    assert seen == {"building": False, "serving": True, "thresholds": cli.GC_THRESHOLDS}
