@@ -177,7 +177,8 @@ class Sidecar:
         await runner.setup()
         self._runners.append(runner)
         try:
-            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+            await web.TCPSite(runner, address.host, address.port, reuse_address=True,
+                              backlog=self.config.limits.backlog).start()
         except OSError as exc:
             reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
             raise StartupError(f"cannot listen on {address}: {reason}") from exc

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import subprocess
 import traceback
 from types import SimpleNamespace
 from typing import Any, AsyncIterator
@@ -14,6 +16,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
+from proxy import config
 from proxy.breaker import BreakerState
 from tests.conftest import Platforms, Running, SidecarFactory
 
@@ -339,6 +342,18 @@ async def test_past_the_connection_cap_the_idle_go_first_then_new_ones_are_refus
     assert running.metric("imsidecar_client_faults_total", listen=listen, kind="over_capacity") == 1
     for connection in busy + [refused]:
         connection.close()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a listening socket's backlog")
+async def test_each_listener_takes_the_configured_backlog(start_sidecar: SidecarFactory) -> None:
+    """A burst past the backlog waits ~1 s for a SYN retry: a deployment expecting bursts can deepen it."""
+    running = await start_sidecar(limits="{deadline: 5s, backlog: 777}")
+    for address in (running.sidecar.config.listen, running.sidecar.config.admin_listen):
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{address.port}"], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        assert listening[2] == "777", listening   # Send-Q of a listening socket: its backlog
+    default = config.loads("apps: [{name: a, platform: feishu, app_id: i, app_secret: s}]", env={})
+    assert default.limits.backlog == 128
 
 
 async def test_a_client_deadline_shorter_than_the_platform_needs_is_not_held_against_it(
