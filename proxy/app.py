@@ -45,8 +45,9 @@ from proxy.upstream import Pools, UpstreamClient
 log = logging.getLogger("imsidecar")
 
 # Start-up token fetches in flight at once. 1,000 apps fetching at one instant opened 1,000 connections to the
-# token endpoint, and kept them: the pool hands its connections out in turn, so none ever idled out.
-WARM_UP_AT_ONCE = 16
+# token endpoint, and kept them: the pool hands its connections out in turn, so none ever idled out. /readyz waits
+# for every app's first attempt, so at a 40 ms round trip 64 at a time makes 1,000 apps ready in ~0.6 s (16: ~2.5 s).
+WARM_UP_AT_ONCE = 64
 
 
 class StartupError(Exception):

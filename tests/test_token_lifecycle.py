@@ -183,6 +183,7 @@ async def test_start_up_fetches_many_apps_tokens_a_few_at_a_time_and_every_app_i
     from proxy.app import WARM_UP_AT_ONCE, Sidecar
 
     in_flight, most, fetched = 0, 0, set()
+    apps_count = 3 * WARM_UP_AT_ONCE
 
     async def token(request: web.Request) -> web.Response:
         nonlocal in_flight, most
@@ -197,7 +198,7 @@ async def test_start_up_fetches_many_apps_tokens_a_few_at_a_time_and_every_app_i
     platform.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", token)
     server = await aiohttp_server(platform)
     apps = "\n".join(f"  - {{name: a{i}, platform: feishu, app_id: cli_{i}, app_secret: s, "
-                     f"upstreams: {{open: {{base_url: \"{server.make_url('')}\"}}}}}}" for i in range(60))
+                     f"upstreams: {{open: {{base_url: \"{server.make_url('')}\"}}}}}}" for i in range(apps_count))
     sidecar = Sidecar(config.loads(f"listen: 127.0.0.1:{unused_port()}\nadmin_listen: 127.0.0.1:{unused_port()}\n"
                                    f"apps:\n{apps}\n", env={}), registry=CollectorRegistry())
     await sidecar.start()
@@ -210,5 +211,5 @@ async def test_start_up_fetches_many_apps_tokens_a_few_at_a_time_and_every_app_i
         assert report.ready and {app["token"] for app in report.body["apps"].values()} == {"ok"}
     finally:
         await sidecar.stop()
-    assert fetched == {f"cli_{i}" for i in range(60)}
+    assert fetched == {f"cli_{i}" for i in range(apps_count)}
     assert 1 < most <= WARM_UP_AT_ONCE
