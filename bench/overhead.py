@@ -161,8 +161,16 @@ def load(url: str, connections: int, duration: float) -> Result:
 
 
 def wrk(url: str, connections: int, duration: float) -> Result:
-    argv = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", url])
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return wrk_result(run_wrk(url, connections, duration))
+
+
+def run_wrk(url: str, connections: int, duration: float, *options: str) -> str:
+    """What wrk printed for one run on core 1, latency distribution included; `options` are wrk's own."""
+    argv = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", *options, url])
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def wrk_result(out: str) -> Result:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     return Result(rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), requests)

@@ -31,7 +31,8 @@ from pathlib import Path
 from aiohttp.test_utils import unused_port
 
 import proxy
-from bench.overhead import PATH, _wrk_ms, cpu_seconds, machine, nginx_conf, pinned, rss_mb, start, stop, wait_http
+from bench.overhead import (PATH, cpu_seconds, machine, nginx_conf, rss_mb, run_wrk, start, stop, wait_http,
+                            wrk_result)
 
 APPS = (1, 10, 100, 1000)
 CONNECTIONS = (32, 512, 4096)
@@ -89,12 +90,9 @@ end
 
 def wrk(url: str, connections: int, duration: float, script: Path) -> tuple[float, float, int, int]:
     """rps, p99 ms, errors (socket errors and non-2xx answers) and requests of one wrk run."""
-    argv = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-                      "--latency", "-s", str(script), url])
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return rps, _wrk_ms(out, "99%"), wrk_errors(out), requests
+    out = run_wrk(url, connections, duration, "--timeout", "10s", "-s", str(script))
+    result = wrk_result(out)
+    return result.rps, result.p99_ms, wrk_errors(out), result.requests
 
 
 def wrk_errors(out: str) -> int:

@@ -146,7 +146,7 @@ class Sidecar:
         await asyncio.gather(*(fetcher() for _ in range(min(WARM_UP_AT_ONCE, len(self.tokens)))))
 
     async def _warm(self, tokens: AppTokens) -> None:
-        """Fetch every app's token at start-up, so the first requests do not wait; /readyz waits for the attempt."""
+        """One app's first token, so its first requests do not wait; /readyz waits for the attempt."""
         try:
             await tokens.default.get()
         except Exception as exc:  # reported by /readyz and the token metrics; requests will try again

@@ -101,6 +101,13 @@ class _Value:
         return self.exemplar
 
 
+def _check_count(labelnames: tuple[str, ...], values: tuple[str, ...], more: int = 0) -> None:
+    """As `labels()` refuses the wrong number of label values: `values`, and `more` to come, must fill `labelnames`."""
+    if len(values) + more != len(labelnames):
+        extra = f" and {more} more" if more else ""
+        raise ValueError(f"{labelnames} needs {len(labelnames)} values, got {values!r}{extra}")
+
+
 class ZeroSeries:
     """A counter family that exports series at 0 for label values `prepare`d up front, with no child for each.
 
@@ -113,15 +120,13 @@ class ZeroSeries:
     _metrics: dict[Sequence[str], Any]
 
     def prepare(self, *values: str) -> None:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {values!r}")
+        _check_count(self._labelnames, values)
         self.__dict__.setdefault("_zero", {})[tuple(map(str, values))] = None   # a dict: ordered, as children are
 
     def prepare_each(self, head: tuple[str, ...], lasts: tuple[str, ...]) -> None:
         """`prepare(*head, last)` for each of `lasts`, held as one entry that shares `lasts` (26 retry reasons of
         each of 1,000 apps were 26,000 tuples of their own; pass the same tuple for every app)."""
-        if len(head) + 1 != len(self._labelnames):
-            raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {head!r} and one more")
+        _check_count(self._labelnames, head, more=1)
         self.__dict__.setdefault("_zero_each", {})[(head, lasts)] = None
 
     def _multi_samples(self) -> Iterable[Sample]:
@@ -149,14 +154,12 @@ class ScrapedGauge(Gauge):
     _metrics: dict[Sequence[str], Any]
 
     def read(self, function: Callable[[], float], *values: str) -> None:
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {values!r}")
+        _check_count(self._labelnames, values)
         self.__dict__.setdefault("_read", {})[tuple(map(str, values))] = function
 
     def read_each(self, head: tuple[str, ...], lasts: tuple[str, ...], function: Callable[[str], float]) -> None:
         """`read(lambda: function(last), *head, last)` for each of `lasts`, held as one entry (share `lasts`)."""
-        if len(head) + 1 != len(self._labelnames):
-            raise ValueError(f"{self._labelnames} needs {len(self._labelnames)} values, got {head!r} and one more")
+        _check_count(self._labelnames, head, more=1)
         self.__dict__.setdefault("_read_each", {})[(head, lasts)] = function
 
     def _multi_samples(self) -> Iterable[Sample]:

@@ -153,7 +153,6 @@ class UpstreamClient:
         self._own_pools = pools is None
         self._pools = pools or Pools(egress, connect_timeout=connect_timeout, trace_configs=trace_configs)
         self._pools.reserve(self._origin, pool_size)
-        self._watchdog = self._pools.watchdog
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -204,17 +203,17 @@ class UpstreamClient:
             raise
 
     async def _watched(self, exchange: Awaitable[Answer], timeout: float, within: float) -> Answer:
-        task = self._watchdog.watch(timeout, within)
+        task = self._pools.watchdog.watch(timeout, within)
         try:
             return await exchange
         except asyncio.CancelledError as exc:
-            if self._watchdog.release(task):
+            if self._pools.watchdog.release(task):
                 raise translate(asyncio.TimeoutError()) from exc
             raise
         except NETWORK_ERRORS as exc:
             raise translate(exc) from exc
         finally:
-            self._watchdog.release(task)
+            self._pools.watchdog.release(task)
 
     async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
                         body: bytes | AsyncIterable[bytes] | None) -> Answer:

@@ -106,9 +106,6 @@ class LatencyHistogram:
     def record(self, now: float, seconds: float) -> None:
         self._window.add(now, bisect.bisect_left(self._bounds, seconds), 1)
 
-    def count(self, now: float) -> int:
-        return round(sum(self._window.totals(now)))
-
     def quantile(self, now: float, q: float, at_least: int = 1) -> float | None:
         """The `q` quantile, or None with fewer than `at_least` latencies in the window."""
         counts = self._window.totals(now)
