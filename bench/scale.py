@@ -60,11 +60,12 @@ class Startup:
 # Config and load ---------------------------------------------------------------------------------------------
 
 
-def sidecar_conf(workdir: Path, apps: int, port: int, admin: int, upstream: int) -> Path:
+def sidecar_conf(workdir: Path, apps: int, port: int, admin: int, upstream: int, backlog: int | None = None) -> Path:
     """`apps` Feishu apps on one listener, every feature on; room for 4,096 connections and more."""
     conf = workdir / f"scale-{apps}.yaml"
+    limits = "max_connections: 8192" + (f", backlog: {backlog}" if backlog else "")
     lines = [f"listen: 127.0.0.1:{port}", f"admin_listen: 127.0.0.1:{admin}",
-             "logging: {access_log: false, level: WARNING}", "limits: {max_connections: 8192}", "apps:"]
+             "logging: {access_log: false, level: WARNING}", f"limits: {{{limits}}}", "apps:"]
     for i in range(apps):
         lines += [f"  - name: app-{i}", "    platform: feishu", f"    app_id: cli_scale_{i}",
                   f"    app_secret: scale-secret-{i}",
@@ -166,11 +167,11 @@ def step(label: str, pid: int, url: str, connections: int, duration: float, scri
     return Step(label, rps, p99, rss_mb(pid, "VmRSS"), errors, cpu_us)
 
 
-def apps_table(work: Path, upstream: int, duration: float) -> list[Step]:
+def apps_table(work: Path, upstream: int, duration: float, backlog: int | None = None) -> list[Step]:
     steps = []
     for apps in APPS:
         port, admin = unused_port(), unused_port()
-        process, startup = launch(sidecar_conf(work, apps, port, admin, upstream), port, admin)
+        process, startup = launch(sidecar_conf(work, apps, port, admin, upstream, backlog), port, admin)
         try:
             found = step(f"{apps:,} apps", process.pid, f"http://127.0.0.1:{port}", 32, duration,
                          spread_script(work, apps))
@@ -181,9 +182,10 @@ def apps_table(work: Path, upstream: int, duration: float) -> list[Step]:
     return steps
 
 
-def connections_table(work: Path, upstream: int, duration: float, apps: int = 10) -> list[Step]:
+def connections_table(work: Path, upstream: int, duration: float, backlog: int | None = None,
+                      apps: int = 10) -> list[Step]:
     port, admin = unused_port(), unused_port()
-    process, _ = launch(sidecar_conf(work, apps, port, admin, upstream), port, admin)
+    process, _ = launch(sidecar_conf(work, apps, port, admin, upstream, backlog), port, admin)
     try:
         return [step(f"{c:,} connections", process.pid, f"http://127.0.0.1:{port}", c, duration,
                      spread_script(work, apps)) for c in CONNECTIONS]
@@ -229,6 +231,7 @@ def startup_verdict(steps: list[Step]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of load per row")
+    parser.add_argument("--backlog", type=int, help="the sidecar's limits.backlog (default: the sidecar's default)")
     args = parser.parse_args()
     if not (shutil.which("nginx") and shutil.which("wrk")):
         raise SystemExit("bench.scale needs nginx and wrk: apt-get install nginx-light wrk")
@@ -239,8 +242,8 @@ def main() -> None:
     nginx = start(["nginx", "-c", str(nginx_conf(work, upstream, unused_port())), "-p", str(work)], 1)
     try:
         wait_http(f"http://127.0.0.1:{upstream}{PATH}", nginx)
-        apps = apps_table(work, upstream, args.duration)
-        connections = connections_table(work, upstream, args.duration)
+        apps = apps_table(work, upstream, args.duration, args.backlog)
+        connections = connections_table(work, upstream, args.duration, args.backlog)
         print(f"\nMachine: {machine()}; open files limit {fds}\n")
         print(table("configured apps (32 connections)", apps) + "\n" + startup_verdict(apps) + "\n")
         print(table("connections (10 apps)", connections))

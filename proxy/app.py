@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.accept import AcceptingSite
 from proxy.admin import admin_app
 from proxy.bindings import AppTokens, Binding, UpstreamStages
 from proxy.clock import Clock, SystemClock
@@ -178,8 +179,7 @@ class Sidecar:
         await runner.setup()
         self._runners.append(runner)
         try:
-            await web.TCPSite(runner, address.host, address.port, reuse_address=True,
-                              backlog=self.config.limits.backlog).start()
+            await AcceptingSite(runner, address.host, address.port, backlog=self.config.limits.backlog).start()
         except OSError as exc:
             reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
             raise StartupError(f"cannot listen on {address}: {reason}") from exc
