@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,7 +76,9 @@ class CircuitBreaker:
         self._last_answer = -math.inf
         self._state = BreakerState.CLOSED
         self._open_until = 0.0
-        self._claims: deque[float] = deque()  # claim times of probes in flight
+        # claim times of probes in flight, oldest first: a few at most (`probes`), so a list (an empty deque is
+        # ~600 bytes, one per app and upstream)
+        self._claims: list[float] = []
 
     @property
     def state(self) -> BreakerState:
@@ -98,7 +99,7 @@ class CircuitBreaker:
     def release_probe(self) -> None:
         """Give back a probe slot claimed by `allow()` whose request never reached the upstream."""
         if self._claims:
-            self._claims.popleft()
+            del self._claims[0]
 
     def record(self, verdict: Verdict) -> None:
         failed = verdict.signal in _FAILURES
@@ -186,7 +187,7 @@ class CircuitBreaker:
     def _probe_slot_free(self) -> bool:
         expired = self._clock.now() - self._settings.probe_lease
         while self._claims and self._claims[0] <= expired:
-            self._claims.popleft()
+            del self._claims[0]
         return len(self._claims) < self._settings.probes
 
     def _move(self, new: BreakerState) -> None:

@@ -12,7 +12,8 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-CELL_SIZE = {code: array(code).itemsize for code in "dI"}
+CELL_SIZE = {code: array(code).itemsize for code in "dHI"}
+WIDER = {"H": "I", "I": "Q"}   # the cells of whole counts, widened when one overflows
 
 
 class SlidingWindow:
@@ -26,14 +27,15 @@ class SlidingWindow:
     """
 
     def __init__(self, width: int, span: float = 30.0, bucket: float = 1.0, *, whole: bool = False) -> None:
-        """`whole`: only whole numbers are ever added, kept in 4 bytes a cell instead of 8 (a latency histogram's
-        counts: at 1,000 apps their windows were the largest block of memory that traffic made)."""
+        """`whole`: only whole numbers are ever added, kept in 2 bytes a cell instead of 8, widened to 4 the first time
+        a cell would pass 65,535 (a latency histogram's counts: at 1,000 apps their windows were the largest block of
+        memory that traffic made, 7 MB in 4-byte cells)."""
         if span <= 0 or bucket <= 0 or bucket > span:
             raise ValueError("need 0 < bucket <= span")
         self._bucket = bucket
         self._slots = max(1, math.ceil(span / bucket))
         self._width = width
-        self._typecode = "I" if whole else "d"
+        self._typecode = "H" if whole else "d"
         self._cells: array[Any] | None = None   # slot-major: slot s holds cells [s * width, (s + 1) * width)
         self._filled = bytearray(self._slots)      # 1 where a slot holds something
         self._totals = [0.0] * width
@@ -48,7 +50,12 @@ class SlidingWindow:
             cells = self._cells = array(self._typecode, bytes(CELL_SIZE[self._typecode] * self._slots * self._width))
         slot = epoch % self._slots
         self._filled[slot] = 1
-        cells[slot * self._width + index] += amount
+        try:
+            cells[slot * self._width + index] += amount
+        except OverflowError:   # a cell past what its width holds: widen them all, once
+            cells = self._cells = array(WIDER[self._typecode], cells)
+            self._typecode = cells.typecode
+            cells[slot * self._width + index] += amount
         self._totals[index] += amount
 
     def totals(self, now: float) -> Sequence[float]:

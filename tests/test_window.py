@@ -77,11 +77,24 @@ def test_a_turning_window_makes_no_objects_for_the_cyclic_collector() -> None:
     assert sum(window.totals(299.95)) == pytest.approx(0.5 * 300)   # the last 30 s: 300 adds of 0.5
 
 
-def test_a_whole_number_window_counts_like_a_float_one_in_half_the_memory() -> None:
+def test_a_whole_number_window_counts_like_a_float_one_in_a_quarter_of_the_memory() -> None:
     floats, whole = SlidingWindow(4, span=10.0, bucket=1.0), SlidingWindow(4, span=10.0, bucket=1.0, whole=True)
     for tick in range(200):
         floats.add(tick / 7, tick % 4, 1)
         whole.add(tick / 7, tick % 4, 1)
         assert whole.totals(tick / 7) == floats.totals(tick / 7)
     assert whole._cells is not None and floats._cells is not None
-    assert whole._cells.itemsize * 2 == floats._cells.itemsize
+    assert whole._cells.itemsize * 4 == floats._cells.itemsize
+
+
+def test_a_whole_number_cell_past_two_bytes_widens_the_window_and_loses_nothing() -> None:
+    window = SlidingWindow(3, span=4.0, bucket=1.0, whole=True)
+    window.add(0.5, 1, 65_535)
+    window.add(0.5, 2, 7)
+    window.add(1.5, 1, 3)
+    window.add(0.6, 1, 1)   # the cell holding 65,535 passes what 2 bytes hold
+    assert window.totals(1.5) == (0.0, 65_539.0, 7.0)
+    assert window._cells is not None and window._cells.itemsize == 4
+    window.add(2.5, 1, 2**32)   # and past 4 bytes
+    assert window.totals(3.9) == (0.0, 65_539.0 + 2**32, 7.0)
+    assert window.totals(4.5) == (0.0, 3.0 + 2**32, 0.0)   # the first second's cells fell out, exactly
