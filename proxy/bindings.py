@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from functools import partial
 
 from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.clock import Clock
@@ -133,14 +132,14 @@ class UpstreamStages:
         """Gauges read at scrape time, so the request path pays nothing for them."""
         metrics.circuit_state.read(lambda: CIRCUIT_VALUES[self.breaker.state], app, upstream)
         metrics.network_state.read_each((app, upstream), STATE_NAMES, self.state_named)
-        for name, field_name in ADAPTIVE_GAUGES.items():
-            metrics.adaptive[name].read(partial(self.snapshot_value, field_name), app, upstream)
+        metrics.read_adaptive(self.adaptive_value, app, upstream)
 
     def state_named(self, name: str) -> float:
         return float(self.monitor.state.value == name)
 
-    def snapshot_value(self, field_name: str) -> float:
-        value = getattr(self.monitor.snapshot(), field_name)
+    def adaptive_value(self, gauge: str) -> float:
+        """The value of `imsidecar_adaptive_<gauge>`: a field of the monitor's snapshot."""
+        value = getattr(self.monitor.snapshot(), ADAPTIVE_GAUGES[gauge])
         return float(value) if value is not None else 0.0
 
 

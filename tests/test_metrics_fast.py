@@ -241,6 +241,26 @@ def test_scraped_gauges_read_as_children_with_a_function_would() -> None:
         ours.read(lambda: 0.0, "sales-bot")
 
 
+def test_gauges_sharing_a_table_read_as_one_read_per_gauge_and_source_would() -> None:
+    from proxy.metrics import ScrapedGauge
+
+    table_registry, one_registry = CollectorRegistry(), CollectorRegistry()
+    names = ("timeout", "attempts")
+    shared: dict[tuple[str, ...], Any] = {}
+    sources = {("sales-bot", "open"): {"timeout": 2.0, "attempts": 3}, ("ops", "api"): {"timeout": 0.5, "attempts": 1}}
+    for name in names:
+        ScrapedGauge(f"imsidecar_test_{name}", "Adaptive.", ("app", "upstream"),
+                     registry=table_registry).read_table(shared, name)
+        one = ScrapedGauge(f"imsidecar_test_{name}", "Adaptive.", ("app", "upstream"), registry=one_registry)
+        for values, source in sources.items():
+            one.read(lambda n=name, src=source: src[n], *values)
+    for values, source in sources.items():
+        shared[values] = source.__getitem__   # one entry per source, read by both gauges
+    sources[("ops", "api")]["timeout"] = 4.0   # read when scraped, not when registered
+    assert generate_latest(table_registry) == generate_latest(one_registry)
+    assert table_registry.get_sample_value("imsidecar_test_timeout", {"app": "ops", "upstream": "api"}) == 4.0
+
+
 def test_scraped_gauges_read_each_as_one_read_per_value_would() -> None:
     from proxy.metrics import ScrapedGauge
 
