@@ -56,7 +56,7 @@ class AppTokens:
         source = TokenSource(lambda: self.fetch_shared(kind), self.clock, self.settings,
                              observe=lambda result: refreshes.labels(self.app.name, kind, result).inc(),
                              on_invalid=lambda value: self._refused.__setitem__(kind, value), app=self.app.name)
-        self.metrics.token_expiry.labels(self.app.name, kind).set_function(source.seconds_to_expiry)
+        self.metrics.token_expiry.read(source.seconds_to_expiry, self.app.name, kind)
         source.start()
         return source
 

@@ -366,7 +366,7 @@ class Metrics:
         self.token_refreshes = Counter(
             "imsidecar_token_refreshes", "Token fetches from the platform, by result (success, failure, rejected).",
             ("app", "kind", "result"), registry=r)
-        self.token_expiry = Gauge(
+        self.token_expiry = ScrapedGauge(
             "imsidecar_token_expiry_seconds", "Seconds until the held token expires (0 when none).",
             ("app", "kind"), registry=r)
         self.token_replays = Counter(

@@ -68,6 +68,7 @@ async def test_not_ready_until_the_first_token_attempt_then_ready(start_sidecar:
     assert status == 503 and body["waiting_for"] == ["first token attempt: sales-bot"]
     body = await until_ready(http, running)
     assert body["apps"]["sales-bot"]["token"] == "ok" and body["apps"]["sales-bot"]["token_expires_in"] > 7000
+    assert running.metric("imsidecar_token_expiry_seconds", app="sales-bot", kind="tenant") > 7000
     assert body["apps"]["ops-ding"]["upstreams"] == {"oapi": {"circuit": "closed", "network": "healthy"},
                                                      "api": {"circuit": "closed", "network": "healthy"}}
 
