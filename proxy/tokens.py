@@ -190,13 +190,17 @@ class TokenSource:
         return max(MIN_REFRESH_INTERVAL, held.expires_at - self._clock.now() - margin - jitter)
 
     async def _refresh_forever(self) -> None:
-        waits = fetch_waits(base=1.0, cap=60.0)
+        waits: Iterator[float] | None = None   # made at the first failure: a generator pair per app otherwise
         while True:
-            delay = self.refresh_delay() if self.last_error is None else next(waits)
+            if self.last_error is None:
+                delay = self.refresh_delay()
+            else:
+                waits = waits or fetch_waits(base=1.0, cap=60.0)
+                delay = next(waits)
             await self._clock.sleep(delay)
             try:
                 await self.refresh(tries=1)
-                waits = fetch_waits(base=1.0, cap=60.0)
+                waits = None
             except TokenUnavailable as exc:
                 log.warning("app %s: token refresh failed, will retry: %s", self._app, exc)
             except asyncio.CancelledError:
