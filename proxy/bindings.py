@@ -189,8 +189,9 @@ class AppLimiters:
         limiter = self.guarded(self._set.get(self._app, template))
         if route_label not in self._exported:
             self._exported.add(route_label)
-            self._metrics.ratelimit_rate.labels(self._app, route_label).set_function(lambda: limiter.current_rate)
-            self._metrics.ratelimit_rejections.labels(self._app, route_label)   # at 0 until the first one
+            # read at scrape time, and at 0 until the first rejection: no child for either until it is needed
+            self._metrics.ratelimit_rate.read(lambda: limiter.current_rate, self._app, route_label)
+            self._metrics.ratelimit_rejections.prepare(self._app, route_label)
         return limiter
 
     def guarded(self, limiter: AdaptiveRateLimiter) -> GuardedLimiter:

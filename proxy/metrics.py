@@ -407,7 +407,7 @@ class Metrics:
         self.ratelimit_rejections = Counter(
             "imsidecar_ratelimit_rejections", "Requests answered 429 at once: the wait would overrun their deadline.",
             ("app", "route"), registry=r)
-        self.ratelimit_rate = Gauge(
+        self.ratelimit_rate = ScrapedGauge(
             "imsidecar_ratelimit_rate", "Requests per second the limiter allows now (lowered after throttling).",
             ("app", "route"), registry=r)
         # The children the forwarding path touches on every request. method: the client's, capped.

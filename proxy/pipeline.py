@@ -233,10 +233,8 @@ class Pipeline:
         """What hears a timed-out attempt's late answer: the binding's monitor and breaker, and a counter."""
         heard = self._late.get(b)
         if heard is None:
-            counter = self.metrics.late_answers.labels(b.app.name, b.upstream)
-
-            def heard(latency: float) -> None:
-                counter.inc()
+            def heard(latency: float) -> None:   # rare: the counter's child is made at the first (it exports 0 before)
+                self.metrics.late_answers.labels(b.app.name, b.upstream).inc()
                 b.observe_late(latency)
             self._late[b] = heard
         return heard

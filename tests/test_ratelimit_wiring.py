@@ -44,6 +44,8 @@ async def test_the_limit_comes_down_after_the_platform_throttles(start_sidecar: 
             assert r.status == 200   # retried after the platform's one second
     rate = running.metric("imsidecar_ratelimit_rate", app="ops-ding", route="/topapi/v2/user/get")
     assert 0 < rate < 20
+    # no request was refused: the rejections series is there, at 0 (a dashboard's rate() needs it before the first)
+    assert running.metric("imsidecar_ratelimit_rejections_total", app="ops-ding", route="/topapi/v2/user/get") == 0
 
 
 async def test_only_requests_that_waited_for_a_slot_are_counted_as_waits(start_sidecar: SidecarFactory) -> None:
