@@ -72,6 +72,7 @@ class TokenSource:
         self._refresher: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self._retry_at = -math.inf             # no fetch for requests before this, after one failed
+        self._refused = False                  # the last fetch was refused for good (wrong app id or secret)
         self._cooldowns = self._new_cooldowns()
 
     def current(self) -> HeldToken | None:
@@ -113,6 +114,9 @@ class TokenSource:
     async def _next_fetch(self) -> HeldToken:
         """The fetch in flight, or a new one; after a failed one, not before its cool-down (one fetch for all)."""
         if self._inflight is None and self._retry_at > self._clock.now():
+            if self._refused:   # waiting out the cool-down would only fetch the same refusal: say so at once
+                raise TokenUnavailable(f"{self.last_error}; the platform refused this app's credentials (asked "
+                                       f"again in the background)")
             await self._clock.sleep(self._retry_at - self._clock.now())
             held = self.current()   # the first one awake may have fetched it already
             if held is not None:
@@ -153,7 +157,7 @@ class TokenSource:
             try:
                 return self._keep(await self._fetch())
             except TokenFetchError as exc:
-                self.last_error = str(exc)
+                self.last_error, self._refused = str(exc), exc.permanent
                 self._observe("rejected" if exc.permanent else "failure")
                 if exc.permanent or attempt == tries:
                     raise TokenUnavailable(str(exc)) from exc
@@ -163,7 +167,7 @@ class TokenSource:
     def _keep(self, grant: TokenGrant) -> HeldToken:
         lifetime = sanitise_lifetime(grant.expires_in)
         self._held = HeldToken(grant.value, self._clock.now() + lifetime, lifetime)
-        self.last_error = None
+        self.last_error, self._refused = None, False
         self._observe("success")
         return self._held
 

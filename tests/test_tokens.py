@@ -122,6 +122,24 @@ async def test_rejected_credentials_fail_at_once_and_plainly() -> None:
     assert tokens.last_error and "rejected" in tokens.last_error
 
 
+async def test_a_request_just_after_a_refusal_is_told_at_once_not_after_the_cool_down() -> None:
+    clock = VirtualClock()
+    platform = Platform(clock)
+    platform.failures = [TokenFetchError("app_id cli_x is not an app of Lark (code 10014: app id not exists)",
+                                         permanent=True)] * 3
+    tokens = source(clock, platform)
+    with pytest.raises(TokenUnavailable):
+        await tokens.get(deadline=clock.now() + 5.0)
+    before = clock.now()
+    with pytest.raises(TokenUnavailable, match="code 10014") as caught:   # inside the 1 s cool-down
+        await asyncio.wait_for(tokens.get(deadline=clock.now() + 5.0), 1.0)   # real time: it must not wait at all
+    assert clock.now() == before and platform.calls == 1   # no wait, no second fetch of the same refusal
+    assert "refused this app's credentials" in str(caught.value)
+    platform.failures.clear()   # the credentials were fixed: after the cool-down a request fetches again
+    await clock.advance(1.2)
+    assert await tokens.get(deadline=clock.now() + 5.0) == "token-2"
+
+
 async def test_a_failed_background_refresh_is_logged_with_the_apps_name(caplog: pytest.LogCaptureFixture) -> None:
     clock = VirtualClock()
     platform = Platform(clock)
