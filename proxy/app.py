@@ -253,10 +253,16 @@ class Sidecar:
 
     # Readiness ----------------------------------------------------------------------------------------------------
 
-    def readiness(self) -> ReadinessReport:
-        """Ready when this sidecar can serve; each app's token and upstreams are reported, not gating."""
-        apps = {name: self._health(name, tokens) for name, tokens in self.tokens.items()}
-        return self._readiness.judge(self._listening(), apps)
+    def readiness(self, verbose: bool = True) -> ReadinessReport:
+        """Ready when this sidecar can serve; each app's token and upstreams are reported (when `verbose`), not
+        gating."""
+        if verbose:
+            apps = {name: self._health(name, tokens) for name, tokens in self.tokens.items()}
+        else:   # the verdict alone: only the apps it can still wait for are looked at
+            wanted = self._readiness.gate_open
+            apps = {name: self._health(name, tokens, verbose=False) for name, tokens in self.tokens.items()
+                    if not wanted or name not in self._warmed}
+        return self._readiness.judge(self._listening(), apps, verbose)
 
     def _listening(self) -> bool:
         bound = {address[1] for runner in self._runners for address in runner.addresses}
@@ -265,14 +271,14 @@ class Sidecar:
             wanted.append(self.config.events.listen)
         return all(address.port in bound for address in wanted)
 
-    def _health(self, name: str, tokens: AppTokens) -> AppHealth:
+    def _health(self, name: str, tokens: AppTokens, verbose: bool = True) -> AppHealth:
         source = tokens.started_default   # none yet when the start-up fetches have not reached this app
         if source is not None and source.current():
             token = "ok"
         else:
             token = f"no valid token: {source is not None and source.last_error or 'fetching'}"
         upstreams = {up: {"circuit": stages.breaker.state.value, "network": stages.monitor.state.value}
-                     for up, stages in self.stages.get(name, {}).items()}
+                     for up, stages in self.stages.get(name, {}).items()} if verbose else {}
         return AppHealth(token, name in self._warmed, source.seconds_to_expiry() if source else 0.0, upstreams)
 
 

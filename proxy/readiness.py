@@ -54,10 +54,18 @@ class Readiness:
     def __init__(self, settings: ReadinessSettings) -> None:
         self._gate_open = not settings.wait_for_tokens
 
-    def judge(self, listening: bool, apps: Mapping[str, AppHealth]) -> ReadinessReport:
+    @property
+    def gate_open(self) -> bool:
+        """No token gate (the default), or it has passed: from now on only apps whose first attempt is still out
+        can make the sidecar unready, besides its listeners."""
+        return self._gate_open
+
+    def judge(self, listening: bool, apps: Mapping[str, AppHealth], verbose: bool = True) -> ReadinessReport:
+        """The verdict, what it waits for and (`verbose`) each app's report."""
         waiting = self._waiting(listening, apps)
-        body = {"ready": not waiting, "waiting_for": waiting,
-                "apps": {name: health.as_json() for name, health in apps.items()}}
+        body: dict[str, Any] = {"ready": not waiting, "waiting_for": waiting}
+        if verbose:
+            body["apps"] = {name: health.as_json() for name, health in apps.items()}
         return ReadinessReport(not waiting, body)
 
     def _waiting(self, listening: bool, apps: Mapping[str, AppHealth]) -> list[str]:

@@ -73,6 +73,20 @@ async def test_not_ready_until_the_first_token_attempt_then_ready(start_sidecar:
                                                      "api": {"circuit": "closed", "network": "healthy"}}
 
 
+async def test_the_summary_says_the_same_verdict_without_each_apps_report(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    platforms.feishu.token_delay = 0.3   # real seconds: the first attempt is still out when /readyz is asked
+    running = await start_sidecar()
+    async with http.get(f"{running.admin}/readyz?verbose=0") as r:
+        assert r.status == 503
+        assert await r.json() == {"ready": False, "waiting_for": ["first token attempt: sales-bot"]}
+    await until_ready(http, running)
+    async with http.get(f"{running.admin}/readyz?verbose=0") as r:
+        assert r.status == 200 and await r.json() == {"ready": True, "waiting_for": []}
+    status, body = await readyz(http, running)   # the full report is still the default
+    assert status == 200 and body["apps"]["sales-bot"]["token"] == "ok"
+
+
 async def test_wrong_credentials_are_reported_without_taking_the_pod_out(
         start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
     platforms.feishu.apps["cli_test"] = "rotated"
@@ -92,6 +106,8 @@ async def test_the_old_token_gate_is_an_opt_in(start_sidecar: SidecarFactory, pl
             break
         await asyncio.sleep(0.01)
     assert status == 503 and body["waiting_for"] == ["a token (readiness.wait_for_tokens): sales-bot"]
+    async with http.get(f"{running.admin}/readyz?verbose=0") as r:   # the summary holds the same gate
+        assert r.status == 503 and (await r.json())["waiting_for"] == body["waiting_for"]
 
 
 class TestTokenOutage:
