@@ -58,6 +58,7 @@ apps:
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "imsidecar.access"]
     assert access and access[0]["route"] == "/open-apis/im/v1/messages" and access[0]["attempts"] == 1
+    assert access[0]["outcome"] == "success"   # the outcome class, as imsidecar_requests_total counts it
     assert FEISHU_SECRET not in stderr.decode()
 
 
