@@ -120,7 +120,8 @@ class UpstreamStages:
         transitions = metrics.circuit_transitions
         breaker = CircuitBreaker(clock, app.breaker, on_transition=lambda old, new: transitions.labels(
             app.name, upstream, new.value).inc())
-        source = refreshed(monitor.retry_params, clock, changes=monitor.changes) if app.retry.adaptive else None
+        source = (refreshed(monitor.retry_params, clock, changes=monitor.changes, samples=monitor.samples)
+                  if app.retry.adaptive else None)
         policy = RetryPolicy(app.retry, clock, source)
         policy.budget = GuardedBudget(policy.budget, guard)
         stages = cls(monitor, GuardedBreaker(breaker, guard), policy)

@@ -83,6 +83,13 @@ class GuardedMonitor:
             self._guard.failed("monitor", exc)
             return -1   # differs from any count the monitor gave: cached parameters are read again
 
+    def samples(self) -> int:
+        try:
+            return self.inner.samples()
+        except Exception as exc:
+            self._guard.failed("monitor", exc)
+            return 0
+
     @property
     def state(self) -> NetworkState:
         try:

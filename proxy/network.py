@@ -208,8 +208,13 @@ class NetworkMonitor:
         self._update_state(now)
 
     def changes(self) -> int:
-        """A counter that moves with every attempt that was not a success (and every late answer)."""
+        """A counter that moves with every attempt that was not a success, every late answer and every change of
+        state."""
         return self._changes
+
+    def samples(self) -> int:
+        """A counter that moves with every attempt and late answer recorded."""
+        return self._recorded
 
     def record_late(self, latency: float) -> None:
         """A timed-out attempt's answer arrived after all, `latency` seconds after it was sent: the platform is
@@ -356,6 +361,8 @@ class NetworkMonitor:
                 self._enter(candidate, now)
 
     def _enter(self, state: NetworkState, now: float) -> None:
+        if state is not self._state:
+            self._changes += 1   # another profile: cached retry parameters are read again at once
         self._state = state
         self._since = now
 

@@ -291,6 +291,22 @@ async def test_timeouts_with_no_answer_at_all_are_down(clock):
     assert monitor.state is NetworkState.DOWN
 
 
+async def test_coming_back_from_down_moves_the_changes_counter(clock):
+    """Cached retry parameters are read again when `changes()` moves: recovering on successes alone must move it,
+    or a quiet upstream would keep the down profile's single attempt for seconds."""
+    monitor = NetworkMonitor(clock)
+    await drive(clock, monitor, 5, steady(0.05))
+    await drive(clock, monitor, 1.5, lambda _: (Signal.TIMEOUT, 0.5))
+    assert monitor.state is NetworkState.DOWN
+    down = monitor.changes()
+    for _ in range(50):
+        await clock.advance(0.1)
+        monitor.record(verdict(Signal.OK), 0.05)
+        if monitor.state is not NetworkState.DOWN:
+            break
+    assert monitor.state is not NetworkState.DOWN and monitor.changes() > down
+
+
 async def test_a_run_of_timeouts_while_other_answers_arrive_is_not_down(clock):
     monitor = NetworkMonitor(clock)
     await drive(clock, monitor, 5, steady(0.05))

@@ -248,3 +248,31 @@ async def test_a_retry_after_a_timeout_waits_longer(start_sidecar: SidecarFactor
     async with http.get(f"{running.base}/sales-bot/open-apis/bitable/v1/apps/bascnX/tables/tblY/records") as r:
         assert r.status == 200   # the second try had 200 ms, not another 100 ms
         assert r.headers["X-Imsidecar-Retry-Reasons"] == "timeout"
+
+
+async def test_cached_parameters_are_read_again_on_a_change_on_enough_samples_or_when_stale() -> None:
+    from proxy.clock import VirtualClock
+    from proxy.retry import ENOUGH_NEW, QUIET_EVERY, RetryParams, refreshed
+
+    clock, reads, moved, seen = VirtualClock(), [], [0], [0]
+
+    def source() -> RetryParams:
+        reads.append(clock.now())
+        return RetryParams(1.0, 0.1, 1.0, 3)
+
+    params = refreshed(source, clock, every=0.25, changes=lambda: moved[0], samples=lambda: seen[0])
+    assert len(reads) == 1
+    await clock.advance(0.3)
+    seen[0] += ENOUGH_NEW - 1   # a quiet upstream: the window holds nearly the same samples
+    params()
+    assert len(reads) == 1
+    moved[0] += 1               # a failure: the very next decision sees it
+    params()
+    assert len(reads) == 2
+    await clock.advance(0.3)
+    seen[0] += ENOUGH_NEW       # a busy one: every 0.25 s as before
+    params()
+    assert len(reads) == 3
+    await clock.advance(QUIET_EVERY)
+    params()                    # no samples at all, but stale
+    assert len(reads) == 4
