@@ -140,9 +140,9 @@ class Limits:
     keepalive_timeout: float = 75.0       # an idle keep-alive connection is closed after this (nginx's default)
     max_connections: int = 1024           # per listener; past it the idlest connection is closed, or the new one
     # Connections the kernel holds for each listener until it accepts them (capped by net.core.somaxconn). A burst
-    # past it waits for a SYN retry (~1 s), but a deeper one lets such a burst in at once: bench.scale jumping from
-    # 512 to 4,096 connections fell to 0.66x of 32 connections' rps with 1,024 and held 0.95x with 128, so 128
-    # (aiohttp's) stays the default until the sidecar caps the requests it has in flight.
+    # past it waits for SYN retries (~1 s, 3 s); proxy/accept.py takes every queued connection per readiness, so a
+    # deeper one costs only the memory of what it lets in. 128 is aiohttp's; with 4,096, bench.scale's 4,096 row
+    # measured within the run-to-run spread of 128's, so the default stayed.
     backlog: int = 128
 
 
