@@ -57,13 +57,15 @@ class Acceptor(asyncio.AbstractServer):
         await self._closed.wait()
 
     def close(self) -> None:
-        """Stop accepting at once; connections already accepted are the server's to close."""
+        """Stop accepting at once (a second call does nothing); connections already accepted are the server's."""
         self._serving = False
         for handle in self._paused.values():
             handle.cancel()
+        self._paused.clear()
         for sock in self._sockets:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
+            if sock.fileno() != -1:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
         self._closed.set()
 
     async def wait_closed(self) -> None:
