@@ -12,7 +12,6 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-CELL_SIZE = {code: array(code).itemsize for code in "dHI"}
 WIDER = {"H": "I", "I": "Q"}   # the cells of whole counts, widened when one overflows
 
 
@@ -47,7 +46,7 @@ class SlidingWindow:
             self._roll(now)
         cells = self._cells
         if cells is None:
-            cells = self._cells = array(self._typecode, bytes(CELL_SIZE[self._typecode] * self._slots * self._width))
+            cells = self._cells = array(self._typecode, [0]) * (self._slots * self._width)
         slot = epoch % self._slots
         self._filled[slot] = 1
         try:

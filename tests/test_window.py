@@ -98,3 +98,5 @@ def test_a_whole_number_cell_past_two_bytes_widens_the_window_and_loses_nothing(
     window.add(2.5, 1, 2**32)   # and past 4 bytes
     assert window.totals(3.9) == (0.0, 65_539.0 + 2**32, 7.0)
     assert window.totals(4.5) == (0.0, 3.0 + 2**32, 0.0)   # the first second's cells fell out, exactly
+    window.add(60.0, 2, 5)   # a long silence cleared it: the next add makes cells of the width it had reached
+    assert window.totals(60.0) == (0.0, 0.0, 5.0) and window._cells is not None and window._cells.itemsize == 8
