@@ -15,6 +15,11 @@ from typing import Any
 WIDER = {"H": "I", "I": "Q"}   # the cells of whole counts, widened when one overflows
 
 
+def _zeros(typecode: str, count: int) -> array[Any]:
+    """`count` cells at 0 of `typecode` (doubles, or whole counts of any width)."""
+    return array(typecode, [0]) * count
+
+
 class SlidingWindow:
     """A vector of counters summed over the last `span` seconds, kept in buckets of `bucket` seconds.
 
@@ -46,7 +51,7 @@ class SlidingWindow:
             self._roll(now)
         cells = self._cells
         if cells is None:
-            cells = self._cells = array(self._typecode, [0]) * (self._slots * self._width)
+            cells = self._cells = _zeros(self._typecode, self._slots * self._width)
         slot = epoch % self._slots
         self._filled[slot] = 1
         try:
