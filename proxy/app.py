@@ -256,12 +256,9 @@ class Sidecar:
     def readiness(self, verbose: bool = True) -> ReadinessReport:
         """Ready when this sidecar can serve; each app's token and upstreams are reported (when `verbose`), not
         gating."""
-        if verbose:
-            apps = {name: self._health(name, tokens) for name, tokens in self.tokens.items()}
-        else:   # the verdict alone: only the apps it can still wait for are looked at
-            wanted = self._readiness.gate_open
-            apps = {name: self._health(name, tokens, verbose=False) for name, tokens in self.tokens.items()
-                    if not wanted or name not in self._warmed}
+        every = verbose or not self._readiness.gate_open   # else the verdict alone: the apps it can still wait for
+        apps = {name: self._health(name, tokens, verbose) for name, tokens in self.tokens.items()
+                if every or name not in self._warmed}
         return self._readiness.judge(self._listening(), apps, verbose)
 
     def _listening(self) -> bool:

@@ -213,7 +213,7 @@ class NetworkMonitor:
         return self._changes
 
     def samples(self) -> int:
-        """A counter that moves with every attempt and late answer recorded."""
+        """A counter that moves with every attempt and late answer recorded (and when the window is cleared)."""
         return self._recorded
 
     def record_late(self, latency: float) -> None:

@@ -57,16 +57,17 @@ def refreshed(source: ParamsSource, clock: Clock, every: float = 0.25,
     """`source` evaluated at most every `every` seconds (the monitor's quantiles are not free, requests are many),
     and again whenever `changes()` moves: a failure must raise the attempts of the very next decision. While fewer
     than ENOUGH_NEW samples came in (`samples()` counts them), at most every QUIET_EVERY seconds: its window holds
-    nearly the same latencies, and at 1,000 apps, each called twice a second, every request re-read it (~7% of the
+    nearly the same latencies, and at 1,000 apps, each called twice a second, every request re-read it (6-7% of the
     sidecar's samples)."""
-    cached: list[RetryParams | float | int] = [source(), clock.now(), changes(), samples()]
+    value, read_at, changed, sampled = source(), clock.now(), changes(), samples()
 
     def params() -> RetryParams:
+        nonlocal value, read_at, changed, sampled
         now, seen = clock.now(), changes()
-        age = now - cached[1]  # type: ignore[operator]
-        if seen != cached[2] or age >= QUIET_EVERY or (age >= every and samples() - cached[3] >= ENOUGH_NEW):  # type: ignore[operator]
-            cached[0], cached[1], cached[2], cached[3] = source(), now, seen, samples()
-        return cached[0]  # type: ignore[return-value]
+        age = now - read_at
+        if seen != changed or age >= QUIET_EVERY or (age >= every and samples() - sampled >= ENOUGH_NEW):
+            value, read_at, changed, sampled = source(), now, seen, samples()
+        return value
 
     return params
 
