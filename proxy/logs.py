@@ -1,15 +1,18 @@
 """Logging set-up: text or JSON lines, one access line per request, and a last-line guard against secrets.
 
-Owns formatting and the redaction filter; what gets logged is decided where it happens (never a raw query or token).
+Owns formatting, the redaction filter and the access log's writer; what gets logged is decided where it happens
+(never a raw query or token).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
+import time
+from typing import Any, TextIO
 
+from proxy import codec
 from proxy.config import LogSettings
 
 ACCESS_FIELDS = ("app", "upstream", "route", "method", "status", "outcome", "attempts", "duration_ms",
@@ -18,7 +21,14 @@ ACCESS_FIELDS = ("app", "upstream", "route", "method", "status", "outcome", "att
 _REDACT = re.compile(r"(access_token=|Bearer |x-acs-dingtalk-access-token[\"']?:\s*[\"']?|\"?app_?[sS]ecret\"?[:=]\s*\"?)([^&\s\"',]+)")
 
 
+# Every match of _REDACT holds one of these: a line without any is returned as it is, without the regex's scan
+# (3 us on an access line, which never holds one).
+_MARKERS = ("access_token=", "Bearer ", "x-acs-dingtalk-access-token", "ecret")
+
+
 def redact(text: str) -> str:
+    if not any(marker in text for marker in _MARKERS):
+        return text
     return _REDACT.sub(lambda m: m.group(1) + "****", text)
 
 
@@ -32,15 +42,51 @@ class JsonFormatter(logging.Formatter):
     _second, _stamp = -1, ""   # the time field of the second being logged, formatted once (one line per request)
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second, self._stamp = second, self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        line = {"time": self._stamp, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        line = {"time": self.stamp(record.created), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
         fields = record.__dict__
         line.update({k: fields[k] for k in ACCESS_FIELDS if k in fields})
         if record.exc_info:
             line["error"] = redact(self.formatException(record.exc_info))
-        return json.dumps(line, ensure_ascii=False)
+        return codec.dumps(line)
+
+    def stamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(created))
+        return self._stamp
+
+
+class AccessLog:
+    """The access line of every request: a `logging` record of `imsidecar.access` (what tests capture and what a
+    program embedding the sidecar configures), or, once `configure` set up JSON lines, the same line written
+    straight to the log's stream, without a LogRecord, the handler's lock and the filter chain: 25 us a line
+    through `logging`, ~6 directly (redacted all the same)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._direct: tuple[TextIO, JsonFormatter] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._logger.isEnabledFor(logging.INFO)
+
+    def write(self, message: str, fields: dict[str, Any]) -> None:
+        """One line: `message` for people, `fields` (ACCESS_FIELDS, in that order) for machines."""
+        if self._direct is None:
+            self._logger.info("%s", message, extra=fields)
+            return
+        stream, formatter = self._direct
+        line = {"time": formatter.stamp(time.time()), "level": "INFO", "logger": self._logger.name,
+                "message": redact(message), **fields}
+        stream.write(codec.dumps(line) + "\n")
+
+    def write_to(self, stream: TextIO | None, formatter: JsonFormatter | None = None) -> None:
+        """Write JSON lines straight to `stream` from now on (None: through `logging` again)."""
+        self._direct = (stream, formatter) if stream is not None and formatter is not None else None
+
+
+access = AccessLog(logging.getLogger("imsidecar.access"))
 
 
 def configure(settings: LogSettings) -> None:
@@ -52,9 +98,12 @@ def configure(settings: LogSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
     if settings.format == "json":
-        handler.setFormatter(JsonFormatter())
+        formatter = JsonFormatter()
+        handler.setFormatter(formatter)
+        access.write_to(sys.stderr, formatter)   # the handler's stream: the lines stay in order
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        access.write_to(None)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)

@@ -7,7 +7,6 @@ when something inside the sidecar breaks and the 499 of a client that left; each
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -24,6 +23,7 @@ from proxy.exactly_once import ExactlyOnce, MemoryOnce, Stored
 from proxy.guard import Guard
 from proxy.idempotency import ECHO_HEADER
 from proxy.intake import BodyReader, RequestBody, target_problem
+from proxy.logs import access
 from proxy.metrics import CLIENT_ERROR, SUCCESS, Metrics, outcome_class
 from proxy.outcome import Verdict
 from proxy.platforms.base import BAD_REQUEST, INTERNAL_ERROR, dump
@@ -33,8 +33,6 @@ from proxy.saving.stages import SavingStages
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
 from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
-
-access_log = logging.getLogger("imsidecar.access")
 
 DEADLINE_HEADER = "X-Imsidecar-Timeout"   # a client may shorten (never lengthen) its request's deadline
 CHUNK = 64 * 1024
@@ -329,14 +327,14 @@ class Pipeline:
         self.metrics.hot_request_duration(b.app.name, b.upstream, exchange.route).observe(elapsed)
         if exchange.error is not None:
             self.metrics.sidecar_errors.labels(b.app.name, b.upstream, type(exchange.error).__name__).inc()
-        if not access_log.isEnabledFor(logging.INFO):
+        if not access.enabled:
             return
-        access_log.info(
-            "%s %s %s %s %s attempts=%d %.1fms", b.app.name, b.upstream, exchange.method, exchange.route,
-            response.status, exchange.attempts, elapsed * 1000,
-            extra={"app": b.app.name, "upstream": b.upstream, "route": exchange.route, "method": exchange.method,
-                   "status": response.status, "outcome": outcome, "attempts": exchange.attempts,
-                   "duration_ms": round(elapsed * 1000, 1), "retry_reasons": exchange.retry_reasons},
+        access.write(
+            f"{b.app.name} {b.upstream} {exchange.method} {exchange.route} {response.status} "
+            f"attempts={exchange.attempts} {elapsed * 1000:.1f}ms",
+            {"app": b.app.name, "upstream": b.upstream, "route": exchange.route, "method": exchange.method,
+             "status": response.status, "outcome": outcome, "attempts": exchange.attempts,
+             "duration_ms": round(elapsed * 1000, 1), "retry_reasons": exchange.retry_reasons},
         )
 
     @staticmethod
@@ -361,11 +359,11 @@ def relayed_headers(source: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def unrouted(request: web.BaseRequest, response: web.Response) -> web.Response:
     """The access line of an answer given before any app could be told from the request (no app, no route)."""
-    if access_log.isEnabledFor(logging.INFO):
+    if access.enabled:
         method = request.method if len(request.method) <= 10 else "other"
-        access_log.info("- - %s - %s attempts=0", method, response.status,
-                        extra={"app": "-", "upstream": "-", "route": "-", "method": method, "status": response.status,
-                               "attempts": 0, "duration_ms": 0.0, "retry_reasons": []})
+        access.write(f"- - {method} - {response.status} attempts=0",
+                     {"app": "-", "upstream": "-", "route": "-", "method": method, "status": response.status,
+                      "attempts": 0, "duration_ms": 0.0, "retry_reasons": []})
     return response
 
 

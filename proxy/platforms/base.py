@@ -6,7 +6,6 @@ Owns the interface and helpers every platform shares; the Feishu and DingTalk sp
 from __future__ import annotations
 
 import email.utils
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -14,6 +13,7 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict
 
+from proxy import codec
 from proxy.config import AppConfig, CodeOverrides
 from proxy.outcome import Outcome, Signal, Verdict
 from proxy.routing import RouteShapes
@@ -244,14 +244,14 @@ def load_json(body: bytes | None) -> dict[str, Any] | None:
     if not body:
         return None
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        value = codec.loads(body)
+    except ValueError:   # UnicodeDecodeError is one
         return None
     return value if isinstance(value, dict) else None
 
 
 def dump(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return codec.dumps_bytes(payload)
 
 
 def parse_retry_after(value: str | None, now_wall: float | None = None) -> float | None:
