@@ -186,6 +186,11 @@ class AppLimiters:
             except SharedQuotaExceeded as exc:
                 raise RateLimitExceeded(exc.retry_after) from exc
 
+    def take_free(self, limiter: AdaptiveRateLimiter) -> bool:
+        """This pod's slot at once, when it is free and this pod's is the only quota: nothing to wait for, nothing
+        for the drain to interrupt. False: `acquire` decides (and waits)."""
+        return self._one_pod and limiter.take_free()
+
     def get(self, template: str, route_label: str) -> AdaptiveRateLimiter:
         limiter = self.guarded(self._set.get(self._app, template))
         if route_label not in self._exported:

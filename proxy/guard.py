@@ -192,6 +192,13 @@ class GuardedLimiter(AdaptiveRateLimiter):
             self._guard.failed("limiter", exc)
             return 0.0
 
+    def take_free(self) -> bool:
+        try:
+            return self.inner.take_free()
+        except Exception as exc:   # as acquire: a failure grants the slot
+            self._guard.failed("limiter", exc)
+            return True
+
     def on_throttle(self, retry_after: float | None = None) -> None:
         try:
             self.inner.on_throttle(retry_after)

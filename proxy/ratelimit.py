@@ -135,10 +135,9 @@ class AdaptiveRateLimiter:
     async def acquire(self, deadline: float) -> float:
         """Wait for a slot and return the seconds waited; raise RateLimitExceeded at once if it would
         come after `deadline` (a `clock.now()` time)."""
-        start = self._clock.now()
-        if not self._queue and self._earliest_slot(start) <= start:
-            self._grant(start)   # the common case: nobody waiting and a slot free now
+        if self.take_free():   # the common case
             return 0.0
+        start = self._clock.now()
         expected = self._predict(start, ahead=len(self._queue))
         if expected > start and expected > deadline:
             raise RateLimitExceeded(expected - start)
@@ -152,6 +151,15 @@ class AdaptiveRateLimiter:
         finally:
             self._leave(turn)
         return self._clock.now() - start
+
+    def take_free(self) -> bool:
+        """The slot at once if nobody is waiting and one is free now (what `acquire` would grant without a wait);
+        False, taking nothing, when `acquire` would have to wait or refuse."""
+        now = self._clock.now()
+        if self._queue or self._earliest_slot(now) > now:
+            return False
+        self._grant(now)
+        return True
 
     def on_throttle(self, retry_after: float | None = None) -> None:
         """The platform refused for rate; `retry_after` is its own "wait N s", if it said."""

@@ -349,6 +349,8 @@ class RetryEngine:
     async def pace(self, exchange: Exchange, limiter: AdaptiveRateLimiter) -> None:
         """Wait for the sidecar's own rate limit inside the deadline; fail fast with 429 when it would overrun."""
         b = exchange.binding
+        if b.limiters.take_free(limiter):   # a slot free now and nobody queued: no wait to set up (6 coroutines)
+            return
         try:
             waited = await b.limiters.acquire(limiter, exchange.template, exchange.deadline)
         except RateLimitExceeded as exc:

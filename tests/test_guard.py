@@ -66,7 +66,8 @@ async def test_three_timeouts_then_quiet_the_app_still_forwards(start_sidecar: S
     ("monitor", NetworkMonitor, "retry_params"),
     ("breaker", CircuitBreaker, "allow"),
     ("breaker", CircuitBreaker, "record"),
-    ("limiter", AdaptiveRateLimiter, "acquire"),
+    ("limiter", AdaptiveRateLimiter, "take_free"),   # the free slot at once: what most requests call
+    ("limiter", AdaptiveRateLimiter, "acquire"),     # the wait for one (take_free says none is free)
     ("limiter", AdaptiveRateLimiter, "on_success"),
     ("budget", RetryBudget, "record_request"),
     ("metrics", FastHistogram, "observe"),
@@ -76,6 +77,8 @@ async def test_a_failing_stage_fails_open_is_counted_and_logged_once(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stage: str, target: type, name: str) -> None:
     running = await start_sidecar(retry="{adaptive: true, backoff_base: 1ms}")
     monkeypatch.setattr(target, name, boom_async if name == "acquire" else boom)
+    if name == "acquire":
+        monkeypatch.setattr(target, "take_free", lambda self: False)
     caplog.set_level(logging.ERROR, logger="imsidecar.guard")
     for _ in range(3):
         status, body = await send(http, running)

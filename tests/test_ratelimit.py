@@ -255,3 +255,40 @@ async def test_a_quota_overrun_still_cuts_the_rate(clock):
         return sent.count(second) > 20   # the platform's real quota: 20 per second
     await offered(clock, limiter, rate=30, seconds=20, throttled=throttled)
     assert limiter.current_rate < 30
+
+
+async def test_a_free_slot_taken_at_once_never_jumps_the_queue_and_counts_against_the_quota(clock):
+    limiter = AdaptiveRateLimiter(Quota(per_second=2), clock)
+    assert limiter.take_free() and limiter.take_free()   # the second's two slots
+    assert not limiter.take_free()                          # none left: nothing taken
+    waiter = asyncio.create_task(limiter.acquire(deadline=clock.now() + 10))
+    await settle()
+    clock._now += 1   # the instant a slot is free again, before the waiter has woken: it is first in line
+    assert not limiter.take_free()
+    await clock.advance(0)
+    assert waiter.done() and await waiter == pytest.approx(1)
+    assert limiter.take_free() and not limiter.take_free()   # the waiter took one of the new second's two
+
+
+@pytest.mark.parametrize("seconds", [3.0])
+async def test_taking_free_slots_and_waiting_for_them_together_keep_the_quota(clock, seconds):
+    limiter = AdaptiveRateLimiter(Quota(per_second=5, per_minute=200), clock)
+    grants: list[float] = []
+
+    async def client(i: int) -> None:
+        while clock.now() < seconds:
+            if i % 2 == 0 and limiter.take_free():
+                grants.append(clock.now())
+                await clock.sleep(0.01)
+                continue
+            await limiter.acquire(deadline=clock.now() + 10)
+            grants.append(clock.now())
+
+    tasks = [asyncio.create_task(client(i)) for i in range(6)]
+    for _ in range(int(seconds * 100) + 200):
+        await clock.advance(0.01)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert most_in_any_window(grants, 1.0) <= 5
+    assert len(grants) >= 5 * seconds

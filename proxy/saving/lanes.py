@@ -116,6 +116,24 @@ class LanedLimiters(AppLimiters):
         self._savings.hot_lane_wait(self._name, lane_name).observe(waited)
         return waited
 
+    def take_free(self, limiter: AdaptiveRateLimiter) -> bool:
+        """An interactive request takes a free slot at once (no bulk request is in the limiter's line then, so
+        there is nothing to pre-empt); a bulk one always goes through `acquire`, which paces it."""
+        lane_name = CURRENT_LANE.get()
+        if lane_name == BULK:
+            return False
+        try:
+            lane = self._lanes.get(limiter)
+            if lane is not None and lane.bulk:
+                return False
+        except Exception as exc:
+            self._lane_guard.failed("lanes", exc)
+            return False
+        if not AppLimiters.take_free(self, limiter):
+            return False
+        self._savings.hot_lane_wait(self._name, lane_name).observe(0.0)
+        return True
+
     def _in_lane(self, lane_name: str, limiter: AdaptiveRateLimiter, template: str,
                  deadline: float) -> Awaitable[float]:
         """Seconds waited: 0.0 when the slot was free at once (the limiter's own answer, not the time it took)."""
