@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 from proxy import codec
 from proxy.config import LogSettings
@@ -42,13 +42,16 @@ class JsonFormatter(logging.Formatter):
     _second, _stamp = -1, ""   # the time field of the second being logged, formatted once (one line per request)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.stamp(record.created), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage()}
-        fields = record.__dict__
-        line.update({k: fields[k] for k in ACCESS_FIELDS if k in fields})
+        line = self.line(record.created, record.levelname, record.name, record.getMessage(), record.__dict__)
         if record.exc_info:
             line["error"] = redact(self.formatException(record.exc_info))
         return codec.dumps(line)
+
+    def line(self, created: float, level: str, logger: str, message: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Every JSON line's shape: when, how bad, whose, the message, then whichever ACCESS_FIELDS it has."""
+        line = {"time": self.stamp(created), "level": level, "logger": logger, "message": message}
+        line.update({k: fields[k] for k in ACCESS_FIELDS if k in fields})
+        return line
 
     def stamp(self, created: float) -> str:
         second = int(created)
@@ -72,13 +75,12 @@ class AccessLog:
         return self._logger.isEnabledFor(logging.INFO)
 
     def write(self, message: str, fields: dict[str, Any]) -> None:
-        """One line: `message` for people, `fields` (ACCESS_FIELDS, in that order) for machines."""
+        """One line: `message` for people, `fields` (of ACCESS_FIELDS) for machines."""
         if self._direct is None:
             self._logger.info("%s", message, extra=fields)
             return
         stream, formatter = self._direct
-        line = {"time": formatter.stamp(time.time()), "level": "INFO", "logger": self._logger.name,
-                "message": redact(message), **fields}
+        line = formatter.line(time.time(), "INFO", self._logger.name, redact(message), fields)
         stream.write(codec.dumps(line) + "\n")
 
     def write_to(self, stream: TextIO | None, formatter: JsonFormatter | None = None) -> None:

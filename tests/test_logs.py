@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
@@ -30,19 +31,27 @@ def test_the_marker_check_redacts_exactly_what_the_regex_does(text: str) -> None
     assert logs.redact(text) == regex_only(text)
 
 
-@pytest.fixture
-def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+@contextmanager
+def configured(monkeypatch: pytest.MonkeyPatch, *, access_log: bool) -> Iterator[io.StringIO]:
+    """`logs.configure` for JSON lines into a string, as the sidecar's run does into stderr; undone after."""
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    logs.configure(LogSettings(format="json", access_log=True, level="INFO"))
+    logs.configure(LogSettings(format="json", access_log=access_log, level="INFO"))
     try:
         yield stream
     finally:
         logs.access.write_to(None)
+        logging.getLogger("imsidecar.access").disabled = False
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.fixture
+def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    with configured(monkeypatch, access_log=True) as stream:
+        yield stream
 
 
 def test_a_direct_access_line_is_the_line_logging_writes(json_logs: io.StringIO) -> None:
@@ -65,15 +74,5 @@ def test_a_direct_access_line_is_redacted_and_in_order_with_other_lines(json_log
 
 
 def test_no_access_line_when_the_access_log_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stream)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    logs.configure(LogSettings(format="json", access_log=False, level="INFO"))
-    try:
+    with configured(monkeypatch, access_log=False):
         assert not logs.access.enabled
-    finally:
-        logs.access.write_to(None)
-        logging.getLogger("imsidecar.access").disabled = False
-        root.handlers[:] = handlers
-        root.setLevel(level)
