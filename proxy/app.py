@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 from functools import partial
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -25,8 +25,6 @@ from proxy.clock import Clock, SystemClock
 from proxy.config import Address, AppConfig, Config
 from proxy.drain import Drain
 from proxy.egress import Egress
-from proxy.events.runtime import EventsRuntime
-from proxy.events.settings import EventsSettings
 from proxy.exactly_once import ExactlyOnce
 from proxy.guard import Guard, guard_metrics
 from proxy.listener import Listener
@@ -35,13 +33,16 @@ from proxy.pipeline import Pipeline
 from proxy.platforms import platform_for
 from proxy.readiness import AppHealth, Readiness, ReadinessReport
 from proxy.retry import RetryEngine
-from proxy.robots.handlers import RobotService
-from proxy.robots.handlers import dispatch as robot_dispatch
 from proxy.routing import RouteLabels, Router
 from proxy.saving.lanes import LanedLimiters
 from proxy.saving.stages import SavingStages
 from proxy.store import open_store
 from proxy.upstream import Pools, UpstreamClient
+
+if TYPE_CHECKING:   # imported when configured: ~40 ms of a start-up that has neither (events pull in cryptography)
+    from proxy.events.runtime import EventsRuntime
+    from proxy.events.settings import EventsSettings
+    from proxy.robots.handlers import RobotService
 
 log = logging.getLogger("imsidecar")
 
@@ -123,6 +124,7 @@ class Sidecar:
         await self.store.start()
         await self.saving.start()
         if self.config.robots is not None:
+            from proxy.robots.handlers import RobotService
             self.robots = RobotService.create(self.config.robots, self.session, self.clock, self.metrics.registry)
         self._warming = asyncio.ensure_future(self._warm_all())
         for address in self.config.listeners():
@@ -157,6 +159,10 @@ class Sidecar:
 
     def _handler(self, address: Address):  # type: ignore[no-untyped-def]
         handle = partial(self.pipeline.handle, listen=address)   # no coroutine of its own around the pipeline's
+        robots_here = self.config.robots is not None and address == self.config.listen
+        if not robots_here:
+            return handle
+        from proxy.robots.handlers import dispatch as robot_dispatch
 
         async def handle_with_robots(request: web.BaseRequest) -> web.StreamResponse:
             # /robots/<name> and /alerts/<name> on the main listener; every other path is forwarded.
@@ -164,8 +170,7 @@ class Sidecar:
             answered = await robot_dispatch(self.robots, request)
             return answered if answered is not None else await self.pipeline.handle(request, address)
 
-        robots_here = self.config.robots is not None and address == self.config.listen
-        return handle_with_robots if robots_here else handle
+        return handle_with_robots
 
     async def _serve(self, target: web.Server | web.Application, address: Address) -> None:
         runner: web.BaseRunner
@@ -190,6 +195,7 @@ class Sidecar:
         return min(1.0, self.config.limits.drain_timeout / 10)
 
     async def _start_events(self, settings: EventsSettings) -> None:
+        from proxy.events.runtime import EventsRuntime
         self.events = EventsRuntime(settings, self.config.store, self.session, self.metrics.registry, self.clock)
         await self.events.start()   # the store first: a callback is acknowledged only once it is stored
         if settings.listen is not None:
