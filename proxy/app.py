@@ -79,7 +79,7 @@ class Sidecar:
         retry = RetryEngine(self.clock, self.metrics, self.drain)
         self.pipeline = Pipeline(self.router, retry, self.clock, config.limits, self.metrics, self.saving,
                                  guard=self.guard, drain=self.drain,
-                                 once=ExactlyOnce(self.store.once, self.clock, self.metrics))
+                                 once=ExactlyOnce(self.store.once, self.clock, self.metrics, self.drain))
         self._runners: list[web.BaseRunner] = []
         self._stopping: asyncio.Future[None] | None = None
         self._session: aiohttp.ClientSession | None = None   # for the application-facing side: events, robots

@@ -36,6 +36,15 @@ class Drain:
         if not self._in_flight and self._idle is not None:
             self._idle.set()
 
+    def adopt(self, work: asyncio.Task[object]) -> None:
+        """In flight until done, though no request's handler waits for it (what a client that left started)."""
+        self._in_flight.add(work)
+        work.add_done_callback(self.leave)
+
+    def cutting(self, task: asyncio.Task[object]) -> bool:
+        """Whether `task`'s cancellation is the drain's (as `was_cut`, without taking it back)."""
+        return task in self._cut
+
     def was_cut(self, task: asyncio.Task[object]) -> bool:
         """True when `task`'s cancellation is the drain's (it is uncancelled: it still has an answer to give)."""
         if task not in self._cut:

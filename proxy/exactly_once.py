@@ -2,8 +2,8 @@
 
 Owns claiming a key, what a duplicate gets (draft-ietf-httpapi-idempotency-key-
 header: the stored answer, 409 while the first is in flight, 422 for another request under the same key), which
-answers are kept (not those that say the platform did not act: resending is safe), and the in-memory backend
-(bounded, TTL). The Redis backend, shared by replicas, is proxy/exactly_once_redis.py; where the platform has a key
+answers are kept (not those that say the platform did not act: resending is safe), hearing a keyed request out
+when its client leaves (its answer is what the client's repeat gets) and the in-memory backend (bounded, TTL). The Redis backend, shared by replicas, is proxy/exactly_once_redis.py; where the platform has a key
 of its own, putting the client's key there is proxy/idempotency.py's.
 """
 
@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.clock import Clock, finished_within
+from proxy.drain import Drain
 from proxy.errors import BadRequest, IdempotencyKeyInFlight, IdempotencyKeyReused, OutcomeUnknown, SidecarError
 from proxy.exactly_once_config import OnceSettings
 from proxy.idempotency import HEADER, KeyProblem, client_key
@@ -158,8 +159,9 @@ def _unrendered(exchange: Exchange, exc: SidecarError) -> web.Response:
 class ExactlyOnce:
     """The pipeline stage: requests with Idempotency-Key (POST, PATCH) run through the store; others pass by."""
 
-    def __init__(self, backend: OnceBackend, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, backend: OnceBackend, clock: Clock, metrics: Metrics, drain: Drain | None = None) -> None:
         self.backend, self.clock, self.metrics = backend, clock, metrics
+        self.drain = drain or Drain()   # the sidecar's: it waits for (and at its end cuts) what a gone client left
         self.render: Render = _unrendered   # the pipeline's error answer, to store a sidecar error as it was sent
         local = getattr(backend, "local", backend)   # the Redis backend's fallback holds the memory figures
         if isinstance(local, MemoryOnce):
@@ -181,7 +183,23 @@ class ExactlyOnce:
         if stored is not None:
             return self.replay(exchange, stored)
         self.count(exchange, "executed")
-        return await self.execute(exchange, body, scope, owner, fingerprint, call)
+        return await self.heard_out(asyncio.ensure_future(self.execute(exchange, body, scope, owner, fingerprint, call)))
+
+    async def heard_out(self, execution: asyncio.Task[Answer]) -> Answer:
+        """A keyed request goes on to its end when its client leaves (within its deadline, as if the client were
+        there): its answer is stored under the key, and the client's repeat gets what the platform did instead of
+        an unknown outcome. A request the drain cuts short stops, and keeps the unknown outcome, as before."""
+        try:
+            return await asyncio.shield(execution)
+        except asyncio.CancelledError:
+            handler = asyncio.current_task()
+            if handler is not None and self.drain.cutting(handler):
+                execution.cancel()
+                await asyncio.wait([execution])   # its unknown outcome is stored before the answer says so
+            else:   # the client left: the drain waits for the rest, and cuts it at its end
+                self.drain.adopt(execution)
+            execution.add_done_callback(_unrelayed)
+            raise
 
     @staticmethod
     def read_key(exchange: Exchange) -> str | None:
@@ -254,6 +272,12 @@ class ExactlyOnce:
 
     def count(self, exchange: Exchange, result: str) -> None:
         self.metrics.once_requests.labels(exchange.binding.app.name, result).inc()
+
+
+def _unrelayed(execution: asyncio.Task[Answer]) -> None:
+    """The end of a request whose client left: a streamed answer is let go (no one reads it); failures were stored."""
+    if not execution.cancelled() and execution.exception() is None:
+        execution.result().release()
 
 
 def _fingerprint(exchange: Exchange, body: RequestBody) -> str:

@@ -78,7 +78,7 @@ class Pipeline:
         self.bodies = BodyReader(limits, clock)
         self.saving = saving
         self.metered_attempt = saving.meter.counting(self.send_attempt)
-        self.once = once or ExactlyOnce(MemoryOnce(clock), clock, metrics)
+        self.once = once or ExactlyOnce(MemoryOnce(clock), clock, metrics, self.drain)
         self.once.render = self.error_response   # what a stored sidecar error looked like to its client
         self._late: dict[Binding, Callable[[float], None]] = {}
 

@@ -106,3 +106,53 @@ async def test_a_request_that_finishes_within_the_drain_gets_its_answer(
     assert status == 200 and body["code"] == 0
     await asyncio.wait_for(stop, BOUND)
     assert clock.now() == 0.0   # it did not take the drain's time: in-flight work ending ends the drain
+
+
+ASYNCSEND = "/dingtalk/topapi/message/corpconversation/asyncsend_v2"   # no key of its own at DingTalk: ours is kept
+NOTICE = {"agent_id": 1, "userid_list": "manager001", "msg": {"msgtype": "text", "text": {"content": "hi"}}}
+
+
+async def test_a_keyed_request_whose_client_left_is_waited_for_and_cut_at_the_drains_end(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
+    await until(lambda: running.sidecar.tokens["ops-ding"].default.current() is not None, "a token")
+    platforms.dingtalk.faults.hang_seconds = 3 * BOUND   # longer than this test may take
+    platforms.dingtalk.faults.script.append("hang")
+    headers = {"Idempotency-Key": '"left-at-shutdown"'}
+    request = asyncio.create_task(http.post(running.base + ASYNCSEND, json=NOTICE, headers=headers))
+    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
+    request.cancel()   # the client leaves; the sidecar goes on with the request
+    await asyncio.gather(request, return_exceptions=True)
+    await until(lambda: running.metric("imsidecar_sidecar_errors_total", app="ops-ding", upstream="oapi",
+                                       error="ClientGone") == 1, "the client's leaving counted")
+    assert len(running.sidecar.drain._in_flight) == 1   # what the client left is the drain's to wait for
+    stop = asyncio.create_task(running.sidecar.stop())
+    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight work")
+    await clock.advance(3.0)
+    assert not stop.done()
+    await clock.advance(1.0)   # the drain's end cuts it: its key keeps the unknown outcome
+    await asyncio.wait_for(stop, BOUND)
+    stored = [entry.stored for entry in running.sidecar.pipeline.once.backend._entries.values()]
+    assert [(s.status, s.outcome, s.error) for s in stored if s is not None] == [(502, "unknown", "OutcomeUnknown")]
+
+
+async def test_a_keyed_request_cut_at_the_drains_end_is_answered_and_keeps_the_unknown_outcome(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
+    await until(lambda: running.sidecar.tokens["ops-ding"].default.current() is not None, "a token")
+    platforms.dingtalk.faults.hang_seconds = 3 * BOUND
+    platforms.dingtalk.faults.script.append("hang")
+    headers = {"Idempotency-Key": '"cut-at-shutdown"'}
+    request = asyncio.create_task(http.post(running.base + ASYNCSEND, json=NOTICE, headers=headers))
+    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
+    stop = asyncio.create_task(running.sidecar.stop())
+    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight work")
+    await clock.advance(4.0)
+    answer = await asyncio.wait_for(request, BOUND)
+    assert answer.status == 503 and answer.headers["X-Imsidecar-Error"] == "ShuttingDown"
+    assert answer.headers["X-Imsidecar-Outcome"] == "unknown"
+    await asyncio.wait_for(stop, BOUND)
+    stored = [entry.stored for entry in running.sidecar.pipeline.once.backend._entries.values()]
+    assert [(s.outcome, s.error) for s in stored if s is not None] == [("unknown", "OutcomeUnknown")]

@@ -185,6 +185,37 @@ async def test_an_answer_that_says_nothing_was_done_is_not_kept(sidecar: Running
     assert len(platforms.dingtalk.sent) == 1
 
 
+async def test_a_client_that_leaves_mid_write_gets_the_real_answer_when_it_repeats_the_key(
+        sidecar: Running, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    platforms.dingtalk.faults.script.append("hang")   # 0.5 s at the platform, then the notice is sent
+    first = asyncio.create_task(post(http, sidecar.base + ASYNCSEND, NOTICE, key("notice-left")))
+    await asyncio.sleep(0.1)
+    first.cancel()   # the client gives up and disconnects while the platform is still at work
+    await asyncio.gather(first, return_exceptions=True)
+    status, body, headers = await post(http, sidecar.base + ASYNCSEND, NOTICE, key("notice-left"))
+    # not "cut off after it was sent; it may have been applied": the sidecar heard the first request out
+    assert (status, body["errcode"]) == (200, 0) and headers["X-Imsidecar-Outcome"] == "applied"
+    assert headers["X-Imsidecar-Replayed"] == "true" and "X-Imsidecar-Error" not in headers
+    assert len(platforms.dingtalk.sent) == 1
+    assert sidecar.metric("imsidecar_sidecar_errors_total", app="ops-ding", upstream="oapi", error="ClientGone") == 1
+    assert sidecar.metric("imsidecar_request_outcomes_total", app="ops-ding", upstream="oapi", outcome="applied") == 1
+
+
+async def test_a_client_that_leaves_before_a_refusal_can_resend_under_its_key(
+        sidecar: Running, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    platforms.dingtalk.faults.latency = 0.3   # every call is slow...
+    platforms.dingtalk.faults.script.extend(["busy"] * 3)   # ...and the first request's are refused before acting
+    first = asyncio.create_task(post(http, sidecar.base + ASYNCSEND, NOTICE,
+                                     {**key("notice-refused"), "X-Imsidecar-Timeout": "1s"}))
+    await asyncio.sleep(0.1)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.sleep(1.2)   # the first request's deadline: what it ended with said the platform did nothing
+    status, body, headers = await post(http, sidecar.base + ASYNCSEND, NOTICE, key("notice-refused"))
+    assert (status, body["errcode"]) == (200, 0) and "X-Imsidecar-Replayed" not in headers   # executed anew
+    assert len(platforms.dingtalk.sent) == 1
+
+
 class TestConcurrentDuplicates:
     async def test_a_duplicate_in_flight_waits_for_the_first_answer(
             self, sidecar: Running, platforms: Platforms, http: aiohttp.ClientSession) -> None:

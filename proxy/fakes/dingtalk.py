@@ -99,6 +99,9 @@ class FakeDingTalk:
             self.calls.append((request.path, refused is None and token is not None))
             if refused is not None:
                 return refused
+            delay = self.faults.delay()   # as Feishu's fake: every guarded call takes this long, faulted or not
+            if delay:
+                await asyncio.sleep(delay)
             fault = self.faults.pick(request.path)
             if fault in ("throttle", "throttle_400") or self.over_quota(token or "", api_of(request)):
                 self.throttled += 1
