@@ -1,6 +1,8 @@
 import gc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.window import DecayingMean, DecayingRate, LatencyHistogram, SlidingWindow
 
@@ -100,3 +102,18 @@ def test_a_whole_number_cell_past_two_bytes_widens_the_window_and_loses_nothing(
     assert window.totals(4.5) == (0.0, 3.0 + 2**32, 0.0)   # the first second's cells fell out, exactly
     window.add(60.0, 2, 5)   # a long silence cleared it: the next add makes cells of the width it had reached
     assert window.totals(60.0) == (0.0, 0.0, 5.0) and window._cells is not None and window._cells.itemsize == 8
+
+
+@settings(max_examples=200, deadline=None)
+@given(whole=st.booleans(), steps=st.lists(st.tuples(st.floats(0, 12), st.integers(0, 4), st.integers(1, 40_000)),
+                                           max_size=60))
+def test_totals_are_the_sum_of_what_was_added_in_the_buckets_still_in_the_window(
+        whole: bool, steps: list[tuple[float, int, int]]) -> None:
+    window, now, added = SlidingWindow(5, span=10.0, bucket=2.0, whole=whole), 0.0, []
+    for advance, index, amount in steps:
+        now += advance
+        window.add(now, index, amount if whole else amount / 7)
+        added.append((int(now // 2.0), index, amount if whole else amount / 7))
+        epoch = int(now // 2.0)
+        expected = [sum(a for e, i, a in added if i == column and epoch - 5 < e <= epoch) for column in range(5)]
+        assert window.totals(now) == pytest.approx(expected, abs=1e-6)
