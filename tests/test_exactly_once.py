@@ -295,3 +295,18 @@ async def test_replicas_on_redis_execute_a_key_once(start_sidecar: SidecarFactor
     client = await redis_server.client()
     assert len(await client.keys("imsidecar:once:*")) == 2
     await client.aclose()
+
+
+async def test_a_client_that_leaves_one_replica_gets_the_real_answer_from_another(
+        start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    store = f"\nstore: {{backend: redis, url: '{redis_server.url}'}}\n"
+    one, two = await start_sidecar(extra=store), await start_sidecar(extra=store)
+    platforms.dingtalk.faults.script.append("hang")   # 0.5 s at the platform, then sent
+    left = asyncio.create_task(post(http, one.base + ASYNCSEND, NOTICE, key("shared-left")))
+    await asyncio.sleep(0.1)
+    left.cancel()   # gone from replica one while the platform works
+    await asyncio.gather(left, return_exceptions=True)
+    status, body, headers = await post(http, two.base + ASYNCSEND, NOTICE, key("shared-left"))   # waits for one
+    assert (status, body["errcode"]) == (200, 0) and headers["X-Imsidecar-Replayed"] == "true"
+    assert headers["X-Imsidecar-Outcome"] == "applied" and len(platforms.dingtalk.sent) == 1
