@@ -3,8 +3,9 @@
 Owns claiming a key, what a duplicate gets (draft-ietf-httpapi-idempotency-key-
 header: the stored answer, 409 while the first is in flight, 422 for another request under the same key), which
 answers are kept (not those that say the platform did not act: resending is safe), hearing a keyed request out
-when its client leaves (its answer is what the client's repeat gets) and the in-memory backend (bounded, TTL). The Redis backend, shared by replicas, is proxy/exactly_once_redis.py; where the platform has a key
-of its own, putting the client's key there is proxy/idempotency.py's.
+when its client leaves (its answer is what the client's repeat gets) and the in-memory backend (bounded, TTL).
+The Redis backend, shared by replicas, is proxy/exactly_once_redis.py; where the platform has a key of its own,
+putting the client's key there is proxy/idempotency.py's.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class ExactlyOnce:
         if stored is not None:
             return self.replay(exchange, stored)
         self.count(exchange, "executed")
-        return await self.heard_out(asyncio.ensure_future(self.execute(exchange, body, scope, owner, fingerprint, call)))
+        execution = asyncio.ensure_future(self.execute(exchange, body, scope, owner, fingerprint, call))
+        return await self.heard_out(execution)
 
     async def heard_out(self, execution: asyncio.Task[Answer]) -> Answer:
         """A keyed request goes on to its end when its client leaves (within its deadline, as if the client were
