@@ -230,14 +230,16 @@ def install_fast_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-# The cyclic collector's thresholds (CPython's are 700, 10, 10). A request holds a few hundred tracked objects while
-# in flight, so with 32 in flight a young generation of 700 was collected every dozen requests and promoted live
-# request objects each time, which set off a full collection every second or two: at 1,000 apps each one scanned
-# ~190k long-lived objects (metric children, windows, limiters) for ~100 ms, the p99. With these, at 1,000 apps and
-# 32 connections, the collector's time fell from ~1.1 s to ~0.28 s per 12 s of load and the p99 from 88 to 36 ms.
-# The sidecar makes little cyclic garbage (~120 objects in 8 s, mostly closed connections), so rarer full
-# collections hold little more memory.
-GC_THRESHOLDS = (2000, 10, 100)
+# The cyclic collector's thresholds (CPython's are 700, 10, 10). A young collection scans every tracked object made
+# since the last one and still alive, and it comes when that count has grown by the first threshold: with many
+# requests in flight their own objects are that count, so at 2,000 the collector ran ~90 times a second at 512
+# connections, scanning in-flight requests again and again (1.2 s of 5 s of CPU; 1.8 s at 4,096) and finding no
+# garbage at all. The sidecar's request paths make none: answered, failed at the platform, cut off by a client that
+# gave up, one connection per request (tests/test_pipeline.py holds it to that). At 100,000 a young collection is
+# rare below ~1,000 requests in flight (none in 5 s at 512 connections; at 4,096 a few of ~0.1 s each), and what
+# cyclic garbage there is waits for the next one. The older generations follow: rare full collections, and what the
+# config built is frozen out of their reach anyway (freeze_built_objects).
+GC_THRESHOLDS = (100_000, 20, 100)
 
 
 def freeze_built_objects() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from typing import Any, AsyncIterator
 
@@ -202,3 +203,41 @@ apps: [{{name: a, platform: feishu, app_id: i, app_secret: s, upstreams: {{open:
         yield f"http://127.0.0.1:{listen}/a"
     finally:
         await sidecar.stop()
+
+
+def _ours(thing: object) -> bool:
+    """Made by the sidecar's own code (its fakes are the platforms'): an instance of its classes, or its frames."""
+    code = getattr(thing, "f_code", None) or getattr(thing, "cr_code", None)
+    where = code.co_filename if code is not None else type(thing).__module__ or ""
+    return ("/proxy/" in where or where.startswith("proxy.")) and "fakes" not in where
+
+
+async def test_the_forwarding_paths_make_no_cyclic_garbage(sidecar: Running, platforms: Platforms,
+                                                          http: aiohttp.ClientSession) -> None:
+    """The collector runs rarely (proxy/cli.py GC_THRESHOLDS): garbage only it can free must not come from requests."""
+    url = f"{sidecar.base}/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id"
+    async with http.post(url, json=MESSAGE) as r:   # warm: the token, metric children, pooled connections
+        await r.read()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)   # what the collector finds is kept in gc.garbage instead of freed
+    try:
+        for _ in range(3):
+            async with http.post(url, json=MESSAGE) as r:   # answered
+                await r.read()
+            platforms.feishu.faults.script.extend(["unavailable"] * 5)   # failed at the platform, retried
+            async with http.post(url, json=MESSAGE) as r:
+                await r.read()
+            async with http.post(url, json=MESSAGE, headers={"Connection": "close"}) as r:   # a connection each
+                await r.read()
+            platforms.feishu.faults.script.append("hang")
+            gone = asyncio.create_task(http.post(url, json=MESSAGE))
+            await asyncio.sleep(0.05)
+            gone.cancel()   # the client gives up while the platform works
+            await asyncio.gather(gone, return_exceptions=True)
+        await asyncio.sleep(0.6)   # the hung calls end
+        gc.collect()
+        found = [type(thing).__name__ for thing in gc.garbage if _ours(thing)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert found == []
