@@ -185,9 +185,9 @@ class ExactlyOnce:
             return self.replay(exchange, stored)
         self.count(exchange, "executed")
         execution = asyncio.ensure_future(self.execute(exchange, body, scope, owner, fingerprint, call))
-        return await self.heard_out(execution)
+        return await self.heard_out(exchange, execution)
 
-    async def heard_out(self, execution: asyncio.Task[Answer]) -> Answer:
+    async def heard_out(self, exchange: Exchange, execution: asyncio.Task[Answer]) -> Answer:
         """A keyed request goes on to its end when its client leaves (within its deadline, as if the client were
         there): its answer is stored under the key, and the client's repeat gets what the platform did instead of
         an unknown outcome. A request the drain cuts short stops, and keeps the unknown outcome, as before."""
@@ -200,6 +200,7 @@ class ExactlyOnce:
                 await asyncio.wait([execution])   # its unknown outcome is stored before the answer says so
             else:   # the client left: the drain waits for the rest, and cuts it at its end
                 self.drain.adopt(execution)
+                self.count(exchange, "heard_out")
             execution.add_done_callback(_unrelayed)
             raise
 

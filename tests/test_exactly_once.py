@@ -150,6 +150,7 @@ async def test_a_repeat_gets_the_stored_answer_and_is_not_executed_again(
     assert headers["X-Imsidecar-Idempotency-Key"] == "notice-1" and headers["X-Imsidecar-Attempts"] == "0"
     assert len(platforms.dingtalk.sent) == 1
     assert sidecar.metric("imsidecar_idempotency_store_requests_total", app="ops-ding", result="executed") == 1
+    assert sidecar.metric("imsidecar_idempotency_store_requests_total", app="ops-ding", result="heard_out") == 0
     assert sidecar.metric("imsidecar_idempotency_store_requests_total", app="ops-ding", result="replayed") == 1
     assert sidecar.metric("imsidecar_idempotency_store_entries") == 1
 
@@ -199,6 +200,8 @@ async def test_a_client_that_leaves_mid_write_gets_the_real_answer_when_it_repea
     assert len(platforms.dingtalk.sent) == 1
     assert sidecar.metric("imsidecar_sidecar_errors_total", app="ops-ding", upstream="oapi", error="ClientGone") == 1
     assert sidecar.metric("imsidecar_request_outcomes_total", app="ops-ding", upstream="oapi", outcome="applied") == 1
+    assert [sidecar.metric("imsidecar_idempotency_store_requests_total", app="ops-ding", result=result)
+            for result in ("executed", "heard_out", "replayed")] == [1, 1, 1]
 
 
 async def test_a_client_that_leaves_before_a_refusal_can_resend_under_its_key(
