@@ -206,14 +206,15 @@ async def test_a_client_that_leaves_mid_write_gets_the_real_answer_when_it_repea
 
 async def test_a_client_that_leaves_before_a_refusal_can_resend_under_its_key(
         sidecar: Running, platforms: Platforms, http: aiohttp.ClientSession) -> None:
-    platforms.dingtalk.faults.latency = 0.3   # every call is slow...
-    platforms.dingtalk.faults.script.extend(["busy"] * 3)   # ...and the first request's are refused before acting
+    platforms.dingtalk.faults.latency = 0.1   # every call takes a while (shorter than the last retry's room)...
+    platforms.dingtalk.faults.rates = {"busy": 1.0}   # ...and is refused before acting, until the first one is over
     first = asyncio.create_task(post(http, sidecar.base + ASYNCSEND, NOTICE,
                                      {**key("notice-refused"), "X-Imsidecar-Timeout": "1s"}))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.05)
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
     await asyncio.sleep(1.2)   # the first request's deadline: what it ended with said the platform did nothing
+    platforms.dingtalk.faults.rates = {}
     status, body, headers = await post(http, sidecar.base + ASYNCSEND, NOTICE, key("notice-refused"))
     assert (status, body["errcode"]) == (200, 0) and "X-Imsidecar-Replayed" not in headers   # executed anew
     assert len(platforms.dingtalk.sent) == 1
