@@ -22,6 +22,7 @@ class Drain:
         self._waiting: set[asyncio.Task[object]] = set()
         self._cut: set[asyncio.Task[object]] = set()   # cancelled by the drain, not by their client
         self._idle: asyncio.Event | None = None
+        self._ended = False   # the drain's end has cut what was in flight: anything adopted later is cut at once
 
     # Requests ----------------------------------------------------------------------------------------------------
 
@@ -40,6 +41,8 @@ class Drain:
         """In flight until done, though no request's handler waits for it (what a client that left started)."""
         self._in_flight.add(work)
         work.add_done_callback(self.leave)
+        if self._ended:
+            self._interrupt(work)
 
     def cutting(self, task: asyncio.Task[object]) -> bool:
         """Whether `task`'s cancellation is the drain's (as `was_cut`, without taking it back)."""
@@ -86,6 +89,7 @@ class Drain:
             self._idle = asyncio.Event()
             await finished_within(clock, self._idle.wait(), seconds)
         late = list(self._in_flight)
+        self._ended = True
         for task in late:
             self._interrupt(task)
         return len(late)

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.clock import Clock, VirtualClock
+from proxy.drain import Drain
 from tests.conftest import Platforms, Running, SidecarFactory
 
 MESSAGE = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
@@ -156,3 +157,13 @@ async def test_a_keyed_request_cut_at_the_drains_end_is_answered_and_keeps_the_u
     await asyncio.wait_for(stop, BOUND)
     stored = [entry.stored for entry in running.sidecar.pipeline.once.backend._entries.values()]
     assert [(s.outcome, s.error) for s in stored if s is not None] == [("unknown", "OutcomeUnknown")]
+
+
+async def test_work_adopted_after_the_drains_end_is_cut_at_once() -> None:
+    drain, clock = Drain(), VirtualClock()
+    drain.begin()
+    assert await drain.settle(clock, 1.0) == 0   # nothing in flight: the drain's end comes at once
+    work = asyncio.ensure_future(asyncio.sleep(3600))
+    drain.adopt(work)   # a client left after the end (its request had slipped in): it does not outlive the stop
+    await asyncio.wait_for(asyncio.gather(work, return_exceptions=True), BOUND)
+    assert work.cancelled() and not drain._in_flight
