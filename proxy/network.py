@@ -185,6 +185,13 @@ class NetworkMonitor:
         self._changes = 0   # attempts that were not plain successes: what makes cached parameters stale
         self._recorded = 0   # moves whenever the counts window does: with the time, what `_stats` is memoised on
         self._memo: tuple[tuple[float, int], _Stats] | None = None
+        # `_changes` when the window last held no failure, throttle or late answer: until it moves, only successes
+        # came, so loss and throttling cannot hold and a state is judged on latency alone (a quiet upstream, called
+        # a few times a second, is judged on nearly every request: at 1,000 apps the window's figures were read on
+        # each). Only when exiting loss or throttling needs some of it (thresholds above 0, as every default is).
+        self._clean: int | None = None
+        self._shortcut = min(settings.lossy_enter, settings.lossy_exit, settings.throttled_enter,
+                             settings.throttled_exit) > 0
         self._state = NetworkState.HEALTHY
         self._since = clock.now()
         self._evaluated = -EVALUATE_EVERY
@@ -368,7 +375,11 @@ class NetworkMonitor:
 
     def _candidate(self, now: float) -> NetworkState:
         """The worst state whose condition holds; the current state is held to its (looser) exit threshold."""
+        if self._clean == self._changes:
+            return NetworkState.CONGESTED if self._holds_congested() else NetworkState.HEALTHY
         stats = self._stats(now)
+        clean = self._shortcut and stats.failures <= 0 and stats.throttles <= 0 and stats.late <= 0
+        self._clean = self._changes if clean else None
         # Loss before throttling: lost attempts want prompt retries, while throttled ones are paced whatever the state.
         if self._holds_lossy(stats):
             return NetworkState.LOSSY

@@ -124,6 +124,19 @@ async def test_a_few_failures_on_little_traffic_do_not_leave_healthy(clock):
     assert monitor.state is NetworkState.HEALTHY  # 2 timeouts in 10 attempts is a coin toss, not a state
 
 
+async def test_failures_on_little_traffic_become_loss_once_successes_bring_the_volume(clock):
+    """The successes that follow a few failures can be what makes the loss count: the state is judged on them too."""
+    monitor = NetworkMonitor(clock)
+    for _ in range(3):
+        monitor.record(verdict(Signal.RESET), 0.05)
+    await clock.advance(0.2)
+    assert monitor.state is NetworkState.HEALTHY   # 3 of 3: not yet the volume a ratio needs
+    for _ in range(17):   # only successes now; the 20th attempt brings the volume, and 3 of 20 is loss
+        await clock.advance(0.2)
+        monitor.record(verdict(Signal.OK), 0.05)
+    assert monitor.state is NetworkState.LOSSY
+
+
 async def test_loss_is_forgotten_once_it_leaves_the_window(clock):
     monitor = NetworkMonitor(clock)
     await drive(clock, monitor, 10, mix(0.10, Signal.TIMEOUT))
@@ -359,6 +372,9 @@ async def _replay(events: list[tuple[str, Signal, float]]) -> None:
             monitor.record(verdict(signal), value)
             silent_since, silent_run, answer_run = min(silent_since, clock.now()), silent_run + 1, 0
         after, params, snapshot = monitor.state, monitor.retry_params(), monitor.snapshot()
+        shortcut = monitor._candidate(clock.now())
+        monitor._clean = None   # the same judgement from the window's figures, with no shortcut
+        assert shortcut is monitor._candidate(clock.now())
         assert s.min_timeout <= params.per_try_timeout <= s.max_timeout
         assert 1 <= params.max_attempts <= 14
         assert 0 < params.backoff_base <= params.backoff_cap
