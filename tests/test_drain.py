@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -29,6 +30,26 @@ async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"never: {what}")
+
+
+async def held_at_the_platform(start_sidecar: SidecarFactory, fake: Any, app: str,
+                               send: Callable[[Running], Awaitable[Any]]) -> tuple[Running, asyncio.Task[Any]]:
+    """A sidecar with a 4 s drain, and one request (`send`) that the platform (`fake`) holds longer than this test
+    may take."""
+    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
+    await until(lambda: running.sidecar.tokens[app].default.current() is not None, "a token")
+    fake.faults.hang_seconds = 3 * BOUND
+    fake.faults.script.append("hang")
+    request = asyncio.create_task(send(running))
+    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
+    return running, request
+
+
+async def draining(running: Running) -> asyncio.Task[None]:
+    """SIGTERM's stop, once the drain is waiting for what is in flight."""
+    stop = asyncio.create_task(running.sidecar.stop())
+    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight work")
+    return stop
 
 
 async def post(http: aiohttp.ClientSession, running: Running) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
@@ -71,14 +92,9 @@ async def test_a_request_queued_for_a_rate_limit_slot_is_answered_at_once(
 async def test_a_request_still_at_the_platform_is_answered_before_the_drain_ends(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
-    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
-    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, "a token")
-    platforms.feishu.faults.hang_seconds = 3 * BOUND   # longer than this test may take
-    platforms.feishu.faults.script.append("hang")
-    request = asyncio.create_task(post(http, running))
-    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
-    stop = asyncio.create_task(running.sidecar.stop())
-    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight requests")
+    running, request = await held_at_the_platform(start_sidecar, platforms.feishu, "sales-bot",
+                                                  lambda running: post(http, running))
+    stop = await draining(running)
     await clock.advance(3.0)
     assert not request.done()   # still inside the drain: it may yet finish
     await clock.advance(1.0)    # the drain's 4 s, of which the last share answers and closes
@@ -113,23 +129,21 @@ ASYNCSEND = "/dingtalk/topapi/message/corpconversation/asyncsend_v2"   # no key 
 NOTICE = {"agent_id": 1, "userid_list": "manager001", "msg": {"msgtype": "text", "text": {"content": "hi"}}}
 
 
+def keyed(http: aiohttp.ClientSession, running: Running, key: str) -> Any:
+    return http.post(running.base + ASYNCSEND, json=NOTICE, headers={"Idempotency-Key": f'"{key}"'})
+
+
 async def test_a_keyed_request_whose_client_left_is_waited_for_and_cut_at_the_drains_end(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
-    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
-    await until(lambda: running.sidecar.tokens["ops-ding"].default.current() is not None, "a token")
-    platforms.dingtalk.faults.hang_seconds = 3 * BOUND   # longer than this test may take
-    platforms.dingtalk.faults.script.append("hang")
-    headers = {"Idempotency-Key": '"left-at-shutdown"'}
-    request = asyncio.create_task(http.post(running.base + ASYNCSEND, json=NOTICE, headers=headers))
-    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
+    running, request = await held_at_the_platform(start_sidecar, platforms.dingtalk, "ops-ding",
+                                                  lambda running: keyed(http, running, "left-at-shutdown"))
     request.cancel()   # the client leaves; the sidecar goes on with the request
     await asyncio.gather(request, return_exceptions=True)
     await until(lambda: running.metric("imsidecar_sidecar_errors_total", app="ops-ding", upstream="oapi",
                                        error="ClientGone") == 1, "the client's leaving counted")
     assert len(running.sidecar.drain._in_flight) == 1   # what the client left is the drain's to wait for
-    stop = asyncio.create_task(running.sidecar.stop())
-    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight work")
+    stop = await draining(running)
     await clock.advance(3.0)
     assert not stop.done()
     await clock.advance(1.0)   # the drain's end cuts it: its key keeps the unknown outcome
@@ -141,15 +155,9 @@ async def test_a_keyed_request_whose_client_left_is_waited_for_and_cut_at_the_dr
 async def test_a_keyed_request_cut_at_the_drains_end_is_answered_and_keeps_the_unknown_outcome(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
-    running = await start_sidecar(limits="{deadline: 60s, drain_timeout: 4s}", retry="{per_try_timeout: 30s}")
-    await until(lambda: running.sidecar.tokens["ops-ding"].default.current() is not None, "a token")
-    platforms.dingtalk.faults.hang_seconds = 3 * BOUND
-    platforms.dingtalk.faults.script.append("hang")
-    headers = {"Idempotency-Key": '"cut-at-shutdown"'}
-    request = asyncio.create_task(http.post(running.base + ASYNCSEND, json=NOTICE, headers=headers))
-    await until(lambda: running.sidecar.drain._in_flight, "the request in flight")
-    stop = asyncio.create_task(running.sidecar.stop())
-    await until(lambda: running.sidecar.drain._idle is not None, "the drain waiting for in-flight work")
+    running, request = await held_at_the_platform(start_sidecar, platforms.dingtalk, "ops-ding",
+                                                  lambda running: keyed(http, running, "cut-at-shutdown"))
+    stop = await draining(running)
     await clock.advance(4.0)
     answer = await asyncio.wait_for(request, BOUND)
     assert answer.status == 503 and answer.headers["X-Imsidecar-Error"] == "ShuttingDown"

@@ -111,9 +111,9 @@ def test_totals_are_the_sum_of_what_was_added_in_the_buckets_still_in_the_window
         whole: bool, steps: list[tuple[float, int, int]]) -> None:
     window, now, added = SlidingWindow(5, span=10.0, bucket=2.0, whole=whole), 0.0, []
     for advance, index, amount in steps:
-        now += advance
-        window.add(now, index, amount if whole else amount / 7)
-        added.append((int(now // 2.0), index, amount if whole else amount / 7))
+        now, value = now + advance, amount if whole else amount / 7
         epoch = int(now // 2.0)
+        window.add(now, index, value)
+        added.append((epoch, index, value))
         expected = [sum(a for e, i, a in added if i == column and epoch - 5 < e <= epoch) for column in range(5)]
         assert window.totals(now) == pytest.approx(expected, abs=1e-6)
