@@ -50,7 +50,7 @@ class Drain:
 
     def was_cut(self, task: asyncio.Task[object]) -> bool:
         """True when `task`'s cancellation is the drain's (it is uncancelled: it still has an answer to give)."""
-        if task not in self._cut:
+        if not self.cutting(task):
             return False
         self._cut.discard(task)
         task.uncancel()
