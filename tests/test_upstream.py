@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Awaitable, Callable
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from proxy import upstream
+from proxy.errors import AttemptTimeout
 from proxy.upstream import UpstreamClient
 
 
@@ -34,3 +38,35 @@ async def test_a_cookie_the_platform_sets_is_relayed_and_never_replayed_by_the_s
     finally:
         await client.close()
     assert seen == [None, None, "own=1"]   # only what a client itself sent, never a cookie the sidecar kept
+
+
+async def test_attempts_are_heard_out_after_a_timeout_of_their_upstream_and_not_before(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hearing out takes a task per attempt: the first timeout of a quiet upstream is only a timeout; the attempts
+    sent within HEAR_OUT_FOR of it are heard out, and their late answers say how slow the platform is."""
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.15)
+        return web.json_response({"code": 0})
+
+    app = web.Application()
+    app.router.add_get("/open-apis/slow", slow)
+    server = await aiohttp_server(app)
+    monkeypatch.setattr(upstream, "HEAR_OUT_FOR", 0.3)
+    heard: list[float] = []
+    client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1)
+
+    async def timed_out() -> None:
+        with pytest.raises(AttemptTimeout):
+            await client.send("GET", "/open-apis/slow", CIMultiDict(), None, 0.03, heard.append)
+        await asyncio.sleep(0.2)   # the answer has come by now
+
+    try:
+        await timed_out()
+        assert heard == []                      # nothing had timed out before it: not heard out
+        await timed_out()
+        assert len(heard) == 1 and 0.15 <= heard[0] < 1.0   # within HEAR_OUT_FOR of the first timeout
+        await asyncio.sleep(0.3)
+        await timed_out()
+        assert len(heard) == 1                  # HEAR_OUT_FOR after the last timeout: quiet again
+    finally:
+        await client.close()
