@@ -77,7 +77,6 @@ class Pipeline:
         self.drain = drain or retry.drain
         self.bodies = BodyReader(limits, clock)
         self.saving = saving
-        self.metered_attempt = saving.meter.counting(self.send_attempt)
         self.once = once or ExactlyOnce(MemoryOnce(clock), clock, metrics, self.drain)
         self.once.render = self.error_response   # what a stored sidecar error looked like to its client
         self._late: dict[Binding, Callable[[float], None]] = {}
@@ -133,9 +132,10 @@ class Pipeline:
         raise asyncio.CancelledError
 
     async def forward(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
-        local = await self.answer_token_endpoint(exchange)
-        if local is not None:
-            return local
+        b = exchange.binding
+        token_kind = b.platform.token_endpoint(b.upstream, exchange.method, exchange.path)
+        if token_kind is not None:
+            return await self.answer_token_endpoint(exchange, token_kind)
         self.saving.lanes.assign(exchange, request.headers)   # interactive or bulk, before anything waits
         body = await self.bodies.read(request, exchange.deadline)
         answer = await self.once.through(exchange, body, self.cached)
@@ -158,11 +158,11 @@ class Pipeline:
         """One card's updates go in order, the newest of a run replacing the ones before it."""
         return self.saving.cards.through(exchange, body, self.call_platform)
 
-    async def call_platform(self, exchange: Exchange, body: RequestBody) -> Answer:
+    def call_platform(self, exchange: Exchange, body: RequestBody) -> Awaitable[Answer]:
         """Past the month's reserve a bulk call stops here; otherwise the retry loop, every attempt counted."""
         self.saving.meter.admit(exchange)
         self.saving.lanes.enter(exchange)
-        return await self.retry.run(exchange, body, self.metered_attempt)
+        return self.retry.run(exchange, body, self.send_attempt)
 
     # Stages ---------------------------------------------------------------------------------------------------
 
@@ -182,12 +182,9 @@ class Pipeline:
         return Exchange(binding, request.method, path, query, headers, template, route, now, now + budget, kind,
                         client_deadline=budget < self.limits.deadline)
 
-    async def answer_token_endpoint(self, exchange: Exchange) -> web.Response | None:
+    async def answer_token_endpoint(self, exchange: Exchange, kind: str) -> web.Response:
         """Official SDKs fetch tokens themselves: answer from the sidecar's cache, with a placeholder token."""
         b = exchange.binding
-        kind = b.platform.token_endpoint(b.upstream, exchange.method, exchange.path)
-        if kind is None:
-            return None
         source = b.tokens.source(kind)
         try:
             await source.get(exchange.deadline)
@@ -217,8 +214,8 @@ class Pipeline:
         path_qs = exchange.path + (f"?{query}" if query else "")
         on_late = self.late_answers(b) if body.replayable else None   # a one-shot stream is not heard out
         try:
-            return await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late,
-                                       within=exchange.deadline - self.clock.now())   # the deadline: wall time
+            answer = await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late,
+                                         within=exchange.deadline - self.clock.now())   # the deadline: wall time
         except AttemptFailed as exc:
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None
@@ -226,6 +223,8 @@ class Pipeline:
                 raise DeadlineExceeded("the deadline this request asked for (X-Imsidecar-Timeout) passed "
                                        "before the platform answered") from exc
             raise
+        self.saving.meter.counted(exchange, answer)   # every answered attempt, as the platform counts it
+        return answer
 
     def late_answers(self, b: Binding) -> Callable[[float], None]:
         """What hears a timed-out attempt's late answer: the binding's monitor and breaker, and a counter."""

@@ -20,14 +20,12 @@ from proxy.errors import QuotaReserved
 from proxy.guard import Guard
 from proxy.metrics import SavingsMetrics
 from proxy.outcome import Outcome
-from proxy.retry import Attempt, Send
 from proxy.saving.meter_store import Counts, CountsUnavailable, FileCounts, ProcessCounts, SharedCounts
 from proxy.saving.settings import BULK, QuotaSettings
 from proxy.store import SharedValues
 from proxy.upstream import Answer
 
 if TYPE_CHECKING:
-    from proxy.intake import RequestBody
     from proxy.pipeline import Exchange
 
 log = logging.getLogger("imsidecar.quota")
@@ -197,16 +195,12 @@ class QuotaMeter:
                             f"this month, down to the {s.reserve} kept for interactive calls; bulk calls to metered "
                             "APIs are refused until the month turns (Asia/Shanghai)", meter.seconds_to_month_end())
 
-    def counting(self, send: Send) -> Send:
-        """`send`, with every answered attempt counted as the platform counts it."""
-        async def counted(exchange: Exchange, body: RequestBody, attempt: Attempt) -> Answer:
-            answer = await send(exchange, body, attempt)
-            try:
-                self.observe(exchange, answer)
-            except Exception as exc:   # fail open: the answer goes on, uncounted
-                self._guard.failed("meter", exc)
-            return answer
-        return counted
+    def counted(self, exchange: Exchange, answer: Answer) -> None:
+        """An answered attempt, counted as the platform counts it (the pipeline tells every one)."""
+        try:
+            self.observe(exchange, answer)
+        except Exception as exc:   # fail open: the answer goes on, uncounted
+            self._guard.failed("meter", exc)
 
     def observe(self, exchange: Exchange, answer: Answer) -> None:
         b = exchange.binding
