@@ -21,6 +21,8 @@ class CountsUnavailable(Exception):
 
 
 class Counts(Protocol):
+    remote: bool   # each add is a round trip (worth waiting for together); else it completes without waiting
+
     async def load(self, account: str, month: str) -> int: ...
     async def add(self, account: str, month: str, calls: int) -> int:
         """Add `calls` to the account's count of `month` and return the count, all replicas included."""
@@ -28,6 +30,8 @@ class Counts(Protocol):
 
 class ProcessCounts:
     """No persistence configured: the count lives as long as the process (a restart starts the month at 0)."""
+
+    remote = False
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str], int] = {}
@@ -42,6 +46,8 @@ class ProcessCounts:
 
 class FileCounts:
     """`quota.state_dir`: one JSON file per account holding the current month's count, replaced atomically."""
+
+    remote = False
 
     def __init__(self, directory: str) -> None:
         self._directory = Path(directory)
@@ -74,6 +80,8 @@ class FileCounts:
 
 class SharedCounts:
     """`store: redis`: one counter per account and month that every replica adds to."""
+
+    remote = True
 
     def __init__(self, values: SharedValues) -> None:
         self._values = values
