@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 import aiohttp
 from aiohttp import web
@@ -93,7 +93,7 @@ class Run:
     opened_after: float | None = None    # the blackhole: seconds from its start to the breaker opening
 
 
-Timeline = Callable[[Platform, float], Awaitable[None]]   # changes the platform as the run goes on
+Timeline = Callable[[Platform, float], Coroutine[Any, Any, None]]   # changes the platform as the run goes on
 
 
 # Scenarios ---------------------------------------------------------------------------------------------------

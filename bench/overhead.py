@@ -125,7 +125,7 @@ def wait_http(url: str, process: subprocess.Popen[bytes], bound: float = 20.0) -
     while time.monotonic() < give_up:
         if process.poll() is not None:
             said = process.stderr.read().decode()[-500:] if process.stderr else ""
-            raise SystemExit(f"{process.args} exited: {said}")
+            raise SystemExit(f"{process.args!r} exited: {said}")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
@@ -327,7 +327,7 @@ def main() -> None:
 
 def naive_proxies(port: int, uvloop_port: int) -> list[tuple[str, int, list[str]]]:
     """The naive proxy, and on uvloop when uvloop is installed; without it, say so and measure what can be."""
-    proxies = [("naive aiohttp", port, [])]
+    proxies: list[tuple[str, int, list[str]]] = [("naive aiohttp", port, [])]
     if importlib.util.find_spec("uvloop") is None:
         print("bench.overhead: uvloop is not installed (pip install '.[fast]'), so the 'naive aiohttp + uvloop' row "
               "is left out and imsidecar runs on asyncio's own loop; the README's figures are on uvloop.",
