@@ -149,10 +149,11 @@ class Egress:
         return proxy
 
     def session(self, *, limit: int = 100, keepalive_timeout: float = 15.0, ttl_dns_cache: int | None = 10,
+                connector_class: Callable[..., aiohttp.TCPConnector] = aiohttp.TCPConnector,
                 **options: Any) -> aiohttp.ClientSession:
         """A session whose every connection follows these settings; `options` are ClientSession's own."""
-        connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=keepalive_timeout,
-                                         ttl_dns_cache=ttl_dns_cache, ssl=self._tls or True, resolver=self._resolver)
+        connector = connector_class(limit=limit, keepalive_timeout=keepalive_timeout, ttl_dns_cache=ttl_dns_cache,
+                                    ssl=self._tls or True, resolver=self._resolver)
         middlewares = (self._through_proxy,) if self.settings.proxied else ()
         return aiohttp.ClientSession(connector=connector, middlewares=middlewares, trust_env=False, **options)
 

@@ -11,7 +11,8 @@ import asyncio
 import math
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -91,6 +92,23 @@ class MisdirectedRequest(BadRequest):
 Origin = tuple[str, str | None, int | None]   # scheme, host, port
 
 
+class WatchedConnector(aiohttp.TCPConnector):
+    """A pool that tells the watchdog while an attempt waits for one of its connections to come free: that wait is
+    the sidecar's own queue, not the platform's time, and must not time the attempt out (nor, through it, count
+    against the platform in the network monitor and the breaker)."""
+
+    def __init__(self, *, watchdog: Watchdog, **options: Any) -> None:
+        super().__init__(**options)
+        self._watchdog = watchdog
+
+    async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:   # aiohttp's own step
+        self._watchdog.waiting()
+        try:
+            await super()._wait_for_available_connection(key, traces)
+        finally:
+            self._watchdog.resumed()
+
+
 class Pools:
     """The keep-alive pools to the platforms, one per origin however many apps call it, and the one watchdog of
     every attempt's per-try timeout.
@@ -125,6 +143,7 @@ class Pools:
     def _create(self, size: int) -> aiohttp.ClientSession:
         return self._egress.session(
             limit=size, keepalive_timeout=30, ttl_dns_cache=300,
+            connector_class=partial(WatchedConnector, watchdog=self.watchdog),
             auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
             # The sidecar relays cookies both ways and keeps none: a jar would replay one client's Set-Cookie
             # on every other client's calls (and costs a filter and an update per attempt).
@@ -206,7 +225,7 @@ class UpstreamClient:
         exchange = asyncio.ensure_future(self._exchange(method, url, headers, body))
         started = loop.time()
         try:
-            return await self._watched(asyncio.shield(exchange), timeout, within)
+            return await self._watched(asyncio.shield(exchange), timeout, within, runs_in=exchange)
         except AttemptTimeout:
             self._timed_out_at = loop.time()
             _listen_late(exchange, started, on_late)
@@ -215,8 +234,9 @@ class UpstreamClient:
             exchange.cancel()
             raise
 
-    async def _watched(self, exchange: Awaitable[Answer], timeout: float, within: float) -> Answer:
-        task = self._pools.watchdog.watch(timeout, within)
+    async def _watched(self, exchange: Awaitable[Answer], timeout: float, within: float,
+                       runs_in: asyncio.Task[Answer] | None = None) -> Answer:
+        task = self._pools.watchdog.watch(timeout, within, runs_in)
         try:
             return await exchange
         except asyncio.CancelledError as exc:

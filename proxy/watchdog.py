@@ -7,7 +7,8 @@ A per-try timeout is the platform's time, not the sidecar's: when the event loop
 time (thousands of requests in flight at once), the time it fell behind is not counted against any attempt. An
 attempt that waited for the loop was not slowed by the platform, and cutting it off only sends the same work again
 into the same queue (retries that feed the overload they were taken for). The request's deadline is another matter:
-it is the client's wall time, and a stall never moves it (`within`).
+it is the client's wall time, and a stall never moves it (`within`). Nor is the time an attempt waits for a free
+pooled connection counted (`waiting`/`resumed`, told by proxy/upstream.py's pool): that queue is the sidecar's.
 """
 
 from __future__ import annotations
@@ -26,22 +27,57 @@ class Watchdog:
         self._expired: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._stalled = 0.0   # seconds the loop ran the ticker late, in all: not the platform's time
+        self._paused: dict[asyncio.Task[Any], float] = {}   # platform time left of attempts waiting for the sidecar
+        self._runs_in: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # a task of its own → the watched task
+        self._runner: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}    # the watched task → its attempt's task
 
-    def watch(self, seconds: float, within: float = math.inf) -> asyncio.Task[Any]:
+    def watch(self, seconds: float, within: float = math.inf,
+              runs_in: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
         """Cancel the current task if it is still being watched after `seconds` of the platform's time (the loop's
-        stalls not counted) or `within` seconds of wall time, whichever comes first."""
+        stalls not counted) or `within` seconds of wall time, whichever comes first. `runs_in`: the attempt runs
+        in that task of its own (the current task awaits it), which is the one that says it is `waiting`."""
         task = asyncio.current_task()
         assert task is not None
         loop = task.get_loop()
         now = loop.time()
         self._due[task] = (now - self._stalled + seconds, now + within)
+        if runs_in is not None:
+            self._runs_in[runs_in], self._runner[task] = task, runs_in
         if self._ticker is None or self._ticker.done() or self._ticker.get_loop() is not loop:
             self._ticker = loop.create_task(self._run())
         return task
 
+    def waiting(self) -> None:
+        """The current task's attempt waits for the sidecar itself (a free pooled connection), not for the
+        platform: its platform clock stops until `resumed`. Its wall-time bound (`within`) keeps running."""
+        watched = self._watched()
+        due = self._due.get(watched) if watched is not None else None
+        if watched is None or due is None or watched in self._paused:
+            return
+        self._paused[watched] = due[0] - self._platform_now()
+        self._due[watched] = (math.inf, due[1])
+
+    def resumed(self) -> None:
+        watched = self._watched()
+        left = self._paused.pop(watched, None) if watched is not None else None
+        due = self._due.get(watched) if watched is not None else None
+        if left is not None and due is not None:
+            self._due[watched] = (self._platform_now() + left, due[1])   # type: ignore[index]
+
+    def _watched(self) -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        return self._runs_in.get(task, task) if task is not None else None
+
+    def _platform_now(self) -> float:
+        return asyncio.get_running_loop().time() - self._stalled
+
     def release(self, task: asyncio.Task[Any]) -> bool:
         """Stop watching `task`; True when the watchdog had cancelled it (its cancellation is a timeout)."""
         self._due.pop(task, None)
+        self._paused.pop(task, None)
+        runner = self._runner.pop(task, None)
+        if runner is not None:
+            self._runs_in.pop(runner, None)
         if task in self._expired:
             self._expired.discard(task)
             task.uncancel()

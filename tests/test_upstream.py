@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Awaitable, Callable
 
 import pytest
@@ -68,5 +69,38 @@ async def test_attempts_are_heard_out_after_a_timeout_of_their_upstream_and_not_
         await asyncio.sleep(0.3)
         await timed_out()
         assert len(heard) == 1                  # HEAR_OUT_FOR after the last timeout: quiet again
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("heard_out", [False, True])
+async def test_the_wait_for_a_free_pooled_connection_is_not_the_platforms_time(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], heard_out: bool) -> None:
+    """Two attempts, one connection: the second waits 0.2 s for it, then the platform answers in 0.2 s. Its 0.3 s
+    per-try timeout is the platform's time and holds; the queue was the sidecar's (counted, it would have timed out
+    and gone against the platform in the monitor and the breaker). The wall-time bound still counts the wait. The
+    same when the attempts run in tasks of their own, to be heard out (after a timeout of their upstream)."""
+    async def answer(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.json_response({"code": 0})
+
+    app = web.Application()
+    app.router.add_get("/open-apis/x", answer)
+    server = await aiohttp_server(app)
+    client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1, pool_size=1)
+    heard: list[float] = []
+    on_late = heard.append if heard_out else None
+
+    async def attempt(within: float = math.inf, delay: float = 0.0, timeout: float = 0.3) -> int:
+        await asyncio.sleep(delay)   # the second one asks once the first holds the connection
+        return (await client.send("GET", "/open-apis/x", CIMultiDict(), None, timeout, on_late, within)).status
+
+    try:
+        if heard_out:
+            with pytest.raises(AttemptTimeout):
+                await attempt(timeout=0.05)   # from now on this upstream's attempts are heard out
+        assert await asyncio.gather(attempt(), attempt(delay=0.01)) == [200, 200]
+        first, second = await asyncio.gather(attempt(), attempt(within=0.25, delay=0.01), return_exceptions=True)
+        assert first == 200 and isinstance(second, AttemptTimeout)   # the request's own deadline: wall time
     finally:
         await client.close()
