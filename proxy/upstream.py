@@ -36,6 +36,10 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Expect",   # not hop-by-hop, but the sidecar answers 100-continue itself and has the whole body before sending
 ))
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")   # send only what the client sent
+# The most connections one pool opens to one origin, however many apps reserved room on it: Envoy's default
+# max_connections per cluster. Each costs a TLS handshake to open and ~5 KB to hold (bench.inflight), and past
+# this many a sidecar is short of CPU, not of connections; calls beyond it wait for one, off their per-try clock.
+ORIGIN_CONNECTIONS = 1024
 
 
 @dataclass(slots=True)
@@ -116,7 +120,7 @@ class Pools:
     A connection to open.feishu.cn carries any app's calls (the token is a header, not part of the connection), so
     1,000 apps share one pool instead of holding 1,000 (each mostly idle, each opening its own connections);
     an origin that hangs still holds only its own pool. A pool has room for the sum of the `pool_size`s reserved
-    on it, so no app has less than it would alone.
+    on it, so no app has less than it would alone, up to ORIGIN_CONNECTIONS.
     """
 
     def __init__(self, egress: Egress | None = None, *, connect_timeout: float,
@@ -137,7 +141,7 @@ class Pools:
     def session(self, origin: Origin) -> aiohttp.ClientSession:
         session = self._sessions.get(origin)
         if session is None:
-            session = self._sessions[origin] = self._create(self._sizes.get(origin, 0))
+            session = self._sessions[origin] = self._create(min(self._sizes.get(origin, 0), ORIGIN_CONNECTIONS))
         return session
 
     def _create(self, size: int) -> aiohttp.ClientSession:

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from proxy import upstream
 from proxy.errors import AttemptTimeout
-from proxy.upstream import UpstreamClient
+from proxy.upstream import ORIGIN_CONNECTIONS, Pools, UpstreamClient
 
 
 async def test_a_cookie_the_platform_sets_is_relayed_and_never_replayed_by_the_sidecar(
@@ -104,3 +104,16 @@ async def test_the_wait_for_a_free_pooled_connection_is_not_the_platforms_time(
         assert first == 200 and isinstance(second, AttemptTimeout)   # the request's own deadline: wall time
     finally:
         await client.close()
+
+
+async def test_an_origins_pool_has_room_for_its_apps_up_to_its_cap() -> None:
+    pools = Pools(connect_timeout=1)
+    two, many = ("https", "open.feishu.cn", 443), ("https", "api.dingtalk.com", 443)
+    for origin, apps in ((two, 2), (many, 10)):
+        for _ in range(apps):
+            pools.reserve(origin, 256)
+    try:
+        assert pools.session(two).connector is not None and pools.session(two).connector.limit == 512
+        assert pools.session(many).connector is not None and pools.session(many).connector.limit == ORIGIN_CONNECTIONS
+    finally:
+        await pools.close()
