@@ -84,6 +84,7 @@ class Attempt:
     body: bytes | None = None    # set when an idempotency key goes into the body
     token: str | None = None
     token_kind: str | None = None
+    waits: Iterator[float] | None = None   # the request's back-off, made at its first retry (most have none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,6 @@ class RetryEngine:
         b = exchange.binding
         b.policy.budget.record_request()
         attempt = self.prepare(exchange, body)
-        waits = b.policy.waits()
         history = History(write=exchange.method not in READS)
         limiter = b.limiters.get(exchange.template, exchange.route) if b.limiters.enabled else None
         replayed = False
@@ -152,7 +152,7 @@ class RetryEngine:
                     replayed = True
                     self.replay_token(exchange, tried.answer)
                     continue
-            decision = self.decide(exchange, body, tried.verdict, history, waits)
+            decision = self.decide(exchange, body, tried.verdict, history, attempt)
             if not decision.retry:
                 self.withheld(exchange, tried.verdict, decision)
                 return self.settle(exchange, history)
@@ -232,7 +232,7 @@ class RetryEngine:
             answer.release()
 
     def decide(self, exchange: Exchange, body: RequestBody, verdict: Verdict, history: History,
-               waits: Iterator[float]) -> Decision:
+               attempt: Attempt) -> Decision:
         if verdict.outcome not in RETRIED_OUTCOMES:
             return FINAL
         policy = exchange.binding.policy
@@ -249,7 +249,7 @@ class RetryEngine:
             return Decision(False, "unsafe")   # it may have been applied: a retry could apply it twice
         if verdict.retry_after is not None and verdict.retry_after > policy.settings.max_retry_after:
             return Decision(False, "retry_after_too_long")
-        wait = self.wait_for(verdict, params, policy, waits)
+        wait = self.wait_for(verdict, params, policy, attempt)
         remaining = exchange.deadline - self.clock.now()
         if wait + min(MIN_USEFUL_ATTEMPT, params.per_try_timeout) > remaining:
             return Decision(False, "deadline")
@@ -259,11 +259,13 @@ class RetryEngine:
         return Decision(True, "retry", wait)
 
     @staticmethod
-    def wait_for(verdict: Verdict, params: RetryParams, policy: RetryPolicy, waits: Iterator[float]) -> float:
+    def wait_for(verdict: Verdict, params: RetryParams, policy: RetryPolicy, attempt: Attempt) -> float:
         """Back-off, raised to what the platform asked for; after a timeout, the timeout itself was the wait."""
         if verdict.outcome is Outcome.THROTTLED and verdict.retry_after is not None:
             return verdict.retry_after * (1 + 0.2 * policy.rng())   # jitter within [i, 1.2i]
-        wait = next(waits)
+        if attempt.waits is None:
+            attempt.waits = policy.waits()
+        wait = next(attempt.waits)
         if verdict.signal is Signal.TIMEOUT:
             # The attempt already waited its whole per-try timeout: that was the back-off. Retry promptly (the
             # next try gets a longer timeout), or a platform that just slowed down costs a timeout plus a wait.
