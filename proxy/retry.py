@@ -210,10 +210,12 @@ class RetryEngine:
             verdict = answer.classified(b.platform, b.upstream)
             exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
             tried = Tried(answer, verdict)
+            started += answer.queued   # sent once a pooled connection was free: the wait was the sidecar's
         verdict = tried.verdict
-        self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(self.clock.now() - started)
+        took = max(0.0, self.clock.now() - started)
+        self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(took)
         self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
-        b.observe(verdict, self.clock.now() - started)
+        b.observe(verdict, took)
         return tried
 
     def token_refused(self, exchange: Exchange, tried: Tried, attempt: Attempt) -> bool:

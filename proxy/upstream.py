@@ -52,6 +52,7 @@ class Answer:
     stream: aiohttp.ClientResponse | None = None
     head: bytes = b""   # what was already read of a streamed answer (up to the classification limit)
     verdict: Verdict | None = None   # the platform's classification, once a stage asked for it (`classified`)
+    queued: float = 0.0   # seconds the attempt waited for a free pooled connection: the sidecar's time, not the platform's
 
     def plain_body(self) -> bytes | None:
         """The body as the platform meant it, for classification (decompressed when it came gzipped)."""
@@ -242,7 +243,9 @@ class UpstreamClient:
                        runs_in: asyncio.Task[Answer] | None = None) -> Answer:
         task = self._pools.watchdog.watch(timeout, within, runs_in)
         try:
-            return await exchange
+            answer = await exchange
+            answer.queued = self._pools.watchdog.queued(task)
+            return answer
         except asyncio.CancelledError as exc:
             if self._pools.watchdog.release(task):
                 raise translate(asyncio.TimeoutError()) from exc

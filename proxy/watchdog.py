@@ -27,7 +27,8 @@ class Watchdog:
         self._expired: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._stalled = 0.0   # seconds the loop ran the ticker late, in all: not the platform's time
-        self._paused: dict[asyncio.Task[Any], float] = {}   # platform time left of attempts waiting for the sidecar
+        self._paused: dict[asyncio.Task[Any], tuple[float, float]] = {}   # waiting for the sidecar: (left, since)
+        self._queued: dict[asyncio.Task[Any], float] = {}   # seconds an attempt waited for the sidecar, in all
         self._runs_in: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # a task of its own → the watched task
         self._runner: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}    # the watched task → its attempt's task
 
@@ -54,15 +55,22 @@ class Watchdog:
         due = self._due.get(watched) if watched is not None else None
         if watched is None or due is None or watched in self._paused:
             return
-        self._paused[watched] = due[0] - self._platform_now()
+        self._paused[watched] = (due[0] - self._platform_now(), asyncio.get_running_loop().time())
         self._due[watched] = (math.inf, due[1])
 
     def resumed(self) -> None:
         watched = self._watched()
-        left = self._paused.pop(watched, None) if watched is not None else None
+        paused = self._paused.pop(watched, None) if watched is not None else None
         due = self._due.get(watched) if watched is not None else None
-        if left is not None and due is not None:
-            self._due[watched] = (self._platform_now() + left, due[1])   # type: ignore[index]
+        if watched is None or paused is None or due is None:
+            return
+        left, since = paused
+        self._due[watched] = (self._platform_now() + left, due[1])
+        self._queued[watched] = self._queued.get(watched, 0.0) + asyncio.get_running_loop().time() - since
+
+    def queued(self, task: asyncio.Task[Any]) -> float:
+        """Seconds `task`'s attempt has waited for the sidecar (`waiting` to `resumed`): not the platform's time."""
+        return self._queued.get(task, 0.0)
 
     def _watched(self) -> asyncio.Task[Any] | None:
         task = asyncio.current_task()
@@ -75,6 +83,7 @@ class Watchdog:
         """Stop watching `task`; True when the watchdog had cancelled it (its cancellation is a timeout)."""
         self._due.pop(task, None)
         self._paused.pop(task, None)
+        self._queued.pop(task, None)
         runner = self._runner.pop(task, None)
         if runner is not None:
             self._runs_in.pop(runner, None)
