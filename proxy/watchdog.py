@@ -30,7 +30,6 @@ class Watchdog:
         self._paused: dict[asyncio.Task[Any], tuple[float, float]] = {}   # waiting for the sidecar: (left, since)
         self._queued: dict[asyncio.Task[Any], float] = {}   # seconds an attempt waited for the sidecar, in all
         self._runs_in: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # a task of its own → the watched task
-        self._runner: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}    # the watched task → its attempt's task
 
     def watch(self, seconds: float, within: float = math.inf,
               runs_in: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
@@ -42,8 +41,9 @@ class Watchdog:
         loop = task.get_loop()
         now = loop.time()
         self._due[task] = (now - self._stalled + seconds, now + within)
-        if runs_in is not None:
-            self._runs_in[runs_in], self._runner[task] = task, runs_in
+        if runs_in is not None:   # rare (attempts heard out): gone with the attempt's task
+            self._runs_in[runs_in] = task
+            runs_in.add_done_callback(self._runs_in.pop)
         if self._ticker is None or self._ticker.done() or self._ticker.get_loop() is not loop:
             self._ticker = loop.create_task(self._run())
         return task
@@ -55,7 +55,8 @@ class Watchdog:
         due = self._due.get(watched) if watched is not None else None
         if watched is None or due is None or watched in self._paused:
             return
-        self._paused[watched] = (due[0] - self._platform_now(), asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        self._paused[watched] = (due[0] - (now - self._stalled), now)
         self._due[watched] = (math.inf, due[1])
 
     def resumed(self) -> None:
@@ -65,8 +66,9 @@ class Watchdog:
         if watched is None or paused is None or due is None:
             return
         left, since = paused
-        self._due[watched] = (self._platform_now() + left, due[1])
-        self._queued[watched] = self._queued.get(watched, 0.0) + asyncio.get_running_loop().time() - since
+        now = asyncio.get_running_loop().time()
+        self._due[watched] = (now - self._stalled + left, due[1])
+        self._queued[watched] = self._queued.get(watched, 0.0) + now - since
 
     def queued(self, task: asyncio.Task[Any]) -> float:
         """Seconds `task`'s attempt has waited for the sidecar (`waiting` to `resumed`): not the platform's time."""
@@ -76,17 +78,11 @@ class Watchdog:
         task = asyncio.current_task()
         return self._runs_in.get(task, task) if task is not None else None
 
-    def _platform_now(self) -> float:
-        return asyncio.get_running_loop().time() - self._stalled
-
     def release(self, task: asyncio.Task[Any]) -> bool:
         """Stop watching `task`; True when the watchdog had cancelled it (its cancellation is a timeout)."""
         self._due.pop(task, None)
         self._paused.pop(task, None)
         self._queued.pop(task, None)
-        runner = self._runner.pop(task, None)
-        if runner is not None:
-            self._runs_in.pop(runner, None)
         if task in self._expired:
             self._expired.discard(task)
             task.uncancel()
