@@ -41,17 +41,22 @@ async def test_a_cookie_the_platform_sets_is_relayed_and_never_replayed_by_the_s
     assert seen == [None, None, "own=1"]   # only what a client itself sent, never a cookie the sidecar kept
 
 
+async def slow_platform(aiohttp_server: Callable[..., Awaitable[TestServer]], path: str, seconds: float) -> TestServer:
+    """A platform that answers GET `path` with success after `seconds`."""
+    async def answer(request: web.Request) -> web.Response:
+        await asyncio.sleep(seconds)
+        return web.json_response({"code": 0})
+
+    app = web.Application()
+    app.router.add_get(path, answer)
+    return await aiohttp_server(app)
+
+
 async def test_attempts_are_heard_out_after_a_timeout_of_their_upstream_and_not_before(
         aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Hearing out takes a task per attempt: the first timeout of a quiet upstream is only a timeout; the attempts
     sent within HEAR_OUT_FOR of it are heard out, and their late answers say how slow the platform is."""
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.15)
-        return web.json_response({"code": 0})
-
-    app = web.Application()
-    app.router.add_get("/open-apis/slow", slow)
-    server = await aiohttp_server(app)
+    server = await slow_platform(aiohttp_server, "/open-apis/slow", 0.15)
     monkeypatch.setattr(upstream, "HEAR_OUT_FOR", 0.3)
     heard: list[float] = []
     client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1)
@@ -80,13 +85,7 @@ async def test_the_wait_for_a_free_pooled_connection_is_not_the_platforms_time(
     per-try timeout is the platform's time and holds; the queue was the sidecar's (counted, it would have timed out
     and gone against the platform in the monitor and the breaker). The wall-time bound still counts the wait. The
     same when the attempts run in tasks of their own, to be heard out (after a timeout of their upstream)."""
-    async def answer(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.2)
-        return web.json_response({"code": 0})
-
-    app = web.Application()
-    app.router.add_get("/open-apis/x", answer)
-    server = await aiohttp_server(app)
+    server = await slow_platform(aiohttp_server, "/open-apis/x", 0.2)
     client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1, pool_size=1)
     heard: list[float] = []
     on_late = heard.append if heard_out else None
