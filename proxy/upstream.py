@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
 READ_CHUNK = 64 * 1024
 LATE_LIMIT = 10.0   # how long a timed-out attempt is still listened to: the longest per-try timeout there is
-HEAR_OUT_FOR = 30.0   # seconds after one of an upstream's attempts timed out during which its attempts are heard out
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
@@ -178,7 +177,6 @@ class UpstreamClient:
         self._own_pools = pools is None
         self._pools = pools or Pools(egress, connect_timeout=connect_timeout, trace_configs=trace_configs)
         self._pools.reserve(self._origin, pool_size)
-        self._timed_out_at = -math.inf   # loop time of the last attempt cut off by a timeout
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -214,25 +212,17 @@ class UpstreamClient:
         `timeout` is the platform's time (proxy/watchdog.py does not count the event loop's stalls in it); `within`
         is wall time no stall extends: what is left of the request's deadline.
 
-        Hearing an attempt out takes a task of its own (a twentieth of the sidecar's CPU per request), and only an
-        attempt that times out has anything to tell; so `on_late` is heard only within HEAR_OUT_FOR seconds of one
-        of this upstream's attempts timing out. The first timeouts of a slowdown are not heard out (they count as
-        the timeouts they are), the attempts sent after them are.
+        Every attempt that can be heard out is, from the first: the late answers of a slowdown's first timeouts are
+        what tell a platform slowed past the down silence (1 s after the first timeout) from one that is gone.
         """
         url = self.url(path_qs)   # refused here, before anything is sent, if it would leave the platform's origin
-        loop = asyncio.get_running_loop()
-        if on_late is None or loop.time() - self._timed_out_at > HEAR_OUT_FOR:
-            try:
-                return await self._watched(self._exchange(method, url, headers, body), timeout, within)
-            except AttemptTimeout:
-                self._timed_out_at = loop.time()
-                raise
+        if on_late is None:
+            return await self._watched(self._exchange(method, url, headers, body), timeout, within)
         exchange = asyncio.ensure_future(self._exchange(method, url, headers, body))
-        started = loop.time()
+        started = asyncio.get_running_loop().time()
         try:
             return await self._watched(asyncio.shield(exchange), timeout, within, runs_in=exchange)
         except AttemptTimeout:
-            self._timed_out_at = loop.time()
             _listen_late(exchange, started, on_late)
             raise
         except BaseException:

@@ -63,6 +63,23 @@ async def test_a_platform_slowed_to_800_ms_give_or_take_400_fails_nothing(
     assert len(platforms.feishu.messages) == 40 + 40       # retried with the message's uuid: each one written once
 
 
+async def test_a_platform_slowed_past_the_down_silence_is_slow_not_down(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    """Every answer takes 1.3 s: longer than the second of silence `down` waits for after the first timeout (at
+    0.5 s), shorter than that timeout plus the second. Only the late answers of the first timeouts arrive in time
+    to say the platform is slow; unheard (as they once were, to save a task per attempt), it was judged down."""
+    running = await start_sidecar(retry="{}", limits=LIMITS)
+    await warm_up(http, running, platforms)
+    platforms.feishu.faults = Faults(latency=1.3)
+    states: set[str] = set()
+    watcher = asyncio.create_task(watch_states(running, states))
+    outcomes = await paced(http, running, 40, rate=30)
+    watcher.cancel()
+    assert {status for status, _ in outcomes} == {200}
+    assert "down" not in states
+    assert running.metric("imsidecar_circuit_transitions_total", app="sales-bot", upstream="open", state="open") == 0
+
+
 async def test_a_platform_that_answers_nothing_opens_the_breaker_and_nobody_waits_out_the_deadline(
         start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
     running = await start_sidecar(retry="{}", limits=LIMITS)
