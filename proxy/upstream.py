@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 CLASSIFY_LIMIT = 1024 * 1024   # answers up to this size are read whole, so errors inside them can be seen
 READ_CHUNK = 64 * 1024
+URL_CACHE = 64   # targets whose URL an upstream keeps built, then starts afresh (~0.6 KB each)
 LATE_LIMIT = 10.0   # how long a timed-out attempt is still listened to: the longest per-try timeout there is
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
@@ -177,6 +178,7 @@ class UpstreamClient:
         self._own_pools = pools is None
         self._pools = pools or Pools(egress, connect_timeout=connect_timeout, trace_configs=trace_configs)
         self._pools.reserve(self._origin, pool_size)
+        self._urls: dict[str, URL] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -185,7 +187,16 @@ class UpstreamClient:
     def url(self, path_qs: str) -> URL:
         """The configured origin and base path, then `path_qs` (origin-form, already encoded): built from parts,
         then checked, so no target can move the scheme, host or port (`CONNECT evil.com:443` once made
-        `https://open.feishu.cnevil.com:443`)."""
+        `https://open.feishu.cnevil.com:443`). The last URL_CACHE targets built are kept: most calls repeat one."""
+        url = self._urls.get(path_qs)
+        if url is None:
+            url = self._build(path_qs)
+            if len(self._urls) >= URL_CACHE:
+                self._urls.clear()
+            self._urls[path_qs] = url
+        return url
+
+    def _build(self, path_qs: str) -> URL:
         path, _, query = path_qs.partition("?")
         if not path.startswith("/") or path.startswith("//") or "#" in path_qs:
             raise MisdirectedRequest("the request target must be a path starting with a single /, without #fragment")

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from proxy.errors import AttemptTimeout
-from proxy.upstream import ORIGIN_CONNECTIONS, Pools, UpstreamClient
+from proxy.upstream import ORIGIN_CONNECTIONS, URL_CACHE, MisdirectedRequest, Pools, UpstreamClient
 
 
 async def test_a_cookie_the_platform_sets_is_relayed_and_never_replayed_by_the_sidecar(
@@ -104,3 +104,18 @@ async def test_an_origins_pool_has_room_for_its_apps_up_to_its_cap() -> None:
         assert pools.session(many).connector is not None and pools.session(many).connector.limit == ORIGIN_CONNECTIONS
     finally:
         await pools.close()
+
+
+def test_a_repeated_target_reuses_its_url_and_a_refused_one_is_refused_every_time() -> None:
+    """Building the URL was 1% of the sidecar's instructions per request; a kept one must not be a way around the
+    origin check, nor grow without bound when every call names another message ID."""
+    client = UpstreamClient("https://open.feishu.cn", connect_timeout=1)
+    first = client.url("/open-apis/im/v1/messages?receive_id_type=chat_id")
+    assert client.url("/open-apis/im/v1/messages?receive_id_type=chat_id") is first
+    for _ in range(2):
+        with pytest.raises(MisdirectedRequest):
+            client.url("@evil.com/x")
+    for n in range(3 * URL_CACHE):
+        url = client.url(f"/open-apis/im/v1/messages/om_{n}")
+        assert (url.host, url.path) == ("open.feishu.cn", f"/open-apis/im/v1/messages/om_{n}")
+        assert len(client._urls) <= URL_CACHE
