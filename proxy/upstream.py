@@ -229,8 +229,9 @@ class UpstreamClient:
         url = self.url(path_qs)   # refused here, before anything is sent, if it would leave the platform's origin
         if on_late is None:
             return await self._watched(self._exchange(method, url, headers, body), timeout, within)
-        exchange = asyncio.ensure_future(self._exchange(method, url, headers, body))
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        exchange = loop.create_task(self._exchange(method, url, headers, body))
+        started = loop.time()
         try:
             return await self._watched(asyncio.shield(exchange), timeout, within, runs_in=exchange)
         except AttemptTimeout:
