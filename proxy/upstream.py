@@ -233,7 +233,7 @@ class UpstreamClient:
         exchange = loop.create_task(self._exchange(method, url, headers, body))
         started = loop.time()
         try:
-            return await self._watched(asyncio.shield(exchange), timeout, within, runs_in=exchange)
+            return await self._watched(_shielded(exchange), timeout, within, runs_in=exchange)
         except AttemptTimeout:
             _listen_late(exchange, started, on_late)
             raise
@@ -288,6 +288,26 @@ async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[byt
             return bytes(buffer), True
         buffer += chunk
     return bytes(buffer), False
+
+
+def _shielded(task: asyncio.Task[Answer]) -> asyncio.Future[Answer]:
+    """What a request awaits of an attempt run in `task`: cancelling it (a timeout) leaves the task running.
+    asyncio.shield, less what it does for a future not yet a task and for an outer future done first."""
+    waiter: asyncio.Future[Answer] = task.get_loop().create_future()
+    task.add_done_callback(partial(_settle, waiter))
+    return waiter
+
+
+def _settle(waiter: asyncio.Future[Answer], task: asyncio.Task[Answer]) -> None:
+    if waiter.done():   # the request stopped waiting: whatever the task ended with is heard out, or nobody's
+        if not task.cancelled():
+            task.exception()   # retrieved, so asyncio does not log it as lost
+    elif task.cancelled():
+        waiter.cancel()
+    elif (exc := task.exception()) is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(task.result())
 
 
 def _listen_late(exchange: asyncio.Future[Answer], started: float, on_late: LateAnswer) -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from proxy import upstream
 from proxy.errors import AttemptTimeout
 from proxy.upstream import ORIGIN_CONNECTIONS, URL_CACHE, MisdirectedRequest, Pools, UpstreamClient
 
@@ -119,3 +120,32 @@ def test_a_repeated_target_reuses_its_url_and_a_refused_one_is_refused_every_tim
         url = client.url(f"/open-apis/im/v1/messages/om_{n}")
         assert (url.host, url.path) == ("open.feishu.cn", f"/open-apis/im/v1/messages/om_{n}")
         assert len(client._urls) <= URL_CACHE
+
+
+async def test_an_attempt_run_in_its_own_task_outlives_the_wait_for_it_and_tells_what_it_ended_with() -> None:
+    """What a heard-out attempt is awaited through (upstream._shielded): the request that stops waiting (its
+    timeout) leaves the attempt running; a result, an error or a cancellation of the attempt reaches the request."""
+    gate = asyncio.Event()
+
+    async def attempt(ends: BaseException | None) -> str:
+        await gate.wait()
+        if ends is not None:
+            raise ends
+        return "answer"
+
+    loop = asyncio.get_running_loop()
+    running = loop.create_task(attempt(None))
+    waiter = upstream._shielded(running)
+    waiter.cancel()
+    gate.set()
+    assert await running == "answer"   # the request's timeout did not cut the attempt short
+
+    failing = loop.create_task(attempt(ConnectionResetError("reset")))
+    with pytest.raises(ConnectionResetError):
+        await upstream._shielded(failing)
+    assert await upstream._shielded(loop.create_task(attempt(None))) == "answer"
+    cancelled = loop.create_task(attempt(None))
+    told = upstream._shielded(cancelled)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await told
