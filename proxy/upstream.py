@@ -249,13 +249,13 @@ class UpstreamClient:
             answer.queued = self._pools.watchdog.queued(task)
             return answer
         except asyncio.CancelledError as exc:
-            if self._pools.watchdog.release(task):
+            if self._pools.watchdog.release(task, runs_in):
                 raise translate(asyncio.TimeoutError()) from exc
             raise
         except NETWORK_ERRORS as exc:
             raise translate(exc) from exc
         finally:
-            self._pools.watchdog.release(task)
+            self._pools.watchdog.release(task, runs_in)
 
     async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
                         body: bytes | AsyncIterable[bytes] | None) -> Answer:

@@ -41,9 +41,8 @@ class Watchdog:
         loop = task.get_loop()
         now = loop.time()
         self._due[task] = (now - self._stalled + seconds, now + within)
-        if runs_in is not None:   # rare (attempts heard out): gone with the attempt's task
+        if runs_in is not None:   # an attempt heard out: until `release`, its pool waits are the watched task's
             self._runs_in[runs_in] = task
-            runs_in.add_done_callback(self._runs_in.pop)
         if self._ticker is None or self._ticker.done() or self._ticker.get_loop() is not loop:
             self._ticker = loop.create_task(self._run())
         return task
@@ -78,8 +77,11 @@ class Watchdog:
         task = asyncio.current_task()
         return self._runs_in.get(task, task) if task is not None else None
 
-    def release(self, task: asyncio.Task[Any]) -> bool:
-        """Stop watching `task`; True when the watchdog had cancelled it (its cancellation is a timeout)."""
+    def release(self, task: asyncio.Task[Any], runs_in: asyncio.Task[Any] | None = None) -> bool:
+        """Stop watching `task` (and the attempt's own task `runs_in`, which may go on to be heard out); True when
+        the watchdog had cancelled it (its cancellation is a timeout)."""
+        if runs_in is not None:
+            self._runs_in.pop(runs_in, None)
         self._due.pop(task, None)
         self._paused.pop(task, None)
         self._queued.pop(task, None)

@@ -71,3 +71,27 @@ async def test_the_deadline_is_wall_time_that_no_stall_extends() -> None:
     asyncio.get_running_loop().call_later(0.01, stall_loop, 0.1)
     # a per-try timeout of 1 s, but only 50 ms left of the request's deadline
     assert await attempt(dog, 0.5, 1.0, within=0.05) == "timed out"
+
+
+async def test_an_earlier_attempt_heard_out_cannot_pause_the_next_attempts_clock() -> None:
+    """Attempt 1 runs in a task of its own and is released (it timed out; it goes on to be heard out). Should it
+    then wait for a pooled connection, that wait is nobody's now: attempt 2, watched in the same request task,
+    still times out on its own clock."""
+    dog = Watchdog(tick=0.005)
+    loop = asyncio.get_running_loop()
+    first_waits, first_resumes = asyncio.Event(), asyncio.Event()
+
+    async def first_attempt() -> None:
+        await first_waits.wait()
+        dog.waiting()          # told by the pool, in the attempt's own task
+        await first_resumes.wait()
+        dog.resumed()
+
+    own = loop.create_task(first_attempt())
+    task = dog.watch(10.0, runs_in=own)
+    dog.release(task, own)
+    first_waits.set()
+    assert await attempt(dog, 0.3, 0.03) == "timed out"   # its 30 ms, not paused by attempt 1's wait
+    first_resumes.set()
+    await own
+    assert dog.queued(task) == 0.0
