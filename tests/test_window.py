@@ -105,15 +105,15 @@ def test_a_whole_number_cell_past_two_bytes_widens_the_window_and_loses_nothing(
 
 
 @settings(max_examples=200, deadline=None)
-@given(whole=st.booleans(), steps=st.lists(st.tuples(st.floats(0, 12), st.integers(0, 4), st.integers(1, 40_000)),
-                                           max_size=60))
+@given(whole=st.booleans(), width=st.sampled_from([5, 8, 9, 57]),   # a bucket's mark: one byte, or several
+       steps=st.lists(st.tuples(st.floats(0, 12), st.integers(0, 56), st.integers(1, 40_000)), max_size=60))
 def test_totals_are_the_sum_of_what_was_added_in_the_buckets_still_in_the_window(
-        whole: bool, steps: list[tuple[float, int, int]]) -> None:
-    window, now, added = SlidingWindow(5, span=10.0, bucket=2.0, whole=whole), 0.0, []
-    for advance, index, amount in steps:
-        now, value = now + advance, amount if whole else amount / 7
+        whole: bool, width: int, steps: list[tuple[float, int, int]]) -> None:
+    window, now, added = SlidingWindow(width, span=10.0, bucket=2.0, whole=whole), 0.0, []
+    for advance, drawn, amount in steps:
+        now, value, index = now + advance, amount if whole else amount / 7, drawn % width
         epoch = int(now // 2.0)
         window.add(now, index, value)
         added.append((epoch, index, value))
-        expected = [sum(a for e, i, a in added if i == column and epoch - 5 < e <= epoch) for column in range(5)]
+        expected = [sum(a for e, i, a in added if i == column and epoch - 5 < e <= epoch) for column in range(width)]
         assert window.totals(now) == pytest.approx(expected, abs=1e-6)
