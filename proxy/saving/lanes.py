@@ -37,6 +37,7 @@ MIN_USEFUL = 0.25   # a bulk request stops standing aside this long before its d
 # The lane of the request whose platform call is being made in this task: set by `PriorityLanes.enter` just before
 # the retry loop, read by `LanedLimiters.acquire` (whose signature is the rate limiter's).
 CURRENT_LANE: ContextVar[str] = ContextVar("imsidecar_lane", default=INTERACTIVE)
+NO_PRIORITIES = PrioritySettings()   # an app with none configured (made once: a frozen dataclass costs ~1 us)
 
 
 class PriorityLanes:
@@ -58,7 +59,7 @@ class PriorityLanes:
 
     def _default(self, exchange: Exchange) -> str:
         b = exchange.binding
-        settings = self._settings.get(b.app.name, PrioritySettings())
+        settings = self._settings.get(b.app.name, NO_PRIORITIES)
         if exchange.template in settings.routes:
             return settings.routes[exchange.template]
         return BULK if exchange.template in b.platform.bulk_routes(b.upstream) else settings.default
