@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp.test_utils import unused_port
 
 from bench.overhead import PATH, TOKEN_BODY, machine, rss_mb, start, stop, wait_http
+from bench import scale
 from bench.scale import raise_fd_limit
 
 APPS = 10
@@ -55,19 +56,9 @@ async def serve_upstream(port: int) -> None:
 
 
 def sidecar_conf(workdir: Path, port: int, admin: int, upstream: int) -> Path:
-    lines = [f"listen: 127.0.0.1:{port}", f"admin_listen: 127.0.0.1:{admin}",
-             "logging: {access_log: false, level: WARNING}", "limits: {max_connections: 16384, deadline: 120s}",
-             "apps:"]
-    for i in range(APPS):
-        lines += [f"  - name: app-{i}", "    platform: feishu", f"    app_id: cli_inflight_{i}",
-                  f"    app_secret: inflight-secret-{i}",
-                  f'    upstreams: {{open: {{base_url: "http://127.0.0.1:{upstream}"}}}}',
-                  "    retry: {per_try_timeout: 60s}",   # nothing times out while the requests are held
-                  "    ratelimit: {per_second: 1000000}",
-                  "    coalesce: {enabled: false}"]      # every identical GET is a request of its own
-    conf = workdir / "inflight.yaml"
-    conf.write_text("\n".join(lines) + "\n")
-    return conf
+    """bench.scale's apps, with nothing timing out while the requests are held."""
+    return scale.sidecar_conf(workdir, APPS, port, admin, upstream, limits="max_connections: 16384, deadline: 120s",
+                              app_lines=("    retry: {per_try_timeout: 60s}",))
 
 
 def held(port: int, count: int, prefixed: bool) -> list[socket.socket]:

@@ -60,10 +60,12 @@ class Startup:
 # Config and load ---------------------------------------------------------------------------------------------
 
 
-def sidecar_conf(workdir: Path, apps: int, port: int, admin: int, upstream: int, backlog: int | None = None) -> Path:
-    """`apps` Feishu apps on one listener, every feature on; room for 4,096 connections and more."""
+def sidecar_conf(workdir: Path, apps: int, port: int, admin: int, upstream: int, backlog: int | None = None, *,
+                 limits: str = "max_connections: 8192", app_lines: tuple[str, ...] = ()) -> Path:
+    """`apps` Feishu apps on one listener (prefix /app-<i>), every feature on; room for 4,096 connections and more.
+    `limits` and `app_lines` (each app's, indented as its other keys) are what another benchmark changes."""
     conf = workdir / f"scale-{apps}.yaml"
-    limits = "max_connections: 8192" + (f", backlog: {backlog}" if backlog else "")
+    limits += f", backlog: {backlog}" if backlog else ""
     lines = [f"listen: 127.0.0.1:{port}", f"admin_listen: 127.0.0.1:{admin}",
              "logging: {access_log: false, level: WARNING}", f"limits: {{{limits}}}", "apps:"]
     for i in range(apps):
@@ -71,7 +73,8 @@ def sidecar_conf(workdir: Path, apps: int, port: int, admin: int, upstream: int,
                   f"    app_secret: scale-secret-{i}",
                   f'    upstreams: {{open: {{base_url: "http://127.0.0.1:{upstream}"}}}}',
                   "    ratelimit: {per_second: 1000000}",   # armed, with a quota the load never reaches
-                  "    coalesce: {enabled: false}"]          # every identical GET proxied
+                  "    coalesce: {enabled: false}",          # every identical GET proxied
+                  *app_lines]
     conf.write_text("\n".join(lines) + "\n")
     return conf
 

@@ -154,7 +154,7 @@ async def test_replicas_add_up_through_redis(tmp_path: Path) -> None:
         stores = [RedisStore(StoreSettings(backend="redis", url=server.url, timeout=0.2), clock, CollectorRegistry())
                   for _ in range(2)]
         apps = [app_config(sections="quota: {account: acme}"), app_config(sections="quota: {account: acme}")]
-        (one, r1), (two, r2) = meter(apps[0], clock, stores[0].values), meter(apps[1], clock, stores[1].values)
+        (one, _), (two, r2) = meter(apps[0], clock, stores[0].values), meter(apps[1], clock, stores[1].values)
         for stage in (one, two):
             await stage.start()
         for stage, app, n in ((one, apps[0], 3), (two, apps[1], 4)):
