@@ -299,7 +299,7 @@ def _shielded(task: asyncio.Task[Answer]) -> asyncio.Future[Answer]:
 
 
 def _settle(waiter: asyncio.Future[Answer], task: asyncio.Task[Answer]) -> None:
-    if waiter.done():   # the request stopped waiting: whatever the task ended with is heard out, or nobody's
+    if waiter.done():   # the request stopped waiting (a timeout, or it left): what the task ended with is not its
         if not task.cancelled():
             task.exception()   # retrieved, so asyncio does not log it as lost
     elif task.cancelled():

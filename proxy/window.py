@@ -24,10 +24,10 @@ class SlidingWindow:
     """A vector of counters summed over the last `span` seconds, kept in buckets of `bucket` seconds.
 
     Adding is O(1), dropping a bucket O(the cells it filled); old buckets fall out lazily as time moves, so memory
-    is at most `span / bucket` rows whatever the traffic. The rows are one array of doubles, allocated at the first add (an
-    idle app's windows hold none: 1,000 configured apps held 23 MB of zeros) and reused as the window turns: a row
-    made per bucket was a list the cyclic collector tracked for the window's span, and at 1,000 busy apps those
-    lists were what full collections scanned (120 ms pauses, the p99).
+    is at most `span / bucket` rows whatever the traffic. The rows are one array of doubles, allocated at the first
+    add (an idle app's windows hold none: 1,000 configured apps held 23 MB of zeros) and reused as the window turns:
+    a row made per bucket was a list the cyclic collector tracked for the window's span, and at 1,000 busy apps
+    those lists were what full collections scanned (120 ms pauses, the p99).
     """
 
     def __init__(self, width: int, span: float = 30.0, bucket: float = 1.0, *, whole: bool = False) -> None:
