@@ -9,11 +9,11 @@ from typing import Awaitable, Callable
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import upstream
 from proxy.errors import AttemptTimeout
-from proxy.upstream import ORIGIN_CONNECTIONS, URL_CACHE, MisdirectedRequest, Pools, UpstreamClient
+from proxy.upstream import ORIGIN_CONNECTIONS, URL_CACHE, Answer, MisdirectedRequest, Pools, UpstreamClient
 
 
 async def test_a_cookie_the_platform_sets_is_relayed_and_never_replayed_by_the_sidecar(
@@ -149,3 +149,22 @@ async def test_an_attempt_run_in_its_own_task_outlives_the_wait_for_it_and_tells
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await told
+
+
+async def test_an_answer_that_comes_after_its_request_stopped_waiting_gives_its_connection_back() -> None:
+    """The client left (or the attempt timed out) just as a streamed answer arrived: nobody will read it, so its
+    pooled connection is released at once rather than when the garbage is collected."""
+    released: list[bool] = []
+
+    class Stream:
+        def release(self) -> None:
+            released.append(True)
+
+    async def answered() -> Answer:
+        return Answer(200, CIMultiDictProxy(CIMultiDict()), None, Stream())  # type: ignore[arg-type]
+
+    task = asyncio.get_running_loop().create_task(answered())
+    upstream._shielded(task).cancel()   # the request stops waiting before the answer is in
+    await task
+    await asyncio.sleep(0)   # the task's done-callbacks run
+    assert released == [True]
