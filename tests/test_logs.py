@@ -9,11 +9,14 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+import aiohttp
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from proxy import logs
 from proxy.config import LogSettings
+from tests.conftest import SidecarFactory
+from tests.test_hostile import HOSTILE_TARGETS, exchange
 
 FIELDS = {"app": "sales-bot", "upstream": "open", "route": "/open-apis/im/v1/messages/:message_id", "method": "GET",
           "status": 200, "outcome": "success", "attempts": 1, "duration_ms": 0.5, "retry_reasons": ["http_503"]}
@@ -76,3 +79,21 @@ def test_a_direct_access_line_is_redacted_and_in_order_with_other_lines(json_log
 def test_no_access_line_when_the_access_log_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
     with configured(monkeypatch, access_log=False):
         assert not logs.access.enabled
+
+
+async def test_the_pipeline_gives_the_access_line_access_fields_only_and_in_their_order(
+        start_sidecar: SidecarFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct JSON line takes the fields as given (no picking them out, as from a LogRecord): what the
+    pipeline passes, for a forwarded request and for a target refused before any app is known, must already be
+    ACCESS_FIELDS, in their order."""
+    seen: list[list[str]] = []
+    monkeypatch.setattr(logs.access, "write", lambda message, fields: seen.append(list(fields)))
+    monkeypatch.setattr(logs.AccessLog, "enabled", property(lambda self: True))
+    running = await start_sidecar()
+    async with http.get(f"{running.base}/sales-bot/open-apis/contact/v3/users/ou_1") as r:
+        await r.read()
+    status, _, _ = await exchange(running.base, HOSTILE_TARGETS[0])   # refused before any app can be told
+    assert status == 400
+    assert len(seen) == 2
+    for keys in seen:
+        assert keys == [key for key in logs.ACCESS_FIELDS if key in keys]
