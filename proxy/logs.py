@@ -42,16 +42,16 @@ class JsonFormatter(logging.Formatter):
     _second, _stamp = -1, ""   # the time field of the second being logged, formatted once (one line per request)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self.line(record.created, record.levelname, record.name, record.getMessage(), record.__dict__)
+        attributes = record.__dict__   # whichever ACCESS_FIELDS the record was given (`extra`), among its own
+        fields = {key: attributes[key] for key in ACCESS_FIELDS if key in attributes}
+        line = self.line(record.created, record.levelname, record.name, record.getMessage(), fields)
         if record.exc_info:
             line["error"] = redact(self.formatException(record.exc_info))
         return codec.dumps(line)
 
     def line(self, created: float, level: str, logger: str, message: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Every JSON line's shape: when, how bad, whose, the message, then whichever ACCESS_FIELDS it has."""
-        line = {"time": self.stamp(created), "level": level, "logger": logger, "message": message}
-        line.update({k: fields[k] for k in ACCESS_FIELDS if k in fields})
-        return line
+        """Every JSON line's shape: when, how bad, whose, the message, then `fields` (of ACCESS_FIELDS, in order)."""
+        return {"time": self.stamp(created), "level": level, "logger": logger, "message": message, **fields}
 
     def stamp(self, created: float) -> str:
         second = int(created)
@@ -80,9 +80,7 @@ class AccessLog:
             self._logger.info("%s", message, extra=fields)
             return
         stream, formatter = self._direct
-        # JsonFormatter.line's shape; `fields` need no picking out of a record's attributes (3.7 us a line, now 1.6)
-        line = {"time": formatter.stamp(time.time()), "level": "INFO", "logger": self._logger.name,
-                "message": redact(message), **fields}
+        line = formatter.line(time.time(), "INFO", self._logger.name, redact(message), fields)
         stream.write(codec.dumps(line) + "\n")
 
     def write_to(self, stream: TextIO | None, formatter: JsonFormatter | None = None) -> None:
