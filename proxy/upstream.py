@@ -311,7 +311,8 @@ def _settle(waiter: asyncio.Future[Answer], task: asyncio.Task[Answer]) -> None:
 
 
 def _listen_late(exchange: asyncio.Future[Answer], started: float, on_late: LateAnswer) -> None:
-    """Hear out a timed-out attempt, up to LATE_LIMIT after it was sent; its answer itself is not used."""
+    """Hear out a timed-out attempt, up to LATE_LIMIT after it was sent; its answer itself is not used (`_settle`,
+    which the request stopped waiting through, has released it)."""
     loop = asyncio.get_running_loop()
     bound = loop.call_at(started + LATE_LIMIT, exchange.cancel)
 
@@ -319,7 +320,6 @@ def _listen_late(exchange: asyncio.Future[Answer], started: float, on_late: Late
         bound.cancel()
         if future.cancelled() or future.exception() is not None:
             return   # no answer after all (or the connection broke): nothing to learn
-        future.result().release()
         on_late(loop.time() - started)
 
     exchange.add_done_callback(done)
