@@ -23,9 +23,8 @@ from pathlib import Path
 
 from aiohttp.test_utils import unused_port
 
-from bench.overhead import PATH, TOKEN_BODY, machine, rss_mb, start, stop, wait_http
 from bench import scale
-from bench.scale import raise_fd_limit
+from bench.overhead import PATH, TOKEN_BODY, machine, rss_mb, start, stop, wait_http
 
 APPS = 10
 
@@ -119,7 +118,7 @@ def main() -> None:
     if args.upstream:
         asyncio.run(serve_upstream(args.upstream))
         return
-    raise_fd_limit(4 * args.requests + 1024)
+    scale.raise_fd_limit(4 * args.requests + 1024)
     work = Path(tempfile.mkdtemp(prefix="imsidecar-inflight-"))
     upstream, naive, side, admin = (unused_port() for _ in range(4))
     platform = start([sys.executable, "-m", "bench.inflight", "--upstream", str(upstream)], 1)
