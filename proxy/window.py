@@ -41,7 +41,9 @@ class SlidingWindow:
         self._width = width
         self._typecode = "H" if whole else "d"
         self._cells: array[Any] | None = None   # slot-major: slot s holds cells [s * width, (s + 1) * width)
-        self._filled = bytearray(self._slots)      # 1 where a slot holds something
+        # 1 where a slot holds something: what `_marks` says too, but most slots a quiet window turns past are
+        # empty, and this is the quick test of that
+        self._filled = bytearray(self._slots)
         self._words = (width + 7) // 8   # bytes of a slot's mark: a bit for each of its cells that holds something
         self._blank = bytes(self._words)
         self._marks = bytearray(self._slots * self._words)
