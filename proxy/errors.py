@@ -95,6 +95,12 @@ class DeadlineExceeded(SidecarError):
     status, code = 504, codes.DEADLINE_EXCEEDED
 
 
+class QueuedPastDeadline(SidecarError):
+    """The deadline came while an attempt waited for a free pooled connection: the sidecar's own queue, so it
+    says nothing about the platform (not an attempt that failed), and the attempt was never sent."""
+    status, code = 504, codes.DEADLINE_EXCEEDED
+
+
 class Paused(SidecarError):
     """An error that tells the client when to come back (Retry-After)."""
 

@@ -18,8 +18,8 @@ from proxy.budget import RetryBudget
 from proxy.clock import Clock
 from proxy.config import RetrySettings
 from proxy.drain import Drain
-from proxy.errors import (AttemptFailed, BadRequest, CircuitOpen, DeadlineExceeded, LocallyRateLimited, ShuttingDown,
-                          SidecarError, TokenUnavailableError)
+from proxy.errors import (AttemptFailed, BadRequest, CircuitOpen, DeadlineExceeded, LocallyRateLimited,
+                          QueuedPastDeadline, ShuttingDown, SidecarError, TokenUnavailableError)
 from proxy.history import READS, History, Tried
 from proxy.idempotency import KeyProblem, apply_key
 from proxy.metrics import Metrics
@@ -185,7 +185,8 @@ class RetryEngine:
     async def attempt(self, exchange: Exchange, body: RequestBody, attempt: Attempt, send: Send,
                       history: History) -> Tried | None:
         """One attempt sent and classified. None: no attempt went out after earlier ones did (no token could be
-        had for the retry), and the request ends with what the earlier attempts said."""
+        had for the retry, or the deadline came while it queued for a connection), and the request ends with what
+        the earlier attempts said."""
         b = exchange.binding
         started = self.clock.now()
         exchange.attempts += 1
@@ -193,7 +194,7 @@ class RetryEngine:
             answer = await send(exchange, body, attempt)
         except AttemptFailed as exc:
             tried = Tried(None, exc.verdict, exc)
-        except TokenUnavailableError:
+        except (TokenUnavailableError, QueuedPastDeadline):
             b.breaker.release_probe()   # it never reached the upstream: give the slot back
             exchange.attempts -= 1
             if history.last is None:

@@ -19,9 +19,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.egress import Egress, EgressSettings
-from proxy.errors import NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, translate
+from proxy.errors import NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, QueuedPastDeadline, translate
 from proxy.outcome import Verdict
-from proxy.watchdog import Watchdog
+from proxy.watchdog import Cut, Watchdog
 
 if TYPE_CHECKING:
     from proxy.platforms.base import Platform
@@ -100,11 +100,20 @@ Origin = tuple[str, str | None, int | None]   # scheme, host, port
 class WatchedConnector(aiohttp.TCPConnector):
     """A pool that tells the watchdog while an attempt waits for one of its connections to come free: that wait is
     the sidecar's own queue, not the platform's time, and must not time the attempt out (nor, through it, count
-    against the platform in the network monitor and the breaker)."""
+    against the platform in the network monitor and the breaker). An attempt whose request stopped waiting for it
+    before it had a connection (cut off in that queue or while connecting, or its client gone) is not sent: the
+    connection goes back to the pool unused, and the attempt ends cancelled."""
 
     def __init__(self, *, watchdog: Watchdog, **options: Any) -> None:
         super().__init__(**options)
         self._watchdog = watchdog
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        if self._watchdog.abandoned():
+            connection.release()
+            raise asyncio.CancelledError("abandoned before it was sent")
+        return connection
 
     async def _wait_for_available_connection(self, key: Any, traces: Any) -> None:   # aiohttp's own step
         self._watchdog.waiting()
@@ -249,7 +258,11 @@ class UpstreamClient:
             answer.queued = self._pools.watchdog.queued(task)
             return answer
         except asyncio.CancelledError as exc:
-            if self._pools.watchdog.release(task, runs_in):
+            cut = self._pools.watchdog.release(task, runs_in)
+            if cut is Cut.QUEUED:
+                raise QueuedPastDeadline("the request's deadline passed while it waited for a free connection to the "
+                                         "platform (the sidecar's own queue); it was not sent") from exc
+            if cut is not None:
                 raise translate(asyncio.TimeoutError()) from exc
             raise
         except NETWORK_ERRORS as exc:

@@ -9,27 +9,40 @@ attempt that waited for the loop was not slowed by the platform, and cutting it 
 into the same queue (retries that feed the overload they were taken for). The request's deadline is another matter:
 it is the client's wall time, and a stall never moves it (`within`). Nor is the time an attempt waits for a free
 pooled connection counted (`waiting`/`resumed`, told by proxy/upstream.py's pool): that queue is the sidecar's.
+
+Also owns which attempts their request no longer waits for (`abandoned`): one that had not been sent when it was
+cut off, or when its request ended, must never be sent. One in that queue when the deadline comes is cut `QUEUED`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 from typing import Any
 
 TICK = 0.01
 
 
+class Cut(enum.Enum):
+    """Why the watchdog cut an attempt off."""
+
+    TIMEOUT = "timeout"   # it was the platform's (sent, or its connection being made) and no answer came in time
+    QUEUED = "queued"     # the request's deadline came while it still waited for a free pooled connection: unsent
+
+
 class Watchdog:
     def __init__(self, tick: float = TICK) -> None:
         self._tick = tick
         self._due: dict[asyncio.Task[Any], tuple[float, float]] = {}   # (platform time due, wall time due)
-        self._expired: set[asyncio.Task[Any]] = set()
+        self._expired: dict[asyncio.Task[Any], Cut] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._stalled = 0.0   # seconds the loop ran the ticker late, in all: not the platform's time
-        self._paused: dict[asyncio.Task[Any], tuple[float, float]] = {}   # waiting for the sidecar: (left, since)
+        # waiting for the sidecar: (platform time left, since, the task that waits: the attempt's own, if it has one)
+        self._paused: dict[asyncio.Task[Any], tuple[float, float, asyncio.Task[Any]]] = {}
         self._queued: dict[asyncio.Task[Any], float] = {}   # seconds an attempt waited for the sidecar, in all
         self._runs_in: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # a task of its own → the watched task
+        self._abandoned: set[asyncio.Task[Any]] = set()   # attempts' own tasks that no request waits for any more
 
     def watch(self, seconds: float, within: float = math.inf,
               runs_in: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
@@ -50,12 +63,13 @@ class Watchdog:
     def waiting(self) -> None:
         """The current task's attempt waits for the sidecar itself (a free pooled connection), not for the
         platform: its platform clock stops until `resumed`. Its wall-time bound (`within`) keeps running."""
-        watched = self._watched()
+        current = asyncio.current_task()
+        watched = self._runs_in.get(current, current) if current is not None else None
         due = self._due.get(watched) if watched is not None else None
-        if watched is None or due is None or watched in self._paused:
+        if current is None or watched is None or due is None or watched in self._paused:
             return
         now = asyncio.get_running_loop().time()
-        self._paused[watched] = (due[0] - (now - self._stalled), now)
+        self._paused[watched] = (due[0] - (now - self._stalled), now, current)
         self._due[watched] = (math.inf, due[1])
 
     def resumed(self) -> None:
@@ -64,7 +78,7 @@ class Watchdog:
         due = self._due.get(watched) if watched is not None else None
         if watched is None or paused is None or due is None:
             return
-        left, since = paused
+        left, since, _ = paused
         now = asyncio.get_running_loop().time()
         self._due[watched] = (now - self._stalled + left, due[1])
         self._queued[watched] = self._queued.get(watched, 0.0) + now - since
@@ -77,19 +91,31 @@ class Watchdog:
         task = asyncio.current_task()
         return self._runs_in.get(task, task) if task is not None else None
 
-    def release(self, task: asyncio.Task[Any], runs_in: asyncio.Task[Any] | None = None) -> bool:
-        """Stop watching `task` (and the attempt's own task `runs_in`, which may go on to be heard out); True when
-        the watchdog had cancelled it (its cancellation is a timeout)."""
+    def release(self, task: asyncio.Task[Any], runs_in: asyncio.Task[Any] | None = None) -> Cut | None:
+        """Stop watching `task`, and the attempt's own task `runs_in`: if still running, it may go on to be heard
+        out, and is `abandoned` from now on. Why, when the watchdog had cut `task` off (its cancellation is then
+        the watchdog's: a timeout, or the deadline in the pool's queue); None when it had not."""
         if runs_in is not None:
             self._runs_in.pop(runs_in, None)
+            if not runs_in.done():
+                self._abandon(runs_in)
         self._due.pop(task, None)
         self._paused.pop(task, None)
         self._queued.pop(task, None)
-        if task in self._expired:
-            self._expired.discard(task)
+        cut = self._expired.pop(task, None)
+        if cut is not None:
             task.uncancel()
-            return True
-        return False
+        return cut
+
+    def abandoned(self) -> bool:
+        """Whether the current task is an attempt's own whose request has stopped waiting for it. One not sent
+        yet must not be: its client may have been answered already."""
+        return asyncio.current_task() in self._abandoned
+
+    def _abandon(self, attempt: asyncio.Task[Any]) -> None:
+        if attempt not in self._abandoned:
+            self._abandoned.add(attempt)
+            attempt.add_done_callback(self._abandoned.discard)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,6 +127,12 @@ class Watchdog:
             ticked, platform_now = now, now - self._stalled
             for task, (due, wall_due) in list(self._due.items()):
                 if due <= platform_now or wall_due <= now:
-                    del self._due[task]
-                    self._expired.add(task)
-                    task.cancel()
+                    self._cut(task)
+
+    def _cut(self, task: asyncio.Task[Any]) -> None:
+        del self._due[task]
+        paused = self._paused.get(task)
+        self._expired[task] = Cut.TIMEOUT if paused is None else Cut.QUEUED
+        if paused is not None and paused[2] is not task:
+            self._abandon(paused[2])   # now: the pool may give it a connection before `task` runs again
+        task.cancel()

@@ -3,7 +3,16 @@ connection (that wait is the sidecar's own queue; counted, it would teach the mo
 
 from __future__ import annotations
 
+import asyncio
+import json
 from types import SimpleNamespace
+from typing import Any, Mapping
+
+import aiohttp
+import pytest
+
+from proxy import upstream
+from proxy.breaker import BreakerState
 
 from proxy.clock import VirtualClock
 from proxy.history import History
@@ -11,6 +20,7 @@ from proxy.metrics import Metrics
 from proxy.outcome import Verdict
 from proxy.retry import Attempt, RetryEngine
 from proxy.upstream import Answer
+from tests.conftest import Platforms, SidecarFactory
 from tests.saving_support import app_config, binding, body, exchange, json_answer
 
 
@@ -34,3 +44,39 @@ async def test_the_wait_for_a_pooled_connection_is_left_out_of_the_attempts_time
     duration = metrics.registry.get_sample_value("imsidecar_upstream_attempt_duration_seconds_sum",
                                                  {"app": "bot", "upstream": "open"})
     assert duration is not None and abs(duration - 0.2) < 1e-9
+
+
+async def test_a_write_whose_deadline_passes_in_the_pools_queue_is_answered_unsent_and_never_sent(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the sidecar, with one connection to Feishu held 0.4 s by a first message: a second message whose
+    client allows 100 ms waits in the sidecar's own queue until its deadline. Its client hears at once that it
+    was not sent (504, not-applied: safe to send again), the platform never sees it (not even once the connection
+    is free: before, it went out then, after its client had been told the deadline passed), and nothing counts
+    against the platform: no timeout attempt, the breaker closed, the network healthy."""
+    monkeypatch.setattr(upstream, "ORIGIN_CONNECTIONS", 1)
+    running = await start_sidecar()
+    platforms.feishu.faults.latency = 0.4
+    url = f"{running.base}/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id"
+
+    async def send(text: str, **headers: str) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+        message = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": text})}
+        async with http.post(url, json=message, headers=headers) as r:
+            return r.status, await r.json(), r.headers
+
+    first = asyncio.ensure_future(send("first"))
+    await asyncio.sleep(0.1)
+    status, body, headers = await send("second", **{"X-Imsidecar-Timeout": "100ms"})
+    assert status == 504 and body["code"] == 9990504 and "not sent" in body["msg"]
+    assert headers["X-Imsidecar-Error"] == "QueuedPastDeadline" and headers["X-Imsidecar-Outcome"] == "not-applied"
+    assert (await first)[0] == 200
+    await asyncio.sleep(0.1)
+    assert [seen.method for seen in platforms.feishu.requests if "/im/v1/messages" in seen.path_qs] == ["POST"]
+    assert running.metric("imsidecar_upstream_attempts_total", app="sales-bot", upstream="open",
+                          route="/open-apis/im/v1/messages", outcome="retryable", reason="timeout") == 0
+    binding = next(b for b in running.sidecar.router.targets(running.sidecar.config.listen)
+                   if b.app.name == "sales-bot" and b.upstream == "open")
+    assert binding.breaker.state is BreakerState.CLOSED
+    assert running.metric("imsidecar_network_state", app="sales-bot", upstream="open", state="healthy") == 1
+    assert running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open",
+                          error="QueuedPastDeadline") == 1

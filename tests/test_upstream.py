@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import upstream
-from proxy.errors import AttemptTimeout
+from proxy.errors import AttemptTimeout, QueuedPastDeadline
 from proxy.upstream import ORIGIN_CONNECTIONS, URL_CACHE, Answer, MisdirectedRequest, Pools, UpstreamClient
 
 
@@ -92,6 +92,80 @@ async def test_the_wait_for_a_free_pooled_connection_is_not_the_platforms_time(
         assert first == 0.0 and isinstance(second, AttemptTimeout)   # the request's own deadline: wall time
     finally:
         await client.close()
+
+
+
+async def counting_platform(aiohttp_server: Callable[..., Awaitable[TestServer]], seconds: float,
+                            arrived: list[str]) -> TestServer:
+    """A platform that notes each POST's path as it arrives, then answers success after `seconds`."""
+    async def answer(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await asyncio.sleep(seconds)
+        return web.json_response({"code": 0})
+
+    app = web.Application()
+    app.router.add_post("/open-apis/{name}", answer)
+    return await aiohttp_server(app)
+
+
+@pytest.mark.parametrize("heard_out", [False, True])
+async def test_an_attempt_whose_request_stopped_waiting_in_the_pools_queue_is_never_sent(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], heard_out: bool) -> None:
+    """One connection, held 0.3 s by a first write. A second write's deadline (0.1 s) comes while it queues for
+    that connection: the sidecar's own queue, not the platform's timeout, and the write must not go out once the
+    connection is free (its client has its answer; "unknown" must not turn into "applied later"). A third one's
+    client leaves while it queues: not sent either. Heard out or not, the platform sees the first write only."""
+    arrived: list[str] = []
+    server = await counting_platform(aiohttp_server, 0.3, arrived)
+    client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1, pool_size=1)
+    on_late = (lambda latency: None) if heard_out else None
+
+    def write(name: str, within: float = math.inf) -> Awaitable[Answer]:
+        return client.send("POST", f"/open-apis/{name}", CIMultiDict(), b"{}", 1.0, on_late, within)
+
+    try:
+        first = asyncio.ensure_future(write("first"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueuedPastDeadline):
+            await write("second", within=0.1)
+        third = asyncio.ensure_future(write("third"))
+        await asyncio.sleep(0.05)
+        third.cancel()
+        assert (await first).status == 200
+        again = await write("fourth")   # the connection went back to the pool, and serves the next one
+        assert again.status == 200
+        await asyncio.sleep(0.05)
+    finally:
+        await client.close()
+    assert arrived == ["/open-apis/first", "/open-apis/fourth"]
+
+
+async def test_an_attempt_cut_off_while_its_connection_is_made_is_not_sent_and_the_connection_is_kept(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a connection is the platform's time (a slow TLS handshake): the per-try timeout can cut the attempt
+    off before it was sent. Heard out, it must not be sent once connected; the new connection joins the pool."""
+    arrived: list[str] = []
+    server = await counting_platform(aiohttp_server, 0.0, arrived)
+    made: list[int] = []
+    create = upstream.WatchedConnector._create_connection
+
+    async def slow_create(self: upstream.WatchedConnector, *args: object, **kwargs: object) -> object:
+        made.append(1)
+        await asyncio.sleep(0.15)
+        return await create(self, *args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(upstream.WatchedConnector, "_create_connection", slow_create)
+    client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1)
+    try:
+        with pytest.raises(AttemptTimeout):
+            await client.send("POST", "/open-apis/cut", CIMultiDict(), b"{}", 0.03, lambda latency: None)
+        await asyncio.sleep(0.25)   # connected by now
+        assert arrived == []
+        answer = await client.send("POST", "/open-apis/next", CIMultiDict(), b"{}", 1.0, lambda latency: None)
+        assert answer.status == 200
+    finally:
+        await client.close()
+    assert arrived == ["/open-apis/next"] and len(made) == 1   # the next one went out on the kept connection
 
 
 async def test_an_origins_pool_has_room_for_its_apps_up_to_its_cap() -> None:

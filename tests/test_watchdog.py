@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from proxy.watchdog import Watchdog
+from proxy.watchdog import Cut, Watchdog
 
 
 async def attempt(dog: Watchdog, takes: float, allowed: float, within: float = math.inf) -> str:
@@ -95,3 +95,43 @@ async def test_an_earlier_attempt_heard_out_cannot_pause_the_next_attempts_clock
     first_resumes.set()
     await own
     assert dog.queued(task) == 0.0
+
+
+
+async def test_the_deadline_in_the_pools_queue_is_told_apart_and_leaves_the_waiting_attempt_abandoned() -> None:
+    """The request's deadline comes while its attempt (in a task of its own) waits for a free pooled connection:
+    the cut says QUEUED (the sidecar's queue: nothing was sent), and the attempt is abandoned from that moment,
+    before the request has handled its cut: a connection given to it in between must not carry it out."""
+    dog = Watchdog(tick=0.005)
+    loop = asyncio.get_running_loop()
+    seen: list[bool] = []
+    connection_free = asyncio.Event()
+
+    async def queued_attempt() -> None:
+        dog.waiting()   # told by the pool, in the attempt's own task
+        await connection_free.wait()
+        dog.resumed()
+        seen.append(dog.abandoned())   # what the pool asks before the attempt may be sent
+
+    own = loop.create_task(queued_attempt())
+    task = dog.watch(10.0, within=0.02, runs_in=own)
+    try:
+        await asyncio.sleep(1.0)
+    except asyncio.CancelledError:
+        connection_free.set()
+        await asyncio.sleep(0)   # the attempt runs before this request has released anything
+        cut = dog.release(task, own)
+    assert cut is Cut.QUEUED
+    await own
+    assert seen == [True]
+
+
+async def test_a_cut_while_the_attempt_is_at_the_platform_is_a_timeout_and_abandons_nothing_else() -> None:
+    dog = Watchdog(tick=0.005)
+    task = dog.watch(0.02)
+    try:
+        await asyncio.sleep(1.0)
+    except asyncio.CancelledError:
+        cut = dog.release(task)
+    assert cut is Cut.TIMEOUT
+    assert not dog.abandoned()   # the request's own task goes on (a retry) and may send again
