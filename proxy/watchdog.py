@@ -110,7 +110,7 @@ class Watchdog:
     def abandoned(self) -> bool:
         """Whether the current task is an attempt's own whose request has stopped waiting for it. One not sent
         yet must not be: its client may have been answered already."""
-        return asyncio.current_task() in self._abandoned
+        return bool(self._abandoned) and asyncio.current_task() in self._abandoned   # mostly none: no syscall
 
     def _abandon(self, attempt: asyncio.Task[Any]) -> None:
         if attempt not in self._abandoned:
