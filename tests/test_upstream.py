@@ -7,8 +7,9 @@ import math
 from typing import Awaitable, Callable
 
 import pytest
-from aiohttp import web
+from aiohttp import TraceConfig, TraceRequestHeadersSentParams, web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings, strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import upstream
@@ -242,3 +243,62 @@ async def test_an_answer_that_comes_after_its_request_stopped_waiting_gives_its_
     await task
     await asyncio.sleep(0)   # the task's done-callbacks run
     assert released == [True]
+
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.lists(st.tuples(st.integers(5, 60), st.one_of(st.none(), st.integers(5, 120)),
+                                             st.one_of(st.none(), st.integers(0, 80)), st.booleans()),
+                                   min_size=2, max_size=8))
+def test_no_write_is_sent_after_its_request_stopped_waiting_for_it(
+        pool: int, writes: list[tuple[int, int | None, int | None, bool]]) -> None:
+    """Random writes through a small pool: each takes some ms at the platform, may have a deadline, may lose its
+    client, may be heard out. Whatever the interleaving, each write is sent (aiohttp's own trace of its headers
+    going out) only while its request still waits for it, and none told QueuedPastDeadline is ever sent. Before
+    the fix, a heard-out write queued past its deadline went out once a connection came free."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        sent: dict[str, float] = {}
+        stopped: dict[str, float] = {}
+
+        async def headers_sent(session: object, context: object, params: TraceRequestHeadersSentParams) -> None:
+            sent[params.url.path.rsplit("/", 1)[1]] = loop.time()
+
+        async def answer(request: web.Request) -> web.Response:
+            await asyncio.sleep(int(request.query["ms"]) / 1000)
+            return web.json_response({"code": 0})
+
+        trace = TraceConfig()
+        trace.on_request_headers_sent.append(headers_sent)
+        app = web.Application()
+        app.router.add_post("/open-apis/{name}", answer)
+        async with TestServer(app) as server:
+            client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1, pool_size=pool,
+                                    trace_configs=[trace])
+
+            async def write(name: str, ms: int, deadline: int | None, heard_out: bool) -> str:
+                within = deadline / 1000 if deadline is not None else math.inf
+                try:
+                    await client.send("POST", f"/open-apis/{name}?ms={ms}", CIMultiDict(), b"{}", 1.0,
+                                      (lambda latency: None) if heard_out else None, within)
+                    return "answered"
+                except QueuedPastDeadline:
+                    return "unsent"
+                except AttemptTimeout:
+                    return "timed out"
+                finally:
+                    stopped[name] = loop.time()
+
+            tasks = [asyncio.ensure_future(write(f"w{i}", ms, deadline, heard_out))
+                     for i, (ms, deadline, _, heard_out) in enumerate(writes)]
+            for task, (_, _, leaves_after, _) in zip(tasks, writes):
+                if leaves_after is not None:
+                    loop.call_later(leaves_after / 1000, task.cancel)
+            ended = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0.2)   # every connection free by now: anything still queued would have gone out
+            await client.close()
+        assert all(isinstance(result, (str, asyncio.CancelledError)) for result in ended)
+        assert not {f"w{i}" for i, result in enumerate(ended) if result == "unsent"} & set(sent)
+        assert all(at <= stopped[name] for name, at in sent.items())
+
+    asyncio.run(run())
