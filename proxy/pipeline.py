@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -32,7 +33,7 @@ from proxy.routing import Router
 from proxy.saving.stages import SavingStages
 from proxy.tokens import TokenUnavailable
 from proxy.units import UnitError, parse_seconds
-from proxy.upstream import HOP_BY_HOP, Answer, forward_headers
+from proxy.upstream import HOP_BY_HOP, Answer, LeftInFlight, answer_of, forward_headers
 
 DEADLINE_HEADER = "X-Imsidecar-Timeout"   # a client may shorten (never lengthen) its request's deadline
 CHUNK = 64 * 1024
@@ -216,6 +217,9 @@ class Pipeline:
         try:
             answer = await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late,
                                          within=exchange.deadline - self.clock.now())   # the deadline: wall time
+        except LeftInFlight as left:   # its client left once it was out: the platform counts it, so does the meter
+            left.attempt.add_done_callback(partial(self.counted_after_leaving, exchange))
+            raise
         except AttemptFailed as exc:
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None
@@ -225,6 +229,11 @@ class Pipeline:
             raise
         self.saving.meter.counted(exchange, answer)   # every answered attempt, as the platform counts it
         return answer
+
+    def counted_after_leaving(self, exchange: Exchange, attempt: asyncio.Task[Answer]) -> None:
+        answer = answer_of(attempt)
+        if answer is not None:
+            self.saving.meter.counted(exchange, answer)
 
     def late_answers(self, b: Binding) -> Callable[[float], None]:
         """What hears a timed-out attempt's late answer: the binding's monitor and breaker, and a counter."""

@@ -8,8 +8,10 @@ pipeline's, classification the platform's, the honest final answer proxy/history
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 import backoff
@@ -26,7 +28,7 @@ from proxy.metrics import Metrics
 from proxy.network import AdaptiveSettings, RetryParams
 from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
 from proxy.outcome import Outcome, Signal, Verdict
-from proxy.upstream import Answer
+from proxy.upstream import Answer, LeftInFlight, answer_of
 
 if TYPE_CHECKING:
     from proxy.pipeline import Exchange, RequestBody
@@ -204,6 +206,10 @@ class RetryEngine:
             b.breaker.release_probe()
             self.cut_by_client(exchange, history, exc)
             raise
+        except LeftInFlight as left:   # its client left (or the drain cut it) once it was out: its answer counts
+            b.breaker.release_probe()
+            left.attempt.add_done_callback(partial(self.heard_after_leaving, exchange, started + left.queued))
+            raise
         except BaseException:
             b.breaker.release_probe()   # it never reached the upstream (cancelled): give the slot back
             raise
@@ -212,12 +218,23 @@ class RetryEngine:
             exchange.verdict = verdict   # the answer the client gets if this is the last, for how it is counted
             tried = Tried(answer, verdict)
             started += answer.queued   # sent once a pooled connection was free: the wait was the sidecar's
-        verdict = tried.verdict
-        took = max(0.0, self.clock.now() - started)
+        self.recorded(exchange, tried.verdict, max(0.0, self.clock.now() - started))
+        return tried
+
+    def recorded(self, exchange: Exchange, verdict: Verdict, took: float) -> None:
+        """An attempt's result, in the metrics and for the stages that learn from the network."""
+        b = exchange.binding
         self.metrics.hot_attempt_duration(b.app.name, b.upstream).observe(took)
         self.metrics.hot_attempts(b.app.name, b.upstream, exchange.route, verdict.outcome.value, verdict.reason).inc()
         b.observe(verdict, took)
-        return tried
+
+    def heard_after_leaving(self, exchange: Exchange, sent: float, attempt: asyncio.Task[Answer]) -> None:
+        """The answer of an attempt its request stopped waiting for, counted as any attempt's: the platform had the
+        call. A failure then is not counted: the sidecar closing its pools at shutdown ends such attempts too."""
+        answer = answer_of(attempt)
+        if answer is not None:
+            b = exchange.binding
+            self.recorded(exchange, answer.classified(b.platform, b.upstream), max(0.0, self.clock.now() - sent))
 
     def token_refused(self, exchange: Exchange, tried: Tried, attempt: Attempt) -> bool:
         """99991663 / 40001 and friends: the platform refused the token without acting. It is dropped whatever the

@@ -94,6 +94,17 @@ class MisdirectedRequest(BadRequest):
     """The request would have left for another origin than the configured one: a target the client crafted."""
 
 
+class LeftInFlight(asyncio.CancelledError):
+    """The request stopped waiting for an attempt that runs in a task of its own: its client left, or the drain
+    cut it short. Still a cancellation, carrying that task, which goes on (up to LATE_LIMIT) so that what the
+    platform answers is counted as any attempt's answer; one not yet sent never is (`WatchedConnector`)."""
+
+    def __init__(self, attempt: asyncio.Task[Answer], queued: float) -> None:
+        super().__init__("the request stopped waiting for its attempt")
+        self.attempt = attempt
+        self.queued = queued   # seconds it had waited for a pooled connection: not the platform's time
+
+
 Origin = tuple[str, str | None, int | None]   # scheme, host, port
 
 
@@ -234,6 +245,8 @@ class UpstreamClient:
 
         Every attempt that can be heard out is, from the first: the late answers of a slowdown's first timeouts are
         what tell a platform slowed past the down silence (1 s after the first timeout) from one that is gone.
+        Such an attempt whose request stops waiting for another reason (its client left, the drain) goes on too,
+        up to LATE_LIMIT, handed to the caller in LeftInFlight, so that its answer is still counted.
         """
         url = self.url(path_qs)   # refused here, before anything is sent, if it would leave the platform's origin
         if on_late is None:
@@ -245,6 +258,9 @@ class UpstreamClient:
             return await self._watched(_shielded(exchange), timeout, within, runs_in=exchange)
         except AttemptTimeout:
             _listen_late(exchange, started, on_late)
+            raise
+        except LeftInFlight:
+            _bound(exchange, started)
             raise
         except BaseException:
             exchange.cancel()
@@ -258,12 +274,15 @@ class UpstreamClient:
             answer.queued = self._pools.watchdog.queued(task)
             return answer
         except asyncio.CancelledError as exc:
+            queued = self._pools.watchdog.queued(task)
             cut = self._pools.watchdog.release(task, runs_in)
             if cut is Cut.QUEUED:
                 raise QueuedPastDeadline("the request's deadline passed while it waited for a free connection to the "
                                          "platform (the sidecar's own queue); it was not sent") from exc
             if cut is not None:
                 raise translate(asyncio.TimeoutError()) from exc
+            if runs_in is not None:
+                raise LeftInFlight(runs_in, queued) from exc
             raise
         except NETWORK_ERRORS as exc:
             raise translate(exc) from exc
@@ -323,19 +342,30 @@ def _settle(waiter: asyncio.Future[Answer], task: asyncio.Task[Answer]) -> None:
         waiter.set_result(task.result())
 
 
-def _listen_late(exchange: asyncio.Future[Answer], started: float, on_late: LateAnswer) -> None:
+def _listen_late(exchange: asyncio.Task[Answer], started: float, on_late: LateAnswer) -> None:
     """Hear out a timed-out attempt, up to LATE_LIMIT after it was sent; its answer itself is not used (`_settle`,
     which the request stopped waiting through, has released it)."""
-    loop = asyncio.get_running_loop()
-    bound = loop.call_at(started + LATE_LIMIT, exchange.cancel)
+    _bound(exchange, started)
+    loop = exchange.get_loop()
 
-    def done(future: asyncio.Future[Answer]) -> None:
-        bound.cancel()
-        if future.cancelled() or future.exception() is not None:
-            return   # no answer after all (or the connection broke): nothing to learn
-        on_late(loop.time() - started)
+    def done(future: asyncio.Task[Answer]) -> None:
+        if answer_of(future) is not None:   # no answer after all (or the connection broke): nothing to learn
+            on_late(loop.time() - started)
 
     exchange.add_done_callback(done)
+
+
+def _bound(attempt: asyncio.Task[Answer], started: float) -> None:
+    """An attempt nobody waits for any more is cancelled if it still runs LATE_LIMIT after it began."""
+    limit = attempt.get_loop().call_at(started + LATE_LIMIT, attempt.cancel)
+    attempt.add_done_callback(lambda _: limit.cancel())
+
+
+def answer_of(attempt: asyncio.Task[Answer]) -> Answer | None:
+    """What an attempt's task ended with, if it was an answer (not a failure, not a cancellation)."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        return None
+    return attempt.result()
 
 
 def _should_read(response: aiohttp.ClientResponse) -> bool:

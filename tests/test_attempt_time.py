@@ -80,3 +80,31 @@ async def test_a_write_whose_deadline_passes_in_the_pools_queue_is_answered_unse
     assert running.metric("imsidecar_network_state", app="sales-bot", upstream="open", state="healthy") == 1
     assert running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open",
                           error="QueuedPastDeadline") == 1
+
+
+async def test_an_attempt_whose_client_left_after_it_went_out_is_heard_out_and_counted(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    """The client gives up 0.1 s into a 0.3 s message. The platform had the call, so the sidecar counts it as the
+    platform does, once its answer comes: an attempt (with its latency, for the network monitor), and a metered
+    call for the quota. Before, the attempt was cancelled mid-flight and neither was counted, and its pooled
+    connection was closed (the next call paid a new one)."""
+    running = await start_sidecar(breaker="{}\n    quota: {allowance: 10000}")
+    url = f"{running.base}/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id"
+    message = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
+    async with http.post(url, json=message) as r:   # warm: the token, the pooled connection
+        assert r.status == 200
+    platforms.feishu.faults.latency = 0.3
+    gone = asyncio.ensure_future(http.post(url, json=message))
+    await asyncio.sleep(0.1)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    await asyncio.sleep(0.4)   # the platform has answered
+    assert len([seen for seen in platforms.feishu.requests if "/im/v1/messages" in seen.path_qs]) == 2
+    labels = dict(app="sales-bot", upstream="open")
+    assert running.metric("imsidecar_upstream_attempts_total", **labels, route="/open-apis/im/v1/messages",
+                          outcome="success", reason="ok") == 2
+    assert running.metric("imsidecar_upstream_attempt_duration_seconds_count", **labels) == 2
+    assert running.metric("imsidecar_upstream_attempt_duration_seconds_sum", **labels) >= 0.3
+    assert running.metric("imsidecar_quota_used_calls", account="sales-bot") == 2
+    assert running.metric("imsidecar_requests_total", **labels, route="/open-apis/im/v1/messages", method="POST",
+                          status_class="4xx", outcome="client_error") == 1   # the request itself: its client left
