@@ -314,3 +314,26 @@ async def test_a_client_that_leaves_one_replica_gets_the_real_answer_from_anothe
     status, body, headers = await post(http, two.base + ASYNCSEND, NOTICE, key("shared-left"))   # waits for one
     assert (status, body["errcode"]) == (200, 0) and headers["X-Imsidecar-Replayed"] == "true"
     assert headers["X-Imsidecar-Outcome"] == "applied" and len(platforms.dingtalk.sent) == 1
+
+
+async def test_a_keyed_write_whose_deadline_passed_in_the_pools_queue_runs_when_its_key_comes_again(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One connection to DingTalk, held 0.4 s by another call: a keyed notice's deadline passes while it waits
+    for it. It was never sent, so the key keeps nothing (a stored 504 would answer every repeat without trying):
+    the repeat under the same key is executed, once."""
+    from proxy import upstream
+    monkeypatch.setattr(upstream, "ORIGIN_CONNECTIONS", 1)
+    running = await start_sidecar()
+    platforms.dingtalk.faults.latency = 0.4
+    other = asyncio.create_task(post(http, running.base + ASYNCSEND, NOTICE))
+    await asyncio.sleep(0.1)
+    status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE,
+                                       {**key("notice-queued"), "X-Imsidecar-Timeout": "100ms"})
+    assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (504, "QueuedPastDeadline",
+                                                                                   "not-applied")
+    assert (await other)[0] == 200
+    platforms.dingtalk.faults.latency = 0.0
+    status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE, key("notice-queued"))
+    assert (status, body["errcode"]) == (200, 0) and "X-Imsidecar-Replayed" not in headers   # executed anew
+    assert len(platforms.dingtalk.sent) == 2   # the other call and this one: the queued one never went out
