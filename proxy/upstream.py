@@ -2,7 +2,8 @@
 
 Owns sessions, the URL each attempt goes to (always the configured scheme, host and port: checked at send time),
 what is read into memory (never more than the classification limit: larger answers stream), the late answer of an
-attempt cut off by its per-try timeout, and error translation; it does not decide about retries or tokens.
+attempt cut off by its per-try timeout or left by its client, never sending one its request no longer waits for,
+and error translation; it does not decide about retries or tokens.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def _listen_late(exchange: asyncio.Task[Answer], started: float, on_late: LateAn
     loop = exchange.get_loop()
 
     def done(future: asyncio.Task[Answer]) -> None:
-        if answer_of(future) is not None:   # no answer after all (or the connection broke): nothing to learn
+        if answer_of(future) is not None:   # none after all (or the connection broke): nothing to learn
             on_late(loop.time() - started)
 
     exchange.add_done_callback(done)
