@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from typing import Any
 
 import aiohttp
 
@@ -147,6 +148,7 @@ class ConnectFailure(AttemptFailed):
 class AttemptTimeout(AttemptFailed):
     status, code = 504, codes.DEADLINE_EXCEEDED
     verdict = Verdict(Outcome.RETRYABLE, "timeout", Signal.TIMEOUT, processed=True)
+    heard_out: asyncio.Task[Any] | None = None   # the attempt, going on to be heard out (proxy/upstream.py)
 
 
 class ConnectionReset(AttemptFailed):

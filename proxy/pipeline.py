@@ -218,9 +218,11 @@ class Pipeline:
             answer = await b.client.send(exchange.method, path_qs, headers, data, attempt.timeout, on_late,
                                          within=exchange.deadline - self.clock.now())   # the deadline: wall time
         except LeftInFlight as left:   # its client left once it was out: the platform counts it, so does the meter
-            left.attempt.add_done_callback(partial(self.counted_after_leaving, exchange))
+            left.attempt.add_done_callback(partial(self.counted_when_answered, exchange))
             raise
         except AttemptFailed as exc:
+            if isinstance(exc, AttemptTimeout) and exc.heard_out is not None:   # so it does if its late answer comes
+                exc.heard_out.add_done_callback(partial(self.counted_when_answered, exchange))
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None
             if isinstance(exc, AttemptTimeout) and self.cut_by_client(exchange, attempt):
@@ -230,7 +232,8 @@ class Pipeline:
         self.saving.meter.counted(exchange, answer)   # every answered attempt, as the platform counts it
         return answer
 
-    def counted_after_leaving(self, exchange: Exchange, attempt: asyncio.Task[Answer]) -> None:
+    def counted_when_answered(self, exchange: Exchange, attempt: asyncio.Task[Answer]) -> None:
+        """An attempt the request stopped waiting for (it timed out, its client left), counted if it was answered."""
         answer = answer_of(attempt)
         if answer is not None:
             self.saving.meter.counted(exchange, answer)

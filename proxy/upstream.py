@@ -257,8 +257,9 @@ class UpstreamClient:
         started = loop.time()
         try:
             return await self._watched(_shielded(exchange), timeout, within, runs_in=exchange)
-        except AttemptTimeout:
+        except AttemptTimeout as exc:
             _listen_late(exchange, started, on_late)
+            exc.heard_out = exchange
             raise
         except LeftInFlight:
             _bound(exchange, started)

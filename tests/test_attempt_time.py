@@ -108,3 +108,19 @@ async def test_an_attempt_whose_client_left_after_it_went_out_is_heard_out_and_c
     assert running.metric("imsidecar_quota_used_calls", account="sales-bot") == 2
     assert running.metric("imsidecar_requests_total", **labels, route="/open-apis/im/v1/messages", method="POST",
                           status_class="4xx", outcome="client_error") == 1   # the request itself: its client left
+
+
+async def test_an_attempt_that_timed_out_counts_as_a_metered_call_when_its_late_answer_comes(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    """Cut off by its 100 ms per-try timeout, the message still reached the platform, which answers at 0.3 s and
+    counts the call against the month's allowance: so does the sidecar's quota meter, once the late answer is in."""
+    running = await start_sidecar(retry="{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 100ms, max_attempts: 1}",
+                                  breaker="{}\n    quota: {allowance: 10000}")
+    url = f"{running.base}/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id"
+    message = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
+    platforms.feishu.faults.latency = 0.3
+    async with http.post(url, json=message) as r:
+        assert r.status == 504 and r.headers["X-Imsidecar-Outcome"] == "unknown"
+    await asyncio.sleep(0.4)   # the late answer has come
+    assert running.metric("imsidecar_upstream_late_answers_total", app="sales-bot", upstream="open") == 1
+    assert running.metric("imsidecar_quota_used_calls", account="sales-bot") == 1
