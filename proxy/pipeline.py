@@ -19,9 +19,10 @@ from proxy.clock import Clock
 from proxy.config import Address, Limits
 from proxy.drain import Drain
 from proxy.errors import (AttemptFailed, AttemptTimeout, ClientGone, DeadlineExceeded, InternalError, NoRoute,
-                          ShuttingDown, SidecarError, TokenUnavailableError)
+                          OutcomeUnknown, ShuttingDown, SidecarError, TokenUnavailableError)
 from proxy.exactly_once import ExactlyOnce, MemoryOnce, Stored
 from proxy.guard import Guard
+from proxy.history import READS
 from proxy.idempotency import ECHO_HEADER
 from proxy.intake import BodyReader, RequestBody, target_problem
 from proxy.logs import access
@@ -127,10 +128,19 @@ class Pipeline:
         """Cancelled: the client disconnected (aiohttp cancels its handler), or the drain ran out of time."""
         task = asyncio.current_task()
         if task is not None and self.drain.was_cut(task):
-            return self.error_response(exchange, ShuttingDown(
-                "the sidecar shut down before the platform answered; the request may have been applied"))
+            return self.error_response(exchange, self.cut_short(exchange))
         self.answer(exchange, self.error_response(exchange, ClientGone("the client disconnected")))
         raise asyncio.CancelledError
+
+    @staticmethod
+    def cut_short(exchange: Exchange) -> SidecarError:
+        """What a request the drain's end cut short is told. A write with an attempt out may have been applied: not a
+        503 and `not-applied`, which say (and make clients) send it again; a read, or nothing sent yet, may be."""
+        if exchange.attempts and exchange.method not in READS:
+            exchange.outcome, exchange.retry_safe = "unknown", False
+            return OutcomeUnknown("the sidecar shut down before the platform answered; it may have been applied: "
+                                  "send it again only with the same idempotency key")
+        return ShuttingDown("the sidecar shut down before the platform answered; send it again")
 
     async def forward(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         b = exchange.binding

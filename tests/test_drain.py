@@ -99,14 +99,17 @@ async def test_a_request_still_at_the_platform_is_answered_before_the_drain_ends
     assert not request.done()   # still inside the drain: it may yet finish
     await clock.advance(1.0)    # the drain's 4 s, of which the last share answers and closes
     status, headers, body = await asyncio.wait_for(request, BOUND)
-    assert status == 503 and headers["X-Imsidecar-Error"] == "ShuttingDown"
-    assert "may have been applied" in body["msg"]
+    # The message was at the platform: it may have been applied, and the answer says so in every part. A 503 with
+    # `not-applied` (as before) told the client, and its SDK's retry, to send it again.
+    assert status == 502 and headers["X-Imsidecar-Error"] == "OutcomeUnknown" and "Retry-After" not in headers
+    assert headers["X-Imsidecar-Outcome"] == "unknown" and "may have been applied" in body["msg"]
     await asyncio.wait_for(stop, BOUND)
     outcome = running.metric("imsidecar_requests_total", app="sales-bot", upstream="open",
                              route="/open-apis/im/v1/messages", method="POST", status_class="5xx",
                              outcome="sidecar_error")
     assert outcome == 1
-    assert running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open", error="ShuttingDown") == 1
+    assert running.metric("imsidecar_sidecar_errors_total", app="sales-bot", upstream="open",
+                          error="OutcomeUnknown") == 1
 
 
 async def test_a_request_that_finishes_within_the_drain_gets_its_answer(
@@ -152,6 +155,23 @@ async def test_a_keyed_request_whose_client_left_is_waited_for_and_cut_at_the_dr
     assert [(s.status, s.outcome, s.error) for s in stored if s is not None] == [(502, "unknown", "OutcomeUnknown")]
 
 
+
+async def test_a_read_still_at_the_platform_when_the_drain_ends_may_simply_be_sent_again(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
+        http: aiohttp.ClientSession) -> None:
+    async def read(running: Running) -> tuple[int, dict[str, str]]:
+        async with http.get(running.base + "/sales-bot/open-apis/im/v1/messages/om_1") as r:
+            return r.status, dict(r.headers)
+
+    running, request = await held_at_the_platform(start_sidecar, platforms.feishu, "sales-bot", read)
+    stop = await draining(running)
+    await clock.advance(4.0)
+    status, headers = await asyncio.wait_for(request, BOUND)
+    assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (503, "ShuttingDown",
+                                                                                   "not-applied")
+    assert headers["Retry-After"] == "1"
+    await asyncio.wait_for(stop, BOUND)
+
 async def test_a_keyed_request_cut_at_the_drains_end_is_answered_and_keeps_the_unknown_outcome(
         start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock,
         http: aiohttp.ClientSession) -> None:
@@ -160,7 +180,7 @@ async def test_a_keyed_request_cut_at_the_drains_end_is_answered_and_keeps_the_u
     stop = await draining(running)
     await clock.advance(4.0)
     answer = await asyncio.wait_for(request, BOUND)
-    assert answer.status == 503 and answer.headers["X-Imsidecar-Error"] == "ShuttingDown"
+    assert answer.status == 502 and answer.headers["X-Imsidecar-Error"] == "OutcomeUnknown"   # as its repeat will be
     assert answer.headers["X-Imsidecar-Outcome"] == "unknown"
     await asyncio.wait_for(stop, BOUND)
     stored = [entry.stored for entry in running.sidecar.pipeline.once.backend._entries.values()]
