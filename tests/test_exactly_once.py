@@ -326,10 +326,17 @@ async def test_a_keyed_write_whose_deadline_passed_in_the_pools_queue_runs_when_
     monkeypatch.setattr(upstream, "ORIGIN_CONNECTIONS", 1)
     running = await start_sidecar()
     platforms.dingtalk.faults.latency = 0.4
+    for _ in range(1000):   # the token warm (its fetch would take the one connection)
+        if running.sidecar.tokens["ops-ding"].default.current() is not None:
+            break
+        await asyncio.sleep(0.005)
     other = asyncio.create_task(post(http, running.base + ASYNCSEND, NOTICE))
-    await asyncio.sleep(0.1)
+    for _ in range(1000):   # the other call out, holding the connection
+        if any("asyncsend" in seen.path_qs for seen in platforms.dingtalk.requests):
+            break
+        await asyncio.sleep(0.005)
     status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE,
-                                       {**key("notice-queued"), "X-Imsidecar-Timeout": "100ms"})
+                                       {**key("notice-queued"), "X-Imsidecar-Timeout": "150ms"})
     assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (504, "QueuedPastDeadline",
                                                                                    "not-applied")
     assert (await other)[0] == 200
