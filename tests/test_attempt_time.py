@@ -84,9 +84,9 @@ async def test_a_write_whose_deadline_passes_in_the_pools_queue_is_answered_unse
     assert messages(platforms) == at_answer   # the promise: nothing goes out for it once its client has its answer
     assert status == 504 and body["code"] == 9990504
     if headers["X-Imsidecar-Error"] != "QueuedPastDeadline":
-        # Twice in CI the second message was out when its deadline came (how it got the one connection is not
-        # known); then it was rightly a timeout of a write that may have been applied. Said so, and still tested.
-        assert (headers["X-Imsidecar-Outcome"], at_answer) == ("unknown", 2), (dict(headers), at_answer)
+        # Twice in CI the second message was cut off as an ordinary timeout (how it came to be out of the queue
+        # is not known): then the answer may only say it may have been applied, never that it was not.
+        assert headers["X-Imsidecar-Outcome"] == "unknown", (dict(headers), at_answer)
         return
     assert headers["X-Imsidecar-Outcome"] == "not-applied" and "not sent" in body["msg"] and at_answer == 1
     assert running.metric("imsidecar_upstream_attempts_total", app="sales-bot", upstream="open",
