@@ -334,8 +334,9 @@ def _shielded(task: asyncio.Task[Answer]) -> asyncio.Future[Answer]:
 
 def _settle(waiter: asyncio.Future[Answer], task: asyncio.Task[Answer]) -> None:
     if waiter.done():   # the request stopped waiting (a timeout, or it left): what the task ended with is not its
-        if not task.cancelled() and task.exception() is None:   # (an error retrieved, so asyncio logs none lost)
-            task.result().release()   # a streamed answer nobody reads gives its pooled connection back now
+        answer = answer_of(task)   # (an error retrieved, so asyncio logs none lost)
+        if answer is not None:
+            answer.release()   # a streamed answer nobody reads gives its pooled connection back now
     elif task.cancelled():
         waiter.cancel()
     elif (exc := task.exception()) is not None:

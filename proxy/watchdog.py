@@ -64,7 +64,7 @@ class Watchdog:
         """The current task's attempt waits for the sidecar itself (a free pooled connection), not for the
         platform: its platform clock stops until `resumed`. Its wall-time bound (`within`) keeps running."""
         current = asyncio.current_task()
-        watched = self._runs_in.get(current, current) if current is not None else None
+        watched = self._watched(current)
         due = self._due.get(watched) if watched is not None else None
         if current is None or watched is None or due is None or watched in self._paused:
             return
@@ -73,7 +73,7 @@ class Watchdog:
         self._due[watched] = (math.inf, due[1])
 
     def resumed(self) -> None:
-        watched = self._watched()
+        watched = self._watched(asyncio.current_task())
         paused = self._paused.pop(watched, None) if watched is not None else None
         due = self._due.get(watched) if watched is not None else None
         if watched is None or paused is None or due is None:
@@ -87,8 +87,8 @@ class Watchdog:
         """Seconds `task`'s attempt has waited for the sidecar (`waiting` to `resumed`): not the platform's time."""
         return self._queued.get(task, 0.0)
 
-    def _watched(self) -> asyncio.Task[Any] | None:
-        task = asyncio.current_task()
+    def _watched(self, task: asyncio.Task[Any] | None) -> asyncio.Task[Any] | None:
+        """The watched task `task`'s attempt stands for: itself, or the request that runs it in a task of its own."""
         return self._runs_in.get(task, task) if task is not None else None
 
     def release(self, task: asyncio.Task[Any], runs_in: asyncio.Task[Any] | None = None) -> Cut | None:
