@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import aiohttp
 import pytest
@@ -15,6 +15,7 @@ from proxy import upstream
 from proxy.breaker import BreakerState
 
 from proxy.clock import VirtualClock
+from proxy.fakes.events import wait_for
 from proxy.history import History
 from proxy.metrics import Metrics
 from proxy.outcome import Verdict
@@ -22,6 +23,8 @@ from proxy.retry import Attempt, RetryEngine
 from proxy.upstream import Answer
 from tests.conftest import Platforms, SidecarFactory
 from tests.saving_support import app_config, binding, body, exchange, json_answer
+
+POLL = 5000   # rounds of at most 1 ms: a loaded CI machine may take longer than the platform's delay
 
 
 async def test_the_wait_for_a_pooled_connection_is_left_out_of_the_attempts_time() -> None:
@@ -46,15 +49,6 @@ async def test_the_wait_for_a_pooled_connection_is_left_out_of_the_attempts_time
     assert duration is not None and abs(duration - 0.2) < 1e-9
 
 
-async def until(condition: Callable[[], bool], bound: float = 5.0) -> None:
-    """Real time, in steps of 5 ms, up to `bound` (a loaded CI machine may take longer than the platform's delay)."""
-    for _ in range(int(bound / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the condition never held")
-
-
 async def test_a_write_whose_deadline_passes_in_the_pools_queue_is_answered_unsent_and_never_sent(
         start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,9 +68,9 @@ async def test_a_write_whose_deadline_passes_in_the_pools_queue_is_answered_unse
             return r.status, await r.json(), r.headers
 
     # the token warm (its fetch would take the one connection), then the first message out, holding it
-    await until(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None)
+    await wait_for(lambda: running.sidecar.tokens["sales-bot"].default.current() is not None, POLL)
     first = asyncio.ensure_future(send("first"))
-    await until(lambda: any("/im/v1/messages" in seen.path_qs for seen in platforms.feishu.requests))
+    await wait_for(lambda: any("/im/v1/messages" in seen.path_qs for seen in platforms.feishu.requests), POLL)
     status, body, headers = await send("second", **{"X-Imsidecar-Timeout": "150ms"})
     at_answer = messages(platforms)
     assert (await first)[0] == 200
@@ -121,7 +115,7 @@ async def test_an_attempt_whose_client_left_after_it_went_out_is_heard_out_and_c
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)
     labels = dict(app="sales-bot", upstream="open")
-    await until(lambda: running.metric("imsidecar_upstream_attempt_duration_seconds_count", **labels) == 2)
+    await wait_for(lambda: running.metric("imsidecar_upstream_attempt_duration_seconds_count", **labels) == 2, POLL)
     assert len([seen for seen in platforms.feishu.requests if "/im/v1/messages" in seen.path_qs]) == 2
     assert running.metric("imsidecar_upstream_attempts_total", **labels, route="/open-apis/im/v1/messages",
                           outcome="success", reason="ok") == 2
@@ -136,12 +130,14 @@ async def test_an_attempt_that_timed_out_counts_as_a_metered_call_when_its_late_
         start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
     """Cut off by its 100 ms per-try timeout, the message still reached the platform, which answers at 0.3 s and
     counts the call against the month's allowance: so does the sidecar's quota meter, once the late answer is in."""
-    running = await start_sidecar(retry="{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 100ms, max_attempts: 1}",
+    running = await start_sidecar(retry="{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 100ms, "
+                                        "max_attempts: 1}",
                                   breaker="{}\n    quota: {allowance: 10000}")
     url = f"{running.base}/sales-bot/open-apis/im/v1/messages?receive_id_type=chat_id"
     message = {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": "hi"})}
     platforms.feishu.faults.latency = 0.3
     async with http.post(url, json=message) as r:
         assert r.status == 504 and r.headers["X-Imsidecar-Outcome"] == "unknown"
-    await until(lambda: running.metric("imsidecar_upstream_late_answers_total", app="sales-bot", upstream="open") == 1)
+    await wait_for(lambda: running.metric("imsidecar_upstream_late_answers_total", app="sales-bot",
+                                          upstream="open") == 1, POLL)
     assert running.metric("imsidecar_quota_used_calls", account="sales-bot") == 1

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.clock import AutoClock, Clock
+from proxy.fakes.events import wait_for
 from proxy.idempotency import platform_key
 from proxy.platforms.dingtalk import IDEMPOTENCY as DINGTALK_KEYS
 from proxy.platforms.feishu import IDEMPOTENCY as FEISHU_KEYS
@@ -326,15 +327,10 @@ async def test_a_keyed_write_whose_deadline_passed_in_the_pools_queue_runs_when_
     monkeypatch.setattr(upstream, "ORIGIN_CONNECTIONS", 1)
     running = await start_sidecar()
     platforms.dingtalk.faults.latency = 0.4
-    for _ in range(1000):   # the token warm (its fetch would take the one connection)
-        if running.sidecar.tokens["ops-ding"].default.current() is not None:
-            break
-        await asyncio.sleep(0.005)
+    # the token warm (its fetch would take the one connection), then the other call out, holding it
+    await wait_for(lambda: running.sidecar.tokens["ops-ding"].default.current() is not None, 5000)
     other = asyncio.create_task(post(http, running.base + ASYNCSEND, NOTICE))
-    for _ in range(1000):   # the other call out, holding the connection
-        if any("asyncsend" in seen.path_qs for seen in platforms.dingtalk.requests):
-            break
-        await asyncio.sleep(0.005)
+    await wait_for(lambda: any("asyncsend" in seen.path_qs for seen in platforms.dingtalk.requests), 5000)
     status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE,
                                        {**key("notice-queued"), "X-Imsidecar-Timeout": "150ms"})
     assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (504, "QueuedPastDeadline",
