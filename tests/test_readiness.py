@@ -64,7 +64,7 @@ async def test_not_ready_until_the_first_token_attempt_then_ready(start_sidecar:
                                                                   http: aiohttp.ClientSession) -> None:
     platforms.feishu.token_delay = 0.3   # real seconds: the first attempt is still out when /readyz is asked
     running = await start_sidecar()
-    for _ in range(20):   # DingTalk's fetch has no delay: wait for it, not for Feishu's
+    for _ in range(40):   # DingTalk's fetch has no delay: wait for it (up to 0.2 s), not for Feishu's
         status, body = await readyz(http, running)
         if "first token attempt: ops-ding" not in body["waiting_for"]:
             break
@@ -79,11 +79,12 @@ async def test_not_ready_until_the_first_token_attempt_then_ready(start_sidecar:
 
 async def test_the_summary_says_the_same_verdict_without_each_apps_report(
         start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
-    platforms.feishu.token_delay = 0.3   # real seconds: the first attempt is still out when /readyz is asked
-    running = await start_sidecar()
+    platforms.feishu.token_delay = platforms.dingtalk.token_delay = 0.3   # real seconds: both attempts are still
+    running = await start_sidecar()                                        # out when /readyz is asked
     async with http.get(f"{running.admin}/readyz?verbose=0") as r:
         assert r.status == 503
-        assert await r.json() == {"ready": False, "waiting_for": ["first token attempt: sales-bot"]}
+        assert await r.json() == {"ready": False,
+                                  "waiting_for": ["first token attempt: sales-bot", "first token attempt: ops-ding"]}
     await until_ready(http, running)
     async with http.get(f"{running.admin}/readyz?verbose=0") as r:
         assert r.status == 200 and await r.json() == {"ready": True, "waiting_for": []}
