@@ -26,6 +26,7 @@ belongs to each platform.
     └── AttemptFailed            502  one attempt died at the network level (never reaches a client as is)
         ├── ConnectFailure            never reached the platform
         ├── AttemptTimeout            no answer within the per-try timeout
+        │   └── ConnectTimeout        ...cut off while its connection was being made: not sent
         └── ConnectionReset           the connection broke mid-exchange
 """
 
@@ -94,6 +95,7 @@ class TokenUnavailableError(SidecarError):
 
 class DeadlineExceeded(SidecarError):
     status, code = 504, codes.DEADLINE_EXCEEDED
+    unsent = False   # it cut off an attempt before it was sent (its connection was being made): nothing applied
 
 
 class QueuedPastDeadline(SidecarError):
@@ -149,6 +151,14 @@ class AttemptTimeout(AttemptFailed):
     status, code = 504, codes.DEADLINE_EXCEEDED
     verdict = Verdict(Outcome.RETRYABLE, "timeout", Signal.TIMEOUT, processed=True)
     heard_out: asyncio.Task[Any] | None = None   # the attempt, going on to be heard out (proxy/upstream.py)
+
+
+class ConnectTimeout(AttemptTimeout):
+    """The per-try timeout (or the deadline) came while the attempt's new connection was being made (a slow TLS
+    handshake): a timeout to the network monitor, which learns a longer one from it, but the platform had nothing
+    of the request, so a write is retried and never said to be maybe applied."""
+
+    verdict = Verdict(Outcome.RETRYABLE, "connect_timeout", Signal.TIMEOUT, processed=False)
 
 
 class ConnectionReset(AttemptFailed):

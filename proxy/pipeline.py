@@ -236,8 +236,10 @@ class Pipeline:
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None
             if isinstance(exc, AttemptTimeout) and self.cut_by_client(exchange, attempt):
-                raise DeadlineExceeded("the deadline this request asked for (X-Imsidecar-Timeout) passed "
-                                       "before the platform answered") from exc
+                cut = DeadlineExceeded("the deadline this request asked for (X-Imsidecar-Timeout) passed "
+                                       "before the platform answered")
+                cut.unsent = not exc.verdict.processed   # a connection still being made: nothing went out
+                raise cut from exc
             raise
         self.saving.meter.counted(exchange, answer)   # every answered attempt, as the platform counts it
         return answer

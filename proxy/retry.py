@@ -310,8 +310,9 @@ class RetryEngine:
 
     def cut_by_client(self, exchange: Exchange, history: History, exc: SidecarError) -> None:
         """An attempt the client ended (its own deadline passed, its body broke): what may have happened, for the
-        X-Imsidecar-Outcome of the error that follows. A write cut off by the deadline may have been applied."""
-        if history.write and isinstance(exc, DeadlineExceeded):
+        X-Imsidecar-Outcome of the error that follows. A write cut off by the deadline may have been applied
+        (unless it was cut off before it was sent)."""
+        if history.write and isinstance(exc, DeadlineExceeded) and not exc.unsent:
             history.maybe_applied.append("timeout")
         if history.last is not None or history.maybe_applied:
             self.record_outcome(exchange, history)

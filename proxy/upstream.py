@@ -20,7 +20,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.egress import Egress, EgressSettings
-from proxy.errors import NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, QueuedPastDeadline, translate
+from proxy.errors import (NETWORK_ERRORS, AttemptFailed, AttemptTimeout, BadRequest, ConnectTimeout, QueuedPastDeadline,
+                          translate)
 from proxy.outcome import Verdict
 from proxy.watchdog import Cut, Watchdog
 
@@ -112,9 +113,10 @@ Origin = tuple[str, str | None, int | None]   # scheme, host, port
 class WatchedConnector(aiohttp.TCPConnector):
     """A pool that tells the watchdog while an attempt waits for one of its connections to come free: that wait is
     the sidecar's own queue, not the platform's time, and must not time the attempt out (nor, through it, count
-    against the platform in the network monitor and the breaker). An attempt whose request stopped waiting for it
-    before it had a connection (cut off in that queue or while connecting, or its client gone) is not sent: the
-    connection goes back to the pool unused, and the attempt ends cancelled."""
+    against the platform in the network monitor and the breaker). It also tells while an attempt makes a new
+    connection: cut off then, it was not sent. An attempt whose request stopped waiting for it before it had a
+    connection (cut off in that queue or while connecting, or its client gone) is not sent: the connection goes
+    back to the pool unused, and the attempt ends cancelled."""
 
     def __init__(self, *, watchdog: Watchdog, **options: Any) -> None:
         super().__init__(**options)
@@ -133,6 +135,13 @@ class WatchedConnector(aiohttp.TCPConnector):
             await super()._wait_for_available_connection(key, traces)
         finally:
             self._watchdog.resumed()
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:   # aiohttp's own step
+        self._watchdog.connecting()
+        try:
+            return await super()._create_connection(req, traces, timeout)
+        finally:
+            self._watchdog.connected()
 
 
 class Pools:
@@ -281,6 +290,9 @@ class UpstreamClient:
             if cut is Cut.QUEUED:
                 raise QueuedPastDeadline("the request's deadline passed while it waited for a free connection to the "
                                          "platform (the sidecar's own queue); it was not sent") from exc
+            if cut is Cut.CONNECTING:
+                raise ConnectTimeout("no connection to the platform within the attempt's timeout; it was not "
+                                     "sent") from exc
             if cut is not None:
                 raise translate(asyncio.TimeoutError()) from exc
             if runs_in is not None:

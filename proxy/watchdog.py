@@ -11,7 +11,8 @@ it is the client's wall time, and a stall never moves it (`within`). Nor is the 
 pooled connection counted (`waiting`/`resumed`, told by proxy/upstream.py's pool): that queue is the sidecar's.
 
 Also owns which attempts their request no longer waits for (`abandoned`): one that had not been sent when it was
-cut off, or when its request ended, must never be sent. One in that queue when the deadline comes is cut `QUEUED`.
+cut off, or when its request ended, must never be sent. One in that queue when the deadline comes is cut `QUEUED`;
+one cut off while its new connection was being made (`connecting`/`connected`) is cut `CONNECTING`: not sent.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ TICK = 0.01
 class Cut(enum.Enum):
     """Why the watchdog cut an attempt off."""
 
-    TIMEOUT = "timeout"   # it was the platform's (sent, or its connection being made) and no answer came in time
-    QUEUED = "queued"     # the request's deadline came while it still waited for a free pooled connection: unsent
+    TIMEOUT = "timeout"         # it had its connection (it may have been sent) and no answer came in time
+    CONNECTING = "connecting"   # its new connection was still being made (DNS, TCP, TLS, a proxy's tunnel): unsent
+    QUEUED = "queued"           # the request's deadline came while it still waited for a free pooled connection
 
 
 class Watchdog:
@@ -43,6 +45,7 @@ class Watchdog:
         self._queued: dict[asyncio.Task[Any], float] = {}   # seconds an attempt waited for the sidecar, in all
         self._runs_in: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # a task of its own → the watched task
         self._abandoned: set[asyncio.Task[Any]] = set()   # attempts' own tasks that no request waits for any more
+        self._connecting: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # watched → the task making its connection
 
     def watch(self, seconds: float, within: float = math.inf,
               runs_in: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
@@ -83,6 +86,19 @@ class Watchdog:
         self._due[watched] = (now - self._stalled + left, due[1])
         self._queued[watched] = self._queued.get(watched, 0.0) + now - since
 
+    def connecting(self) -> None:
+        """The current task's attempt makes a new connection (asked only then: a pooled one is not made), so
+        nothing of it has been sent: cut off now, it is cut `CONNECTING`, and never sent once connected."""
+        current = asyncio.current_task()
+        watched = self._watched(current)
+        if current is not None and watched in self._due:
+            self._connecting[watched] = current
+
+    def connected(self) -> None:
+        watched = self._watched(asyncio.current_task())
+        if watched is not None:
+            self._connecting.pop(watched, None)
+
     def queued(self, task: asyncio.Task[Any]) -> float:
         """Seconds `task`'s attempt has waited for the sidecar (`waiting` to `resumed`): not the platform's time."""
         return self._queued.get(task, 0.0)
@@ -102,6 +118,7 @@ class Watchdog:
         self._due.pop(task, None)
         self._paused.pop(task, None)
         self._queued.pop(task, None)
+        self._connecting.pop(task, None)
         cut = self._expired.pop(task, None)
         if cut is not None:
             task.uncancel()
@@ -131,8 +148,10 @@ class Watchdog:
 
     def _cut(self, task: asyncio.Task[Any]) -> None:
         del self._due[task]
-        paused = self._paused.get(task)
-        self._expired[task] = Cut.TIMEOUT if paused is None else Cut.QUEUED
-        if paused is not None and paused[2] is not task:
-            self._abandon(paused[2])   # now: the pool may give it a connection before `task` runs again
+        paused, connecting = self._paused.get(task), self._connecting.get(task)
+        self._expired[task] = (Cut.QUEUED if paused is not None else Cut.CONNECTING if connecting is not None
+                               else Cut.TIMEOUT)
+        waits = paused[2] if paused is not None else connecting
+        if waits is not None and waits is not task:
+            self._abandon(waits)   # now: it may get its connection, and be sent, before `task` runs again
         task.cancel()

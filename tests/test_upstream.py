@@ -6,6 +6,7 @@ import asyncio
 import math
 from typing import Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import TraceConfig, TraceRequestHeadersSentParams, web
 from aiohttp.test_utils import TestServer
@@ -13,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import upstream
-from proxy.errors import AttemptTimeout, QueuedPastDeadline
+from proxy.errors import AttemptTimeout, ConnectTimeout, QueuedPastDeadline
+from proxy.outcome import Signal
 from proxy.upstream import ORIGIN_CONNECTIONS, URL_CACHE, Answer, MisdirectedRequest, Pools, UpstreamClient
 
 
@@ -144,22 +146,24 @@ async def test_an_attempt_whose_request_stopped_waiting_in_the_pools_queue_is_ne
 async def test_an_attempt_cut_off_while_its_connection_is_made_is_not_sent_and_the_connection_is_kept(
         aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Making a connection is the platform's time (a slow TLS handshake): the per-try timeout can cut the attempt
-    off before it was sent. Heard out, it must not be sent once connected; the new connection joins the pool."""
+    off before it was sent, which says so (`ConnectTimeout`: not processed, so a write may be retried and is not
+    "maybe applied"). Heard out, it must not be sent once connected; the new connection joins the pool."""
     arrived: list[str] = []
     server = await counting_platform(aiohttp_server, 0.0, arrived)
     made: list[int] = []
-    create = upstream.WatchedConnector._create_connection
+    create = aiohttp.TCPConnector._create_connection
 
-    async def slow_create(self: upstream.WatchedConnector, *args: object, **kwargs: object) -> object:
+    async def slow_create(self: aiohttp.TCPConnector, *args: object, **kwargs: object) -> object:
         made.append(1)
         await asyncio.sleep(0.15)
         return await create(self, *args, **kwargs)   # type: ignore[arg-type]
 
-    monkeypatch.setattr(upstream.WatchedConnector, "_create_connection", slow_create)
+    monkeypatch.setattr(aiohttp.TCPConnector, "_create_connection", slow_create)
     client = UpstreamClient(f"http://127.0.0.1:{server.port}", connect_timeout=1)
     try:
-        with pytest.raises(AttemptTimeout):
+        with pytest.raises(ConnectTimeout) as cut:
             await client.send("POST", "/open-apis/cut", CIMultiDict(), b"{}", 0.03, lambda latency: None)
+        assert not cut.value.verdict.processed and cut.value.verdict.signal is Signal.TIMEOUT
         await asyncio.sleep(0.25)   # connected by now
         assert arrived == []
         answer = await client.send("POST", "/open-apis/next", CIMultiDict(), b"{}", 1.0, lambda latency: None)

@@ -126,6 +126,47 @@ async def test_the_deadline_in_the_pools_queue_is_told_apart_and_leaves_the_wait
     assert seen == [True]
 
 
+async def test_a_cut_while_the_attempts_connection_is_made_says_connecting_and_leaves_the_attempt_abandoned() -> None:
+    """The per-try timeout comes while the attempt (in a task of its own) makes a new connection: the cut says
+    CONNECTING (nothing was sent), and the attempt is abandoned from that moment: the connection made before the
+    request has handled its cut must not carry it out. Its per-try time kept running (the platform's time)."""
+    dog = Watchdog(tick=0.005)
+    loop = asyncio.get_running_loop()
+    seen: list[bool] = []
+    handshake_done = asyncio.Event()
+
+    async def connecting_attempt() -> None:
+        dog.connecting()   # told by the pool, in the attempt's own task
+        await handshake_done.wait()
+        dog.connected()
+        seen.append(dog.abandoned())
+
+    own = loop.create_task(connecting_attempt())
+    task = dog.watch(0.02, runs_in=own)
+    try:
+        await asyncio.sleep(1.0)
+    except asyncio.CancelledError:
+        handshake_done.set()
+        await asyncio.sleep(0)
+        cut = dog.release(task, own)
+    assert cut is Cut.CONNECTING
+    await own
+    assert seen == [True]
+
+
+async def test_once_connected_a_cut_is_a_timeout_again() -> None:
+    dog = Watchdog(tick=0.005)
+    task = dog.watch(0.02)
+    dog.connecting()
+    await asyncio.sleep(0)
+    dog.connected()   # the request may be on the wire from here on
+    try:
+        await asyncio.sleep(1.0)
+    except asyncio.CancelledError:
+        cut = dog.release(task)
+    assert cut is Cut.TIMEOUT and not dog._connecting
+
+
 async def test_a_cut_while_the_attempt_is_at_the_platform_is_a_timeout_and_abandons_nothing_else() -> None:
     dog = Watchdog(tick=0.005)
     task = dog.watch(0.02)
