@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -251,15 +252,22 @@ async def test_an_answer_that_comes_after_its_request_stopped_waiting_gives_its_
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(1, 3), st.lists(st.tuples(st.integers(5, 60), st.one_of(st.none(), st.integers(5, 120)),
-                                             st.one_of(st.none(), st.integers(0, 80)), st.booleans()),
-                                   min_size=2, max_size=8))
+@given(st.integers(1, 3), st.integers(0, 40),
+       st.lists(st.tuples(st.integers(5, 60), st.one_of(st.none(), st.integers(5, 120)),
+                          st.one_of(st.none(), st.integers(0, 80)), st.booleans()), min_size=2, max_size=8))
 def test_no_write_is_sent_after_its_request_stopped_waiting_for_it(
-        pool: int, writes: list[tuple[int, int | None, int | None, bool]]) -> None:
-    """Random writes through a small pool: each takes some ms at the platform, may have a deadline, may lose its
-    client, may be heard out. Whatever the interleaving, each write is sent (aiohttp's own trace of its headers
-    going out) only while its request still waits for it, and none told QueuedPastDeadline is ever sent. Before
-    the fix, a heard-out write queued past its deadline went out once a connection came free."""
+        pool: int, handshake: int, writes: list[tuple[int, int | None, int | None, bool]]) -> None:
+    """Random writes through a small pool whose new connections take `handshake` ms: each takes some ms at the
+    platform, may have a deadline, may lose its client, may be heard out. Whatever the interleaving, each write is
+    sent (aiohttp's own trace of its headers going out) only while its request still waits for it, and none told
+    QueuedPastDeadline or ConnectTimeout (not sent) is ever sent. Before the fix, a heard-out write queued past its
+    deadline went out once a connection came free."""
+    create = aiohttp.TCPConnector._create_connection
+
+    async def slow_handshake(self: aiohttp.TCPConnector, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(handshake / 1000)
+        return await create(self, *args, **kwargs)
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         sent: dict[str, float] = {}
@@ -286,7 +294,7 @@ def test_no_write_is_sent_after_its_request_stopped_waiting_for_it(
                     await client.send("POST", f"/open-apis/{name}?ms={ms}", CIMultiDict(), b"{}", 1.0,
                                       (lambda latency: None) if heard_out else None, within)
                     return "answered"
-                except QueuedPastDeadline:
+                except (QueuedPastDeadline, ConnectTimeout):
                     return "unsent"
                 except AttemptTimeout:
                     return "timed out"
@@ -305,4 +313,5 @@ def test_no_write_is_sent_after_its_request_stopped_waiting_for_it(
         assert not {f"w{i}" for i, result in enumerate(ended) if result == "unsent"} & set(sent)
         assert all(at <= stopped[name] for name, at in sent.items())
 
-    asyncio.run(run())
+    with mock.patch.object(aiohttp.TCPConnector, "_create_connection", slow_handshake):
+        asyncio.run(run())
