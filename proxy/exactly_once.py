@@ -3,7 +3,8 @@
 Owns claiming a key, what a duplicate gets (draft-ietf-httpapi-idempotency-key-
 header: the stored answer, 409 while the first is in flight, 422 for another request under the same key), which
 answers are kept (not those that say the platform did not act: resending is safe), hearing a keyed request out
-when its client leaves (its answer is what the client's repeat gets) and the in-memory backend (bounded, TTL).
+when its client leaves (its answer is what the client's repeat gets), putting what a timed-out write's late answer
+says in place of the unknown outcome kept for it (`learn_late`), and the in-memory backend (bounded, TTL).
 The Redis backend, shared by replicas, is proxy/exactly_once_redis.py; where the platform has a key of its own,
 putting the client's key there is proxy/idempotency.py's.
 """
@@ -24,9 +25,10 @@ from proxy.clock import Clock, finished_within
 from proxy.drain import Drain
 from proxy.errors import BadRequest, IdempotencyKeyInFlight, IdempotencyKeyReused, OutcomeUnknown, SidecarError
 from proxy.exactly_once_config import OnceSettings
+from proxy.history import Applied, History, Tried
 from proxy.idempotency import HEADER, KeyProblem, client_key
 from proxy.metrics import Metrics
-from proxy.upstream import CLASSIFY_LIMIT, HOP_BY_HOP, Answer
+from proxy.upstream import CLASSIFY_LIMIT, HOP_BY_HOP, Answer, answer_of
 
 __all__ = ["ExactlyOnce", "MemoryOnce", "OnceBackend", "OnceSettings", "Stored"]
 
@@ -60,6 +62,7 @@ class Stored:
 
 RUNNING = "running"
 MISMATCH = "mismatch"
+UNKNOWN = Applied.UNKNOWN.value
 Claimed = Stored | str | None   # None: this caller executes; Stored: replay it; RUNNING or MISMATCH
 
 
@@ -69,6 +72,9 @@ class OnceBackend(Protocol):
     async def release(self, scope: str, owner: str) -> None: ...
     async def wait(self, scope: str, seconds: float) -> None:
         """Return when the key's holder has finished or released it, or after `seconds`."""
+    async def amend(self, scope: str, owner: str, stored: Stored | None) -> bool:
+        """Put `stored` in place of the unknown outcome `owner` stored under the key (None: drop it, so that the
+        key runs again), keeping its TTL. False, changing nothing, when the key holds anything else."""
 
 
 @dataclass(slots=True)
@@ -125,6 +131,18 @@ class MemoryOnce:
             return
         await finished_within(self._clock, entry.done.wait(), seconds)
 
+    async def amend(self, scope: str, owner: str, stored: Stored | None) -> bool:
+        entry = self._live(scope)
+        if entry is None or entry.owner != owner or entry.stored is None or entry.stored.outcome != UNKNOWN:
+            return False
+        if stored is None:
+            self._drop(scope)
+            return True
+        self.bytes += stored.size - entry.stored.size
+        entry.stored = stored
+        self._evict()
+        return True
+
     def _live(self, scope: str) -> _Entry | None:
         entry = self._entries.get(scope)
         if entry is not None and entry.expires_at <= self._clock.now():
@@ -164,6 +182,7 @@ class ExactlyOnce:
         self.backend, self.clock, self.metrics = backend, clock, metrics
         self.drain = drain or Drain()   # the sidecar's: it waits for (and at its end cuts) what a gone client left
         self.render: Render = _unrendered   # the pipeline's error answer, to store a sidecar error as it was sent
+        self._learning: set[asyncio.Task[None]] = set()   # late answers being put in place of unknown outcomes
         local = getattr(backend, "local", backend)   # the Redis backend's fallback holds the memory figures
         if isinstance(local, MemoryOnce):
             metrics.once_entries.set_function(lambda: local.entries)
@@ -238,11 +257,13 @@ class ExactlyOnce:
         except SidecarError as exc:
             await self.keep(exchange, scope, owner, lambda: _from_response(self.render(exchange, exc), fingerprint,
                                                                            exchange, type(exc).__name__))
+            self.learn_late(exchange, scope, owner, fingerprint)
             raise
         except BaseException:
             await self.abandoned(exchange, scope, owner, fingerprint)
             raise
-        await self.keep(exchange, scope, owner, lambda: _from_answer(answer, fingerprint, exchange))
+        await self.keep(exchange, scope, owner, lambda: _from_answer(answer, fingerprint, exchange.outcome,
+                                                                     exchange.idempotency_key))
         return answer
 
     async def keep(self, exchange: Exchange, scope: str, owner: str, make: Callable[[], Stored]) -> None:
@@ -253,6 +274,40 @@ class ExactlyOnce:
             await self.backend.release(scope, owner)
             return
         await self.backend.finish(scope, owner, make())
+
+    def learn_late(self, exchange: Exchange, scope: str, owner: str, fingerprint: str) -> None:
+        """A write kept as `unknown` because an attempt timed out: that attempt is heard out (proxy/upstream.py,
+        up to LATE_LIMIT), and when its answer comes, what it says replaces the unknown outcome, so that the
+        client's repeat under the key gets what the platform did instead of "unknown" for the whole TTL."""
+        late = exchange.heard_out
+        if late is None or exchange.outcome != UNKNOWN or exchange.has_idempotency_key:
+            return   # nothing to hear (or, with the platform's own key, nothing was kept: the repeat runs again)
+
+        def answered(attempt: asyncio.Task[Answer]) -> None:
+            learning = asyncio.ensure_future(self.amend(exchange, scope, owner, fingerprint, attempt))
+            self._learning.add(learning)
+            learning.add_done_callback(self._learning.discard)
+
+        late.add_done_callback(answered)
+
+    async def amend(self, exchange: Exchange, scope: str, owner: str, fingerprint: str,
+                    attempt: asyncio.Task[Answer]) -> None:
+        """What the late answer says, as a single attempt would have: applied (the answer is kept), refused by the
+        platform (kept, not-applied) or not acted on (the key is dropped: its repeat runs). Only "applied" is
+        told when earlier attempts went out too: another one may have acted whatever this one says."""
+        answer = answer_of(attempt)
+        if answer is None or answer.stream is not None:
+            return   # no answer after all, or one too long to keep: the unknown outcome stands
+        b = exchange.binding
+        history = History(write=True)
+        history.add(Tried(answer, answer.classified(b.platform, b.upstream)))
+        applied = history.applied()
+        if applied is Applied.UNKNOWN or (applied is Applied.NOT_APPLIED and exchange.attempts > 1):
+            return
+        stored = None if history.retry_safe else _from_answer(answer, fingerprint, applied.value,
+                                                               exchange.idempotency_key)
+        if await self.backend.amend(scope, owner, stored):
+            self.count(exchange, "amended")
 
     async def abandoned(self, exchange: Exchange, scope: str, owner: str, fingerprint: str) -> None:
         """The client went away or the sidecar is stopping mid-request. Once an attempt went out it may have acted:
@@ -292,11 +347,11 @@ def _fingerprint(exchange: Exchange, body: RequestBody) -> str:
     return digest.hexdigest()
 
 
-def _from_answer(answer: Answer, fingerprint: str, exchange: Exchange) -> Stored:
+def _from_answer(answer: Answer, fingerprint: str, outcome: str, key: str | None) -> Stored:
     kept = answer.body if answer.stream is None and len(answer.body or b"") <= CLASSIFY_LIMIT else None
     headers = tuple((k, v) for k, v in answer.headers.items()
                     if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-imsidecar-"))
-    return Stored(fingerprint, answer.status, headers, kept, exchange.outcome, None, exchange.idempotency_key)
+    return Stored(fingerprint, answer.status, headers, kept, outcome, None, key)
 
 
 def _from_response(response: web.Response, fingerprint: str, exchange: Exchange, error: str) -> Stored:

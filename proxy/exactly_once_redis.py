@@ -43,6 +43,23 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
+# Put an answer in place of the unknown outcome this owner stored (or drop it: ARGV[2] empty), keeping its TTL.
+AMEND = """
+local held = redis.call('GET', KEYS[1])
+if not held then
+    return 0
+end
+local record = cjson.decode(held)
+if record['state'] ~= 'done' or record['owner'] ~= ARGV[1] or record['outcome'] ~= 'unknown' then
+    return 0
+end
+if ARGV[2] == '' then
+    return redis.call('DEL', KEYS[1])
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
+
 RELEASE = """
 local held = redis.call('GET', KEYS[1])
 if held then
@@ -65,6 +82,7 @@ class RedisOnce:
         self._claim = client.register_script(CLAIM)
         self._finish = client.register_script(FINISH)
         self._release = client.register_script(RELEASE)
+        self._amend = client.register_script(AMEND)
         self.local = MemoryOnce(clock, settings)
         self._claimed_locally: set[str] = set()
 
@@ -87,7 +105,8 @@ class RedisOnce:
             return
         try:
             await self._health.call(self._finish(keys=[self._key(scope)],
-                                                 args=[owner, json.dumps(_record(stored)), ms(self._settings.ttl)]))
+                                                 args=[owner, json.dumps(_record(stored, owner)),
+                                                       ms(self._settings.ttl)]))
         except StoreDown:
             self._fallback()
             await self.local.finish(scope, owner, stored)
@@ -102,6 +121,16 @@ class RedisOnce:
         except StoreDown:
             self._fallback()   # the lease lets the key go by itself
 
+    async def amend(self, scope: str, owner: str, stored: Stored | None) -> bool:
+        if await self.local.amend(scope, owner, stored):   # stored here while Redis did not answer
+            return True
+        record = "" if stored is None else json.dumps(_record(stored, owner))
+        try:
+            return bool(await self._health.call(self._amend(keys=[self._key(scope)], args=[owner, record])))
+        except StoreDown:
+            self._fallback()
+            return False   # the unknown outcome stands
+
     async def wait(self, scope: str, seconds: float) -> None:
         if self._health.up:
             await self._clock.sleep(min(seconds, POLL))   # then the caller claims again and sees where it stands
@@ -115,10 +144,11 @@ class RedisOnce:
         self._metrics.fallbacks.labels("idempotency").inc()
 
 
-def _record(stored: Stored) -> dict[str, Any]:
+def _record(stored: Stored, owner: str) -> dict[str, Any]:
+    """The owner stays on the record: only the execution that stored an unknown outcome may amend it."""
     body = None if stored.body is None else base64.b64encode(stored.body).decode()
     return {"state": "done", "fp": stored.fingerprint, "status": stored.status, "headers": list(stored.headers),
-            "body": body, "outcome": stored.outcome, "error": stored.error, "key": stored.key}
+            "body": body, "outcome": stored.outcome, "error": stored.error, "key": stored.key, "owner": owner}
 
 
 def _read(raw: str, fingerprint: str) -> Claimed:

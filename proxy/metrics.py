@@ -49,7 +49,7 @@ WITHHELD = ("attempts", "unsafe", "body_too_large", "retry_after_too_long", "dea
 CIRCUIT_STATES = ("closed", "half_open", "open")
 TOKEN_RESULTS = ("success", "failure", "rejected")
 APPLIED_OUTCOMES = ("applied", "not-applied", "unknown")        # X-Imsidecar-Outcome (proxy/history.py)
-ONCE_RESULTS = ("executed", "replayed", "conflict", "mismatch", "heard_out")   # the exactly-once store
+ONCE_RESULTS = ("executed", "replayed", "conflict", "mismatch", "heard_out", "amended")   # the exactly-once store
 
 
 # RFC 9110's methods and PATCH. aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS, no C wheel) accepts any
@@ -450,7 +450,8 @@ class Metrics:
             "imsidecar_idempotency_store_requests",
             "Requests carrying Idempotency-Key, by what the sidecar's exactly-once store did: executed, replayed "
             "(a stored answer), conflict (409: still in flight), mismatch (422: another request with that key), "
-            "heard_out (executed ones whose client left before the answer: they went on, and the answer was kept).",
+            "heard_out (executed ones whose client left before the answer: they went on, and the answer was kept), "
+            "amended (executed ones kept as unknown after a timeout, whose late answer then replaced that outcome).",
             ("app", "result"), registry=r)
         self.once_entries = Gauge(
             "imsidecar_idempotency_store_entries", "Keys held by this process's exactly-once store (memory).",

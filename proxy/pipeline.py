@@ -68,6 +68,7 @@ class Exchange:
     outcome: str = "not-applied"        # X-Imsidecar-Outcome: applied | not-applied | unknown
     retry_safe: bool = True             # the final answer says the platform did not act: resending is safe
     replayed: Stored | None = None      # the stored answer given again to a repeat of an Idempotency-Key
+    heard_out: asyncio.Task[Answer] | None = None   # the last attempt cut off by a timeout, whose answer may come
 
 
 class Pipeline:
@@ -233,6 +234,7 @@ class Pipeline:
         except AttemptFailed as exc:
             if isinstance(exc, AttemptTimeout) and exc.heard_out is not None:   # so it does if its late answer comes
                 exc.heard_out.add_done_callback(partial(self.counted_when_answered, exchange))
+                exchange.heard_out = exc.heard_out
             if body.fault is not None:   # the client failed the stream: its fault, not the platform's or the network's
                 raise body.fault from None
             if isinstance(exc, AttemptTimeout) and self.cut_by_client(exchange, attempt):

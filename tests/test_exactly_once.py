@@ -340,3 +340,91 @@ async def test_a_keyed_write_whose_deadline_passed_in_the_pools_queue_runs_when_
     status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE, key("notice-queued"))
     assert (status, body["errcode"]) == (200, 0) and "X-Imsidecar-Replayed" not in headers   # executed anew
     assert len(platforms.dingtalk.sent) == 2   # the other call and this one: the queued one never went out
+
+
+# A timed-out write's late answer replaces the unknown outcome kept for it -------------------------------------
+
+LATE = "{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: 100ms}"   # the platform answers after 0.3 s
+
+
+def amended(running: Running) -> float:
+    return running.metric("imsidecar_idempotency_store_requests_total", app="ops-ding", result="amended")
+
+
+async def test_a_keyed_write_that_timed_out_is_replayed_as_applied_once_its_late_answer_came(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    """The platform applies the notice but answers after the per-try timeout: not retried (it may have acted),
+    and its client is told "unknown". The attempt is heard out; its late answer says applied, and that is what
+    the repeat under the key gets. Before, the repeat got the stored "unknown" for the whole TTL: the client could
+    neither learn what happened nor safely send it again."""
+    running = await start_sidecar(retry=LATE)
+    platforms.dingtalk.faults.latency = 0.3
+    status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE, key("notice-late"))
+    assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (504, "AttemptTimeout",
+                                                                                   "unknown")
+    await wait_for(lambda: amended(running) == 1, 5000)
+    status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE, key("notice-late"))
+    assert (status, body["errcode"]) == (200, 0) and "task_id" in body   # the platform's own answer to the first
+    assert (headers["X-Imsidecar-Outcome"], headers["X-Imsidecar-Replayed"]) == ("applied", "true")
+    assert "X-Imsidecar-Error" not in headers and len(platforms.dingtalk.sent) == 1
+
+
+async def test_a_keyed_write_whose_late_answer_says_it_was_not_done_runs_when_its_key_comes_again(
+        start_sidecar: SidecarFactory, platforms: Platforms, http: aiohttp.ClientSession) -> None:
+    """The late answer is DingTalk's "busy" (errcode -1, refused before acting): the unknown outcome is dropped,
+    and the repeat is executed, once."""
+    running = await start_sidecar(retry=LATE)
+    platforms.dingtalk.faults.latency = 0.3
+    platforms.dingtalk.faults.script.append("busy")
+    status, _, headers = await post(http, running.base + ASYNCSEND, NOTICE, key("notice-busy"))
+    assert (status, headers["X-Imsidecar-Outcome"]) == (504, "unknown")
+    await wait_for(lambda: amended(running) == 1, 5000)
+    platforms.dingtalk.faults.latency = 0.0
+    status, body, headers = await post(http, running.base + ASYNCSEND, NOTICE, key("notice-busy"))
+    assert (status, body["errcode"], headers["X-Imsidecar-Outcome"]) == (200, 0, "applied")
+    assert "X-Imsidecar-Replayed" not in headers and len(platforms.dingtalk.sent) == 1
+
+
+async def test_on_redis_another_replica_replays_the_late_answer_of_a_write_cut_off_by_its_clients_deadline(
+        start_sidecar: SidecarFactory, platforms: Platforms, redis_server: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """The client's own deadline (100 ms) cuts the write off at the platform: 504 DeadlineExceeded, unknown. The
+    late answer amends the record on Redis (its TTL kept), so the repeat on the other replica gets "applied"."""
+    store = f"\nstore: {{backend: redis, url: '{redis_server.url}'}}\n"
+    one, two = await start_sidecar(extra=store), await start_sidecar(extra=store)
+    platforms.dingtalk.faults.latency = 0.3
+    status, _, headers = await post(http, one.base + ASYNCSEND, NOTICE, {**key("notice-cut"),
+                                                                         "X-Imsidecar-Timeout": "100ms"})
+    assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (504, "DeadlineExceeded",
+                                                                                   "unknown")
+    await wait_for(lambda: amended(one) == 1, 5000)
+    status, body, headers = await post(http, two.base + ASYNCSEND, NOTICE, key("notice-cut"))
+    assert (status, body["errcode"], headers["X-Imsidecar-Outcome"]) == (200, 0, "applied")
+    assert headers["X-Imsidecar-Replayed"] == "true" and len(platforms.dingtalk.sent) == 1
+    client = await redis_server.client()
+    try:
+        [name] = [k async for k in client.scan_iter(match="*once:*")]
+        assert 0 < await client.pttl(name) <= 24 * 3600 * 1000   # the TTL the unknown outcome was stored with
+    finally:
+        await client.aclose()
+
+
+async def test_only_the_owners_unknown_outcome_is_amended_and_the_bytes_follow() -> None:
+    from proxy.clock import VirtualClock
+    from proxy.exactly_once import MemoryOnce, Stored
+
+    def stored(outcome: str, body: bytes) -> Stored:
+        return Stored("fp", 200, (("Content-Type", "application/json"),), body, outcome)
+
+    once = MemoryOnce(VirtualClock())
+    for scope, outcome in (("unknown", "unknown"), ("applied", "applied")):
+        assert await once.claim(scope, "fp", "owner", 10.0) is None
+        await once.finish(scope, "owner", stored(outcome, b"x" * 100))
+    assert not await once.amend("unknown", "another", stored("applied", b"y"))   # not the execution that stored it
+    assert not await once.amend("applied", "owner", stored("not-applied", b"y"))   # what is known stays
+    assert not await once.amend("missing", "owner", None)
+    assert await once.amend("unknown", "owner", stored("applied", b"y" * 10))
+    assert (await once.claim("unknown", "fp", "x", 10.0)).outcome == "applied"   # type: ignore[union-attr]
+    assert once.bytes == stored("applied", b"x" * 100).size + stored("applied", b"y" * 10).size
+    assert not await once.amend("unknown", "owner", None)   # once only: it is known now
+    assert await once.claim("applied", "fp", "owner", 10.0) is not None and once.entries == 2
