@@ -28,7 +28,7 @@ from proxy.metrics import Metrics
 from proxy.network import AdaptiveSettings, RetryParams
 from proxy.ratelimit import AdaptiveRateLimiter, RateLimitExceeded
 from proxy.outcome import Outcome, Signal, Verdict
-from proxy.upstream import Answer, LeftInFlight, answer_of
+from proxy.upstream import Answer, LeftInFlight, LeftUnsent, answer_of
 
 if TYPE_CHECKING:
     from proxy.pipeline import Exchange, RequestBody
@@ -205,6 +205,10 @@ class RetryEngine:
         except SidecarError as exc:   # the client's doing while it was sent (its body, its own shorter deadline)
             b.breaker.release_probe()
             self.cut_by_client(exchange, history, exc)
+            raise
+        except LeftUnsent:   # its client left (or the drain cut it) before it was sent: not an attempt after all
+            b.breaker.release_probe()
+            exchange.attempts -= 1
             raise
         except LeftInFlight as left:   # its client left (or the drain cut it) once it was out: its answer counts
             b.breaker.release_probe()

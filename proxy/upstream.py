@@ -107,6 +107,12 @@ class LeftInFlight(asyncio.CancelledError):
         self.queued = queued   # seconds it had waited for a pooled connection: not the platform's time
 
 
+class LeftUnsent(asyncio.CancelledError):
+    """The request stopped waiting (its client left, or the drain cut it) before its attempt was sent: it still
+    queued for a pooled connection, or its connection was being made. Still a cancellation, but nothing of the
+    request reached the platform, and the attempt never will."""
+
+
 Origin = tuple[str, str | None, int | None]   # scheme, host, port
 
 
@@ -133,6 +139,9 @@ class WatchedConnector(aiohttp.TCPConnector):
         self._watchdog.waiting()
         try:
             await super()._wait_for_available_connection(key, traces)
+        except asyncio.CancelledError:   # the same exception goes on: aiohttp's own timeouts look for it
+            self._watchdog.left_unsent()
+            raise
         finally:
             self._watchdog.resumed()
 
@@ -140,6 +149,9 @@ class WatchedConnector(aiohttp.TCPConnector):
         self._watchdog.connecting()
         try:
             return await super()._create_connection(req, traces, timeout)
+        except asyncio.CancelledError:
+            self._watchdog.left_unsent()
+            raise
         finally:
             self._watchdog.connected()
 
@@ -285,7 +297,7 @@ class UpstreamClient:
             answer.queued = self._pools.watchdog.queued(task)
             return answer
         except asyncio.CancelledError as exc:
-            queued = self._pools.watchdog.queued(task)
+            queued, unsent = self._pools.watchdog.queued(task), self._pools.watchdog.unsent(task)
             cut = self._pools.watchdog.release(task, runs_in)
             if cut is Cut.QUEUED:
                 raise QueuedPastDeadline("the request's deadline passed while it waited for a free connection to the "
@@ -295,6 +307,8 @@ class UpstreamClient:
                                      "sent") from exc
             if cut is not None:
                 raise translate(asyncio.TimeoutError()) from exc
+            if unsent:
+                raise LeftUnsent("the request stopped waiting before its attempt was sent") from exc
             if runs_in is not None:
                 raise LeftInFlight(runs_in, queued) from exc
             raise

@@ -46,6 +46,7 @@ class Watchdog:
         self._runs_in: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # a task of its own → the watched task
         self._abandoned: set[asyncio.Task[Any]] = set()   # attempts' own tasks that no request waits for any more
         self._connecting: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}   # watched → the task making its connection
+        self._left_unsent: set[asyncio.Task[Any]] = set()   # watched tasks whose attempt was cancelled unsent
 
     def watch(self, seconds: float, within: float = math.inf,
               runs_in: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
@@ -99,6 +100,18 @@ class Watchdog:
         if watched is not None:
             self._connecting.pop(watched, None)
 
+    def unsent(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `task`'s attempt is still waiting for a pooled connection or for its new one to be made, or
+        was cancelled while it did (`left_unsent`)."""
+        return task in self._paused or task in self._connecting or task in self._left_unsent
+
+    def left_unsent(self) -> None:
+        """The current task's attempt is cancelled while it waits for a connection (told by the pool before the
+        cancellation unwinds through `resumed` and `connected`)."""
+        watched = self._watched(asyncio.current_task())
+        if watched in self._due:
+            self._left_unsent.add(watched)
+
     def queued(self, task: asyncio.Task[Any]) -> float:
         """Seconds `task`'s attempt has waited for the sidecar (`waiting` to `resumed`): not the platform's time."""
         return self._queued.get(task, 0.0)
@@ -119,6 +132,7 @@ class Watchdog:
         self._paused.pop(task, None)
         self._queued.pop(task, None)
         self._connecting.pop(task, None)
+        self._left_unsent.discard(task)
         cut = self._expired.pop(task, None)
         if cut is not None:
             task.uncancel()

@@ -187,6 +187,33 @@ async def test_a_keyed_request_cut_at_the_drains_end_is_answered_and_keeps_the_u
     assert [(s.outcome, s.error) for s in stored if s is not None] == [("unknown", "OutcomeUnknown")]
 
 
+async def test_a_write_still_queued_for_a_connection_when_the_drain_ends_says_it_was_not_sent(
+        start_sidecar: SidecarFactory, platforms: Platforms, clock: VirtualClock, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One connection to Feishu, held at the platform by a first message; a second waits for it in the sidecar's
+    own queue when the drain ends. The first may have been applied (502, unknown); the second was never sent: 503
+    ShuttingDown, `not-applied`, so its client may simply send it again (it was 502 unknown: an attempt had begun).
+    Its repeat is safe: it never reaches the platform afterwards."""
+    from proxy import upstream
+    monkeypatch.setattr(upstream, "ORIGIN_CONNECTIONS", 1)
+    running, first = await held_at_the_platform(start_sidecar, platforms.feishu, "sales-bot",
+                                                lambda running: post(http, running))
+    second = asyncio.create_task(post(http, running))
+    await until(lambda: len(running.sidecar.drain._in_flight) == 2 and running.sidecar.pools.watchdog._paused,
+                "the second message queued for the connection")
+    stop = await draining(running)
+    await clock.advance(4.0)
+    status, headers, _ = await asyncio.wait_for(first, BOUND)
+    assert (status, headers["X-Imsidecar-Outcome"]) == (502, "unknown")
+    status, headers, body = await asyncio.wait_for(second, BOUND)
+    assert (status, headers["X-Imsidecar-Error"], headers["X-Imsidecar-Outcome"]) == (503, "ShuttingDown",
+                                                                                   "not-applied")
+    assert (headers["Retry-After"], headers["X-Imsidecar-Attempts"]) == ("1", "0")
+    await asyncio.wait_for(stop, BOUND)
+    await asyncio.sleep(0.05)   # the connection is free (the sidecar closed it): nothing queued goes out
+    assert [call[0] for call in platforms.feishu.calls].count("/open-apis/im/v1/messages") == 1   # the first
+
+
 async def test_work_adopted_after_the_drains_end_is_cut_at_once() -> None:
     drain, clock = Drain(), VirtualClock()
     drain.begin()

@@ -135,6 +135,8 @@ async def test_an_attempt_whose_request_stopped_waiting_in_the_pools_queue_is_ne
         third = asyncio.ensure_future(write("third"))
         await asyncio.sleep(0.05)
         third.cancel()
+        with pytest.raises(upstream.LeftUnsent):   # a cancellation that says nothing went out, heard out or not
+            await third
         assert (await first).status == 200
         again = await write("fourth")   # the connection went back to the pool, and serves the next one
         assert again.status == 200
