@@ -79,8 +79,9 @@ async def test_a_write_whose_deadline_passes_in_the_pools_queue_is_answered_unse
     assert status == 504 and body["code"] == 9990504
     if headers["X-Imsidecar-Error"] != "QueuedPastDeadline":
         # Twice in CI the second message was cut off as an ordinary timeout (how it came to be out of the queue
-        # is not known): then the answer may only say it may have been applied, never that it was not.
-        assert headers["X-Imsidecar-Outcome"] == "unknown", (dict(headers), at_answer)
+        # is not known): then the answer may say it was not applied only if the platform never had it (cut off
+        # while its connection was being made), and otherwise only that it may have been.
+        assert headers["X-Imsidecar-Outcome"] == "unknown" or messages(platforms) == 1, (dict(headers), at_answer)
         return
     assert headers["X-Imsidecar-Outcome"] == "not-applied" and "not sent" in body["msg"] and at_answer == 1
     assert running.metric("imsidecar_upstream_attempts_total", app="sales-bot", upstream="open",
