@@ -100,6 +100,7 @@ async def run(planned: list[Write], script: list[str | None]) -> None:
 
 async def client(http: aiohttp.ClientSession, base: str, n: int, write: Write) -> list[tuple[bool, str]]:
     """What this write's client read: (the platform's success, X-Imsidecar-Outcome) of each answer it waited for."""
+    payload: dict[str, Any]
     if write.feishu:
         url, payload = base + FEISHU, {"receive_id": "oc_1", "msg_type": "text",
                                        "content": json.dumps({"text": f"w{n}"})}
