@@ -15,7 +15,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from proxy.clock import Clock, SystemClock
-from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang, recorder
+from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, finishing, hang, recorder
 
 TOKEN_LIFETIME = 7200
 TOKEN_HEADER = "x-acs-dingtalk-access-token"
@@ -74,7 +74,7 @@ class FakeDingTalk:
     # oapi.dingtalk.com -----------------------------------------------------------------------------------------
 
     def oapi_app(self) -> web.Application:
-        app = web.Application(middlewares=[recorder(self.requests)])
+        app = finishing(web.Application(middlewares=[recorder(self.requests)]))
         app.router.add_get("/gettoken", self.oapi_gettoken)
         app.router.add_post("/topapi/v2/user/get", self.oapi_guarded(self.user_get))
         app.router.add_post("/topapi/message/corpconversation/asyncsend_v2", self.oapi_guarded(self.async_send))
@@ -144,7 +144,7 @@ class FakeDingTalk:
     # api.dingtalk.com ------------------------------------------------------------------------------------------
 
     def api_app(self) -> web.Application:
-        app = web.Application(middlewares=[recorder(self.requests)])
+        app = finishing(web.Application(middlewares=[recorder(self.requests)]))
         app.router.add_post("/v1.0/oauth2/accessToken", self.api_access_token)
         app.router.add_get("/v1.0/contact/users/{union_id}", self.api_guarded(self.contact_user))
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self.api_guarded(self.batch_send))

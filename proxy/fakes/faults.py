@@ -74,3 +74,32 @@ def recorder(into: list[SeenRequest]):  # type: ignore[no-untyped-def]
         into.append(SeenRequest(request.method, request.raw_path, dict(request.headers)))
         return await handler(request)
     return record
+
+
+def finishing(app: web.Application) -> web.Application:
+    """A platform finishes what it received though its caller hangs up: its gateway does not cancel the backend's
+    work, so a write the caller abandoned (a timeout, a client gone, a shutdown) may still be applied. aiohttp's test
+    server cancels a handler whose connection is lost instead, which would hide every bug of that kind; here each
+    request's handling runs in a task of its own that a lost connection does not reach (cancelled only when the
+    fake itself shuts down). A JSON body is read first, as the gateway buffers it whole before the backend sees it
+    (an upload is left to stream to its handler)."""
+    pending: set[asyncio.Task[web.StreamResponse]] = set()
+
+    @web.middleware
+    async def finish(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if request.content_type == "application/json":
+            await request.read()   # kept by aiohttp for the handler's request.json()
+        work = asyncio.ensure_future(handler(request))
+        pending.add(work)
+        work.add_done_callback(pending.discard)
+        return await asyncio.shield(work)
+
+    async def stop(app: web.Application) -> None:
+        for work in list(pending):
+            work.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    app.middlewares.insert(0, finish)
+    app.on_shutdown.append(stop)
+    return app
+

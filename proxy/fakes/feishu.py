@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.clock import Clock, SystemClock
-from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, hang, recorder
+from proxy.fakes.faults import AFTER, Faults, SeenRequest, drop_connection, finishing, hang, recorder
 
 TOKEN_LIFETIME = 7200
 NEW_TOKEN_BELOW = 1800   # Feishu hands out a new token only when the current one has < 30 min left
@@ -89,7 +89,7 @@ class FakeFeishu:
     # App -------------------------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2, middlewares=[recorder(self.requests)])
+        app = finishing(web.Application(client_max_size=64 * 1024**2, middlewares=[recorder(self.requests)]))
         r = app.router
         r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self.token_endpoint("tenant"))
         r.add_post("/open-apis/auth/v3/app_access_token/internal", self.token_endpoint("app"))
