@@ -3,7 +3,7 @@
 Random writes (Feishu messages, whose route has the platform's own key; DingTalk work notices on oapi, errors in
 HTTP 200, and robot messages on api, errors in 4xx/5xx, which only the sidecar's exactly-once store guards), some
 keyed and repeated, some with a short deadline of their own, some whose client
-leaves, through a pool of 1, 2 or 256 connections, sometimes with SIGTERM's drain in the middle; the platforms
+leaves, through a pool of 1, 2 or 256 connections, on one sidecar or two replicas sharing a real Redis, sometimes with SIGTERM's drain in the middle; the platforms
 answer with a random script of faults (dropped before or after acting, 5xx after acting, busy, throttled, hung
 past the per-try timeout). After everything has settled, each write was applied at most once,
 and every answer a client read says what happened: `applied` only if the platform has it, `not-applied` only if it
@@ -14,8 +14,11 @@ second); what they race on is the point, not a flake: the claims hold for every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 from unittest import mock
@@ -32,6 +35,7 @@ from proxy.fakes.dingtalk import FakeDingTalk
 from proxy.fakes.events import wait_for
 from proxy.fakes.feishu import FakeFeishu
 from tests.conftest import DING_SECRET, FEISHU_SECRET, Platforms, make_config
+from tests.redis_support import running_redis
 
 FAULTS = (None, None, "reset_before", "reset_after", "error_after", "gateway_after", "hang", "busy", "throttle",
           "unavailable")
@@ -60,20 +64,22 @@ writes = st.lists(st.builds(Write, st.sampled_from(sorted(ROUTES)), st.booleans(
                   min_size=1, max_size=6)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(writes, st.lists(st.sampled_from(FAULTS), max_size=12), st.sampled_from(sorted(PLATFORMS)),
-       st.sampled_from([1, 2, 256]), st.one_of(st.none(), st.integers(0, 300)))
+       st.sampled_from([1, 2, 256]), st.one_of(st.none(), st.integers(0, 300)), st.booleans())
 def test_every_answer_about_a_write_is_true_and_no_write_is_applied_twice(
-        planned: list[Write], script: list[str | None], platform: str, pool: int, sigterm: int | None) -> None:
+        planned: list[Write], script: list[str | None], platform: str, pool: int, sigterm: int | None,
+        replicas: bool) -> None:
     """`platform`: how long a hung call takes against the per-try timeout. `pool`: connections to each platform
     origin, so that writes also queue for one in the sidecar. `sigterm`: the sidecar is stopped
-    this many ms after the writes began (its drain: 0.5 s): a slow platform still has writes when it ends."""
+    this many ms after the writes began (its drain: 0.5 s): a slow platform still has writes when it ends.
+    `replicas`: two sidecars share a real Redis, and each repeat goes to the one its first try did not."""
     with mock.patch.object(upstream, "ORIGIN_CONNECTIONS", pool):
-        asyncio.run(run(planned, script, *PLATFORMS[platform], sigterm))
+        asyncio.run(run(planned, script, *PLATFORMS[platform], sigterm, replicas))
 
 
 async def run(planned: list[Write], script: list[str | None], latency: float, spread: float, hang: float,
-              per_try: str, sigterm: int | None = None) -> None:
+              per_try: str, sigterm: int | None = None, replicas: bool = False) -> None:
     clock = SystemClock()
     feishu = FakeFeishu(apps={"cli_test": FEISHU_SECRET}, clock=clock)
     ding = FakeDingTalk(apps={"ding_test": DING_SECRET}, clock=clock)
@@ -85,25 +91,35 @@ async def run(planned: list[Write], script: list[str | None], latency: float, sp
     servers = [TestServer(feishu.app()), TestServer(ding.oapi_app()), TestServer(ding.api_app())]
     for server in servers:
         await server.start_server()
-    urls = [str(server.make_url("")).rstrip("/") for server in servers]
-    retry = f"{{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: {per_try}}}"
-    cfg, ports = make_config(Platforms(feishu, ding, *urls), limits="{deadline: 2s, drain_timeout: 500ms}", retry=retry)
-    sidecar = Sidecar(cfg, clock=clock, registry=CollectorRegistry())
-    await sidecar.start()
-    base = f"http://127.0.0.1:{ports['listen']}"
-    stopping: list[asyncio.Future[None]] = []
-    try:
-        await wait_for(lambda: all(t.default.current() is not None for t in sidecar.tokens.values()), 5000)
-        if sigterm is not None:
-            asyncio.get_running_loop().call_later(sigterm / 1000,
-                                                  lambda: stopping.append(asyncio.ensure_future(sidecar.stop())))
-        async with aiohttp.ClientSession() as http:
-            told = await asyncio.gather(*(client(http, base, n, write) for n, write in enumerate(planned)))
-            await asyncio.sleep(latency + spread + hang + 0.3)   # whatever was heard out or hung has landed by now
-    finally:
-        await (stopping[0] if stopping else sidecar.stop())
-        for server in servers:
-            await server.close()
+    platforms = Platforms(feishu, ding, *(str(server.make_url("")).rstrip("/") for server in servers))
+    async with contextlib.AsyncExitStack() as stack:
+        store = ""
+        if replicas:
+            redis = await stack.enter_async_context(running_redis(Path(stack.enter_context(TemporaryDirectory()))))
+            store = f"\nstore: {{backend: redis, url: '{redis.url}'}}\n"
+        sidecars, bases = [], []
+        for _ in range(2 if replicas else 1):
+            cfg, ports = make_config(platforms, store, limits="{deadline: 2s, drain_timeout: 500ms}",
+                                     retry=f"{{backoff_base: 1ms, backoff_cap: 5ms, per_try_timeout: {per_try}}}")
+            sidecars.append(Sidecar(cfg, clock=clock, registry=CollectorRegistry()))
+            bases.append(f"http://127.0.0.1:{ports['listen']}")
+            await sidecars[-1].start()
+        stopping: list[asyncio.Future[None]] = []
+        try:
+            await wait_for(lambda: all(t.default.current() is not None for s in sidecars for t in s.tokens.values()),
+                           5000)
+            if sigterm is not None:   # the first replica: where every first try goes
+                asyncio.get_running_loop().call_later(
+                    sigterm / 1000, lambda: stopping.append(asyncio.ensure_future(sidecars[0].stop())))
+            async with aiohttp.ClientSession() as http:
+                told = await asyncio.gather(*(client(http, bases, n, write) for n, write in enumerate(planned)))
+                await asyncio.sleep(latency + spread + hang + 0.3)   # whatever was heard out or hung has landed
+        finally:
+            await (stopping[0] if stopping else sidecars[0].stop())
+            for sidecar in sidecars[1:]:
+                await sidecar.stop()
+            for server in servers:
+                await server.close()
     applied = applied_at_the_platforms(feishu, ding)
     for n, answers in enumerate(told):
         count = applied.get(f"w{n}", 0)
@@ -115,15 +131,16 @@ async def run(planned: list[Write], script: list[str | None], latency: float, sp
             assert count == 0, (n, planned[n], answers)
 
 
-async def client(http: aiohttp.ClientSession, base: str, n: int, write: Write) -> list[tuple[bool, str]]:
-    """What this write's client read: (the platform's success, X-Imsidecar-Outcome) of each answer it waited for."""
+async def client(http: aiohttp.ClientSession, bases: list[str], n: int, write: Write) -> list[tuple[bool, str]]:
+    """What this write's client read: (the platform's success, X-Imsidecar-Outcome) of each answer it waited for.
+    The first try goes to the first replica, a repeat to the last."""
     payloads: dict[str, dict[str, Any]] = {
         "feishu": {"receive_id": "oc_1", "msg_type": "text", "content": json.dumps({"text": f"w{n}"})},
         "oapi": {"agent_id": 1, "userid_list": "manager001", "msg": {"msgtype": "text", "text": {"content": f"w{n}"}}},
         "api": {"robotCode": "ding_test", "userIds": ["manager001"], "msgKey": "sampleText",
                 "msgParam": json.dumps({"content": f"w{n}"})},
     }
-    url, payload = base + ROUTES[write.route], payloads[write.route]
+    url, payload = bases[0] + ROUTES[write.route], payloads[write.route]
     headers = {"Idempotency-Key": f'"key-{n}"'} if write.keyed else {}
     if write.deadline is not None:
         headers["X-Imsidecar-Timeout"] = f"{write.deadline}ms"
@@ -138,7 +155,7 @@ async def client(http: aiohttp.ClientSession, base: str, n: int, write: Write) -
     if write.keyed and write.repeated:
         headers.pop("X-Imsidecar-Timeout", None)
         try:
-            answers.append(await send(http, url, payload, headers))
+            answers.append(await send(http, bases[-1] + ROUTES[write.route], payload, headers))
         except aiohttp.ClientError:
             pass   # the sidecar had stopped
     return answers
