@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Callable
 
 import pytest
 
@@ -98,60 +99,48 @@ async def test_an_earlier_attempt_heard_out_cannot_pause_the_next_attempts_clock
 
 
 
-async def test_the_deadline_in_the_pools_queue_is_told_apart_and_leaves_the_waiting_attempt_abandoned() -> None:
-    """The request's deadline comes while its attempt (in a task of its own) waits for a free pooled connection:
-    the cut says QUEUED (the sidecar's queue: nothing was sent), and the attempt is abandoned from that moment,
-    before the request has handled its cut: a connection given to it in between must not carry it out."""
-    dog = Watchdog(tick=0.005)
+async def cut_while_unsent(dog: Watchdog, enter: Callable[[], None], leave: Callable[[], None], seconds: float,
+                           within: float = math.inf) -> tuple[Cut | None, list[bool]]:
+    """An attempt in a task of its own tells the watchdog it waits for its connection (`enter`, as the pool
+    does) until the request is cut off; the connection comes (`leave`) before the request has handled its cut.
+    Why it was cut, and whether the attempt was abandoned when the pool asked, before it could be sent."""
     loop = asyncio.get_running_loop()
     seen: list[bool] = []
-    connection_free = asyncio.Event()
+    connection = asyncio.Event()
 
-    async def queued_attempt() -> None:
-        dog.waiting()   # told by the pool, in the attempt's own task
-        await connection_free.wait()
-        dog.resumed()
+    async def unsent_attempt() -> None:
+        enter()
+        await connection.wait()
+        leave()
         seen.append(dog.abandoned())   # what the pool asks before the attempt may be sent
 
-    own = loop.create_task(queued_attempt())
-    task = dog.watch(10.0, within=0.02, runs_in=own)
+    own = loop.create_task(unsent_attempt())
+    task = dog.watch(seconds, within=within, runs_in=own)
+    cut = None
     try:
         await asyncio.sleep(1.0)
     except asyncio.CancelledError:
-        connection_free.set()
+        connection.set()
         await asyncio.sleep(0)   # the attempt runs before this request has released anything
         cut = dog.release(task, own)
-    assert cut is Cut.QUEUED
     await own
-    assert seen == [True]
+    return cut, seen
+
+
+async def test_the_deadline_in_the_pools_queue_is_told_apart_and_leaves_the_waiting_attempt_abandoned() -> None:
+    """The request's deadline comes while its attempt waits for a free pooled connection: the cut says QUEUED
+    (the sidecar's queue: nothing was sent), and the attempt is abandoned from that moment, before the request
+    has handled its cut: a connection given to it in between must not carry it out."""
+    dog = Watchdog(tick=0.005)
+    assert await cut_while_unsent(dog, dog.waiting, dog.resumed, 10.0, within=0.02) == (Cut.QUEUED, [True])
 
 
 async def test_a_cut_while_the_attempts_connection_is_made_says_connecting_and_leaves_the_attempt_abandoned() -> None:
-    """The per-try timeout comes while the attempt (in a task of its own) makes a new connection: the cut says
-    CONNECTING (nothing was sent), and the attempt is abandoned from that moment: the connection made before the
-    request has handled its cut must not carry it out. Its per-try time kept running (the platform's time)."""
+    """The per-try timeout comes while the attempt makes a new connection: the cut says CONNECTING (nothing was
+    sent), and the attempt is abandoned from that moment: the connection made before the request has handled its
+    cut must not carry it out. Its per-try time kept running (the platform's time)."""
     dog = Watchdog(tick=0.005)
-    loop = asyncio.get_running_loop()
-    seen: list[bool] = []
-    handshake_done = asyncio.Event()
-
-    async def connecting_attempt() -> None:
-        dog.connecting()   # told by the pool, in the attempt's own task
-        await handshake_done.wait()
-        dog.connected()
-        seen.append(dog.abandoned())
-
-    own = loop.create_task(connecting_attempt())
-    task = dog.watch(0.02, runs_in=own)
-    try:
-        await asyncio.sleep(1.0)
-    except asyncio.CancelledError:
-        handshake_done.set()
-        await asyncio.sleep(0)
-        cut = dog.release(task, own)
-    assert cut is Cut.CONNECTING
-    await own
-    assert seen == [True]
+    assert await cut_while_unsent(dog, dog.connecting, dog.connected, 0.02) == (Cut.CONNECTING, [True])
 
 
 async def test_once_connected_a_cut_is_a_timeout_again() -> None:
